@@ -1,0 +1,121 @@
+"""Encoder and decoder layers (section 3.1): attention and feed-forward sub-layers with residuals.
+
+Each sub-layer's output goes through dropout before the residual add. With ``norm_first=False`` (the
+paper) the LayerNorm follows the add: ``x = norm(x + dropout(sublayer(x)))``; with ``norm_first=True``
+it precedes the sub-layer: ``x = x + dropout(sublayer(norm(x)))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.config import ModelConfig
+from transformer.model.attention import KVCache, MultiHeadAttention
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: ``fc2(dropout(activation(fc1(x))))`` (section 3.3)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", activation_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.activation = F.relu if activation == "relu" else F.gelu
+        self.dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,T,D) -> (B,T,D)
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.activation_dropout)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, src_mask: Optional[Tensor]) -> Tensor:
+        """x (B,S,D); src_mask (B,1,1,S) True = real token, or None when nothing is padded."""
+        if self.norm_first:
+            h = self.self_attn_norm(x)
+            x = x + self.dropout(self.self_attn(h, h, attn_mask=src_mask))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, x, attn_mask=src_mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+@dataclass
+class LayerCache:
+    """Incremental state of one decoder layer: its self-attention history and the source's keys/values."""
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    cross_kv: Optional[tuple[Tensor, Tensor]] = None  # each (B,H,S,Dh), computed once per source
+
+    def reorder(self, new_order: Tensor) -> None:
+        self.self_attn.reorder(new_order)
+        if self.cross_kv is not None:
+            self.cross_kv = (self.cross_kv[0].index_select(0, new_order), self.cross_kv[1].index_select(0, new_order))
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, then (encoder-decoder only) cross-attention, then feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = True) -> None:
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        if cross_attention:
+            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+            self.cross_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        else:
+            self.cross_attn = None
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.activation_dropout)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _self_attention(
+        self, x: Tensor, self_attn_mask: Optional[Tensor], is_causal: bool, cache: Optional[LayerCache]
+    ) -> Tensor:
+        return self.self_attn(
+            x, x, attn_mask=self_attn_mask, is_causal=is_causal, cache=cache.self_attn if cache is not None else None
+        )
+
+    def _cross_attention(
+        self, x: Tensor, memory: Tensor, memory_mask: Optional[Tensor], cache: Optional[LayerCache]
+    ) -> Tensor:
+        if cache is None:
+            return self.cross_attn(x, memory, attn_mask=memory_mask)
+        if cache.cross_kv is None:
+            cache.cross_kv = self.cross_attn.project_kv(memory)
+        return self.cross_attn.attend(x, *cache.cross_kv, attn_mask=memory_mask)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        self_attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        cache: Optional[LayerCache] = None,
+    ) -> Tensor:
+        """x (B,T,D); memory (B,S,D) with memory_mask (B,1,1,S); self-attention masked by
+        ``is_causal`` or an explicit ``self_attn_mask`` (B|1,1,T,T_total)."""
+        if self.norm_first:
+            x = x + self.dropout(self._self_attention(self.self_attn_norm(x), self_attn_mask, is_causal, cache))
+            if self.cross_attn is not None:
+                x = x + self.dropout(self._cross_attention(self.cross_attn_norm(x), memory, memory_mask, cache))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.self_attn_norm(x + self.dropout(self._self_attention(x, self_attn_mask, is_causal, cache)))
+        if self.cross_attn is not None:
+            x = self.cross_attn_norm(x + self.dropout(self._cross_attention(x, memory, memory_mask, cache)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))

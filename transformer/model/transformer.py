@@ -1,0 +1,217 @@
+"""The encoder-decoder ``Transformer`` and the decoder-only ``TransformerLM``, built from the same layers.
+
+Shapes: B batch, S source length, T target length, D model width, V vocabulary.
+Padding is inferred from ``PAD_ID`` in the token tensors; padding is on the right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from transformer.config import ModelConfig
+from transformer.data.vocab import PAD_ID
+from transformer.model.embeddings import PositionalEncoding, TokenEmbedding
+from transformer.model.layers import DecoderLayer, EncoderLayer, LayerCache
+
+
+@dataclass
+class EncoderOut:
+    """What the decoder needs from the encoder."""
+
+    memory: Tensor  # (B,S,D)
+    src_mask: Tensor  # (B,S) bool, True = real token
+
+    def reorder(self, new_order: Tensor) -> "EncoderOut":
+        """Select (and repeat) batch rows, e.g. to expand each source to its beams."""
+        return EncoderOut(self.memory.index_select(0, new_order), self.src_mask.index_select(0, new_order))
+
+    def attn_mask(self) -> Optional[Tensor]:
+        """(B,1,1,S) for SDPA, or None when nothing is padded (lets SDPA take its fastest path)."""
+        if bool(self.src_mask.all()):
+            return None
+        return self.src_mask[:, None, None, :]
+
+
+@dataclass
+class DecoderCache:
+    """Incremental decoding state: one :class:`LayerCache` per decoder layer."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Number of target positions already decoded."""
+        return self.layers[0].self_attn.length if self.layers else 0
+
+    def reorder(self, new_order: Tensor) -> None:
+        """Beam search's ``reorder_cache``: keep rows ``new_order`` (B',) of the batch, in place."""
+        for layer in self.layers:
+            layer.reorder(new_order)
+
+
+def _causal_mask(t_new: int, t_total: int, device: torch.device) -> Tensor:
+    """(1,1,T_new,T_total) bool: query i (at absolute position t_total - t_new + i) sees keys up to itself."""
+    q_pos = torch.arange(t_total - t_new, t_total, device=device)[:, None]
+    k_pos = torch.arange(t_total, device=device)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+class Decoder(nn.Module):
+    """A stack of decoder layers over embedded targets; used by both model kinds."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, cross_attention: bool) -> None:
+        super().__init__()
+        scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+        self.embed_tokens = TokenEmbedding(vocab_size, cfg.d_model, PAD_ID, scale)
+        self.embed_positions = PositionalEncoding(cfg.max_positions, cfg.d_model, cfg.positional == "learned")
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+
+    def forward(
+        self,
+        tokens: Tensor,
+        memory: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        cache: Optional[DecoderCache] = None,
+    ) -> Tensor:
+        """tokens (B,T) -> hidden states (B,T,D). With a cache, ``tokens`` are the new positions only."""
+        past = cache.length if cache is not None else 0
+        if cache is not None and not cache.layers:
+            cache.layers.extend(LayerCache() for _ in self.layers)
+        t = tokens.size(1)
+        x = self.dropout(self.embed_positions(self.embed_tokens(tokens), offset=past))  # (B,T,D)
+        # Right padding means a real query never sees a pad key under the causal mask, so no padding mask.
+        if past == 0:
+            is_causal, self_attn_mask = t > 1, None
+        elif t == 1:
+            is_causal, self_attn_mask = False, None
+        else:
+            is_causal, self_attn_mask = False, _causal_mask(t, past + t, tokens.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x, memory, memory_mask, self_attn_mask, is_causal, cache.layers[i] if cache is not None else None
+            )
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+class Encoder(nn.Module):
+    """Embedded source through a stack of encoder layers."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+        self.embed_tokens = TokenEmbedding(vocab_size, cfg.d_model, PAD_ID, scale)
+        self.embed_positions = PositionalEncoding(cfg.max_positions, cfg.d_model, cfg.positional == "learned")
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+
+    def forward(self, src_tokens: Tensor) -> EncoderOut:
+        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
+        src_mask = src_tokens.ne(PAD_ID)  # (B,S)
+        attn_mask = None if bool(src_mask.all()) else src_mask[:, None, None, :]  # (B,1,1,S)
+        x = self.dropout(self.embed_positions(self.embed_tokens(src_tokens)))  # (B,S,D)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        memory = self.final_norm(x) if self.final_norm is not None else x
+        return EncoderOut(memory, src_mask)
+
+
+def _init_linear(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class _OutputLayer(nn.Module):
+    """The pre-softmax projection ``lm_head`` (optionally tied to an embedding) and Marian's logits bias."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tied: Optional[nn.Embedding]) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.d_model**-0.5)
+        if tied is not None:
+            self.lm_head.weight = tied.weight
+        if cfg.final_logits_bias:
+            self.final_logits_bias = nn.Parameter(torch.zeros(vocab_size))
+        else:
+            self.final_logits_bias = None
+
+    def forward(self, h: Tensor) -> Tensor:  # (B,T,D) -> (B,T,V)
+        logits = self.lm_head(h)
+        return logits + self.final_logits_bias if self.final_logits_bias is not None else logits
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder model of "Attention Is All You Need".
+
+    Args:
+        cfg: the architecture.
+        src_vocab_size, tgt_vocab_size: vocabulary sizes.
+        shared_vocab: one vocabulary for both sides; with ``cfg.tie_embeddings`` the source embedding,
+            target embedding and output projection are one matrix (section 3.4). Default: the sizes are equal.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, shared_vocab: Optional[bool] = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        shared_vocab = src_vocab_size == tgt_vocab_size if shared_vocab is None else shared_vocab
+        self.encoder = Encoder(cfg, src_vocab_size)
+        self.decoder = Decoder(cfg, tgt_vocab_size, cross_attention=True)
+        _init_linear(self)
+        if cfg.tie_embeddings and shared_vocab:
+            self.decoder.embed_tokens.weight = self.encoder.embed_tokens.weight
+        self.output = _OutputLayer(cfg, tgt_vocab_size, self.decoder.embed_tokens if cfg.tie_embeddings else None)
+
+    def forward(self, src_tokens: Tensor, tgt_input: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        Shapes:
+            src_tokens (B,S), tgt_input (B,T) -> logits (B,T,V)
+        """
+        return self.decode(tgt_input, self.encode(src_tokens))
+
+    def encode(self, src_tokens: Tensor) -> EncoderOut:
+        """Run the encoder once per source. src_tokens (B,S)."""
+        return self.encoder(src_tokens)
+
+    def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut, cache: Optional[DecoderCache] = None) -> Tensor:
+        """Decoder logits (B,T,V) for ``tgt_tokens`` (B,T); with a cache, only the new tokens are given."""
+        h = self.decoder(tgt_tokens, encoder_out.memory, encoder_out.attn_mask(), cache)
+        return self.output(h)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty incremental-decoding state."""
+        return DecoderCache()
+
+
+class TransformerLM(nn.Module):
+    """A decoder-only language model made of the same decoder layers, without cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg, vocab_size, cross_attention=False)
+        _init_linear(self)
+        self.output = _OutputLayer(cfg, vocab_size, self.decoder.embed_tokens if cfg.tie_embeddings else None)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Next-token logits. tokens (B,T) -> (B,T,V)."""
+        return self.decode(tokens)
+
+    def decode(self, tokens: Tensor, cache: Optional[DecoderCache] = None) -> Tensor:
+        """Logits (B,T,V); with a cache, ``tokens`` are the new positions only."""
+        return self.output(self.decoder(tokens, cache=cache))
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache()
