@@ -1,0 +1,218 @@
+"""The ``transformer`` command: subcommands parse their arguments, then call library functions.
+
+User errors (:class:`TransformerError`) print one clear message and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from transformer.errors import TransformerError
+
+
+def _describe(args: argparse.Namespace) -> None:
+    from transformer.config import load_config, preset, replace
+    from transformer.model import build_model, describe
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides).model
+    else:
+        cfg = preset(args.preset)
+    if args.arch:
+        cfg = replace(cfg, arch=args.arch)
+    tgt_vocab = args.tgt_vocab_size or args.vocab_size
+    model = build_model(cfg, args.vocab_size, tgt_vocab)
+    name = args.preset if not args.config else args.config
+    print(f"preset/config: {name}   vocabulary: {args.vocab_size}" + (f" / {tgt_vocab}" if tgt_vocab != args.vocab_size else " (shared)"))
+    print(describe(model, cfg))
+    paper = {"base": 65e6, "big": 213e6}.get(args.preset) if not args.config else None
+    if paper and args.vocab_size == 37000 and tgt_vocab == 37000:
+        from transformer.model import count_parameters
+
+        n = count_parameters(model)
+        print(f"  the paper (Table 3, 37k shared BPE): {paper / 1e6:.0f}M; ours is {100 * (n - paper) / paper:+.1f}%")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from transformer.config import load_config, read_yaml, config_from_dict, apply_overrides
+    from transformer.training import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise TransformerError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        data = apply_overrides(read_yaml(saved), list(args.overrides) + [f"run_dir={run_dir}"])
+        cfg = config_from_dict(data)
+    else:
+        if args.config is None:
+            raise TransformerError("give a config file (e.g. configs/bible_en_de.yaml) or --resume RUN_DIR")
+        overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+        cfg = load_config(args.config, overrides)
+    train(cfg, resume=bool(args.resume))
+
+
+def _average(args: argparse.Namespace) -> None:
+    from transformer.training import average_checkpoints
+
+    out = average_checkpoints(args.run_dir, last_n=args.last, out_dir=args.output)
+    print(f"averaged the last {args.last} checkpoints into {out}")
+
+
+def _translate(args: argparse.Namespace) -> None:
+    from transformer.inference import Translator, translate_file
+
+    translator = Translator.load(args.model, device=args.device)
+    translate_file(
+        translator,
+        args.input,
+        args.output,
+        beam=args.beam,
+        length_penalty=args.length_penalty,
+        nbest=args.nbest,
+        max_tokens=args.max_tokens,
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from transformer.inference import LanguageModel
+
+    lm = LanguageModel.load(args.model, device=args.device)
+    text = lm.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop or None,
+        seed=args.seed,
+    )
+    print(text)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from transformer.inference import Translator
+    from transformer.evaluation import evaluate, format_scores
+
+    translator = Translator.load(args.model, device=args.device)
+    scores = evaluate(translator, args.src, args.ref, beam=args.beam, length_penalty=args.length_penalty,
+                      output=args.output)
+    print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from transformer.recipes import quickstart
+
+    quickstart(src_lang=args.src, tgt_lang=args.tgt, minutes=args.minutes, run_dir=args.run_dir,
+               overrides=args.overrides)
+
+
+def _download(args: argparse.Namespace) -> None:
+    from transformer.data.datasets import download_multi30k
+
+    path = download_multi30k(args.dest)
+    print(f"Multi30k is in {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformer",
+        description="Train, translate, generate and evaluate with the Transformer of 'Attention Is All You Need'.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("describe", help="print a model's architecture and parameter count")
+    p.add_argument("--preset", default="base", help="base, big, small or tiny (default: base)")
+    p.add_argument("--config", help="a YAML config instead of a preset")
+    p.add_argument("--arch", choices=("transformer", "lm"), help="override the architecture")
+    p.add_argument("--vocab-size", type=int, default=37000, help="(source) vocabulary size (default: 37000)")
+    p.add_argument("--tgt-vocab-size", type=int, help="target vocabulary size if not shared")
+    p.add_argument("overrides", nargs="*", help="dotted overrides with --config, e.g. model.d_model=256")
+    p.set_defaults(func=_describe)
+
+    p = sub.add_parser("train", help="train a translation model or a language model")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=1000 model.dropout=0.3")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--run-dir", help="where to write checkpoints and logs (overrides run_dir)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("average", help="average the last N checkpoints of a run (as the paper did)")
+    p.add_argument("run_dir")
+    p.add_argument("--last", type=int, default=5, help="how many checkpoints (default: 5)")
+    p.add_argument("--output", help="output checkpoint directory (default: RUN_DIR/checkpoints/averaged)")
+    p.set_defaults(func=_average)
+
+    p = sub.add_parser("translate", help="translate lines from stdin or --input")
+    p.add_argument("--model", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--input", help="input file (default: stdin)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam, 4)")
+    p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: 0.6)")
+    p.add_argument("--nbest", type=int, default=1, help="write the N best translations with scores")
+    p.add_argument("--max-tokens", type=int, default=None, help="source tokens per batch")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_translate)
+
+    p = sub.add_parser("generate", help="continue a prompt with a language model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("evaluate", help="translate --src and score against --ref with sacreBLEU and chrF")
+    p.add_argument("--model", required=True)
+    p.add_argument("--src", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--beam", type=int, default=None)
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--output", help="also write the translations here")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("quickstart", help="train and evaluate a small Bible translation model, offline")
+    p.add_argument("--src", default="en", help="source language code (default: en)")
+    p.add_argument("--tgt", default="de", help="target language code (default: de)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget (default: 10)")
+    p.add_argument("--run-dir", default="runs/quickstart")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the quickstart config")
+    p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("download-multi30k", help="download Multi30k (needs internet)")
+    p.add_argument("dest", help="folder to write train/val/test_2017_flickr.{en,de,fr}")
+    p.set_defaults(func=_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except TransformerError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

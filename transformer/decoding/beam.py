@@ -1,0 +1,150 @@
+"""Beam search, batched over sentences and beams, with the step (:func:`beam_step`) separate from the loop.
+
+The loop follows fairseq's ``SequenceGenerator``:
+
+* Every step scores all ``B' * beam`` active hypotheses with one ``decode`` call on the new tokens only
+  (the KV cache holds the past; cross-attention keys/values are computed once per source).
+* :func:`beam_step` takes the ``2 * beam`` best continuations of each sentence by summed log-probability.
+  At most ``beam`` of them end in EOS (one per beam), so at least ``beam`` remain to continue: finished
+  hypotheses never starve the beam.
+* EOS candidates among the ``beam`` best are *finished*: their score is ``logprob / lp(len)`` with
+  ``lp(len) = ((5 + len) / 6) ** alpha`` and ``len`` = generated tokens including EOS. The ``beam`` best
+  non-EOS candidates become the next beam.
+* Stopping (fairseq's rule, not the exact bound): a sentence is done as soon as it has ``beam`` finished
+  hypotheses, or when it reaches its maximum length (at the last position only EOS is allowed). A
+  hypothesis still in the beam could in principle score better later when ``alpha > 0``; like fairseq
+  (and unlike an exact bound check) we do not wait for it, which keeps the search short.
+* Done sentences leave the batch: the cache (``reorder``) and encoder output are cut to the active rows,
+  so compute shrinks as sentences finish. Python touches individual hypotheses only to record finished ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from transformer.data.vocab import BOS_ID, EOS_ID
+from transformer.decoding.common import (
+    NEG_INF,
+    Hypothesis,
+    length_penalty,
+    max_output_lengths,
+    max_positions,
+    next_token_logprobs,
+)
+from transformer.errors import TransformerError
+
+
+def beam_step(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The best ``n_candidates`` one-token continuations of each sentence's beam, by summed log-probability.
+
+    Args:
+        scores: summed log-probabilities of the current hypotheses; -inf marks an empty slot (at the
+            first step only beam 0 is live, so the same continuation is not taken ``beam`` times).
+        logprobs: next-token log-probabilities of each hypothesis.
+        n_candidates: how many to take per sentence (``2 * beam`` in beam search); at most ``beam * V``.
+    Shapes:
+        scores (B,K), logprobs (B,K,V) -> three (B,N) tensors, N = n_candidates.
+    Returns:
+        (candidate scores, sorted descending; the beam each extends; the token each appends).
+    """
+    batch_size, beam, vocab = logprobs.shape
+    total = scores.unsqueeze(2) + logprobs  # (B,K,1) + (B,K,V) -> (B,K,V)
+    cand_scores, flat = total.view(batch_size, beam * vocab).topk(min(n_candidates, beam * vocab), dim=1)  # (B,N)
+    return cand_scores, torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
+
+
+@torch.no_grad()
+def beam_search(
+    model: Any,
+    src_tokens: Tensor,
+    beam: int = 4,
+    alpha: float = 0.6,
+    max_len_a: float = 1.0,
+    max_len_b: int = 50,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search for a batch of sources (see the module docstring for the exact rules).
+
+    Args:
+        model: anything with ``encode`` / ``new_cache`` / ``decode`` (see :mod:`transformer.decoding.common`).
+        src_tokens: source ids, each ending in EOS, right-padded with PAD.
+        beam: beam size K.
+        alpha: length-penalty exponent (0 = rank by summed log-probability).
+        max_len_a, max_len_b: maximum output length ``a * src_len + b`` (capped by the model's positions).
+        nbest: hypotheses returned per sentence (at most ``beam``).
+    Shapes:
+        src_tokens (B,S)
+    Returns:
+        per sentence, in batch order, its ``nbest`` best :class:`Hypothesis`, best first.
+    Raises:
+        TransformerError: ``beam < 1`` or ``nbest`` not in ``[1, beam]``.
+    """
+    if beam < 1:
+        raise TransformerError(f"beam size must be positive, got {beam}")
+    if not 1 <= nbest <= beam:
+        raise TransformerError(f"nbest must be between 1 and the beam size {beam}, got {nbest}")
+    device = src_tokens.device
+    batch_size = src_tokens.size(0)
+    max_len = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model))  # (B,)
+    beam_offsets = torch.arange(beam, device=device)  # (K,)
+
+    # Each source repeated once per beam: rows b*K .. b*K+K-1 belong to sentence b.
+    enc = model.encode(src_tokens).reorder(torch.arange(batch_size, device=device).repeat_interleave(beam))
+    cache = model.new_cache()
+    sent_ids = torch.arange(batch_size, device=device)  # (n,) original index of each active sentence
+    scores = torch.full((batch_size, beam), NEG_INF, device=device)  # (n,K)
+    scores[:, 0] = 0.0
+    tokens = torch.full((batch_size, beam, 1), BOS_ID, dtype=torch.long, device=device)  # (n,K,t): BOS + output
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
+
+    for step in range(int(max_len.max())):
+        n = sent_ids.numel()
+        logits = model.decode(tokens[:, :, -1].reshape(n * beam, 1), enc, cache)  # (n*K,1) -> (n*K,1,V)
+        logprobs = next_token_logprobs(logits[:, -1]).view(n, beam, -1)  # (n*K,V) -> (n,K,V)
+        at_limit = step + 1 >= max_len[sent_ids]  # (n,)
+        if bool(at_limit.any()):
+            # The last allowed position: only EOS may follow.
+            eos_only = torch.full_like(logprobs, NEG_INF)
+            eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
+            logprobs = torch.where(at_limit[:, None, None], eos_only, logprobs)
+
+        cand_scores, cand_beams, cand_tokens = beam_step(scores, logprobs, 2 * beam)  # each (n,2K)
+        cand_eos = cand_tokens.eq(EOS_ID)  # (n,2K)
+
+        # Finish the EOS candidates that rank among the K best (bookkeeping: the only per-hypothesis loop).
+        to_finish = cand_eos[:, :beam] & torch.isfinite(cand_scores[:, :beam])  # (n,K)
+        if bool(to_finish.any()):
+            lp = length_penalty(step + 1, alpha)
+            rows, cols = to_finish.nonzero(as_tuple=True)
+            prefixes = tokens[rows, cand_beams[rows, cols], 1:].tolist()  # without BOS
+            for i, prefix, logprob in zip(rows.tolist(), prefixes, cand_scores[rows, cols].tolist()):
+                done_list = finished[int(sent_ids[i])]
+                if len(done_list) < beam:
+                    done_list.append(Hypothesis(prefix, logprob / lp, logprob))
+
+        n_finished = torch.tensor([len(finished[s]) for s in sent_ids.tolist()], device=device)  # (n,)
+        keep = (~(at_limit | n_finished.ge(beam))).nonzero().squeeze(1)  # (n',) sentences still searching
+        if keep.numel() == 0:
+            break
+
+        # The K best non-EOS candidates continue: sort EOS candidates after all others, keep rank order.
+        rank = cand_eos.long() * (2 * beam) + torch.arange(cand_eos.size(1), device=device)  # (n,2K)
+        chosen = rank.topk(beam, dim=1, largest=False).indices[keep]  # (n',K) candidate positions
+        next_beams = cand_beams[keep].gather(1, chosen)  # (n',K)
+        next_tokens = cand_tokens[keep].gather(1, chosen)  # (n',K)
+        scores = cand_scores[keep].gather(1, chosen)  # (n',K)
+
+        # Flat rows (of the n*K batch) that the new beams extend, in their new order.
+        rows = (keep[:, None] * beam + next_beams).view(-1)  # (n',K) -> (n'*K,)
+        cache.reorder(rows)
+        if keep.numel() < n:
+            # The encoder output is the same for all beams of a sentence: only pruning changes it.
+            enc = enc.reorder((keep[:, None] * beam + beam_offsets).view(-1))  # (n'*K,)
+        prefix = tokens.view(n * beam, -1).index_select(0, rows).view(keep.numel(), beam, -1)  # (n',K,t)
+        tokens = torch.cat([prefix, next_tokens.unsqueeze(2)], dim=2)  # (n',K,t+1)
+        sent_ids = sent_ids[keep]
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -1,0 +1,123 @@
+"""What every search shares: the decoder-step protocol, hypotheses, length limits and the length penalty.
+
+A search drives any model that has the encoder-decoder inference interface (``Transformer`` does; the
+tests' scripted decoder does too)::
+
+    enc = model.encode(src_tokens)            # (B,S) -> an object with .reorder(new_order) -> same type
+    cache = model.new_cache()                 # an object with .reorder(new_order), in place
+    logits = model.decode(new_tokens, enc, cache)   # new_tokens (B,1) -> (B,1,V)
+
+so searches never look inside the model. :class:`NoCache` wraps a model and re-runs the decoder on the
+whole prefix at every step: the reference that the cached path is tested against.
+
+Length conventions (shared by greedy and beam search):
+
+* ``src_len`` is the number of real source tokens fed to the encoder, the appended EOS included.
+* The output length ``len`` counts generated tokens *including* the final EOS (never BOS).
+* A hypothesis has at most ``max_len = min(floor(max_len_a * src_len + max_len_b), max_positions)``
+  tokens; at its last step only EOS is allowed, so every search ends with a finished hypothesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from transformer.data.vocab import BOS_ID, PAD_ID
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished output.
+
+    ``tokens``: the generated ids without BOS and without the final EOS.
+    ``logprob``: the sum of the log-probabilities of ``tokens`` and of the final EOS.
+    ``score``: what the search ranks by: ``logprob / lp(len(tokens) + 1)`` for beam search (see
+    :func:`length_penalty`), ``logprob`` for greedy search.
+    """
+
+    tokens: list[int]
+    score: float
+    logprob: float
+
+
+def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
+    """GNMT's length penalty ``lp(len) = ((5 + len) / 6) ** alpha`` (Wu et al. 2016, eq. 14).
+
+    ``len`` counts output tokens including EOS; ``alpha = 0`` gives 1 (raw log-probabilities).
+    """
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_positions(model: Any) -> Optional[int]:
+    """The model's positional limit (``model.cfg.max_positions``), or None for models without one."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "max_positions", None)
+
+
+def max_output_lengths(src_tokens: Tensor, max_len_a: float, max_len_b: int, limit: Optional[int] = None) -> Tensor:
+    """Per-sentence maximum output length ``floor(a * src_len + b)``, at least 1 and at most ``limit``.
+
+    Shapes:
+        src_tokens (B,S) right-padded with PAD -> (B,) long
+    """
+    src_len = src_tokens.ne(PAD_ID).sum(dim=1).double()  # (B,)
+    max_len = torch.floor(max_len_a * src_len + max_len_b).long().clamp(min=1)
+    if limit is not None:
+        max_len = max_len.clamp(max=limit)
+    return max_len
+
+
+def next_token_logprobs(logits: Tensor) -> Tensor:
+    """Log-softmax over the vocabulary in float32, with PAD and BOS made impossible (never generated).
+
+    Shapes:
+        logits (N,V) -> (N,V)
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs[:, PAD_ID] = NEG_INF
+    logprobs[:, BOS_ID] = NEG_INF
+    return logprobs
+
+
+@dataclass
+class _PrefixCache:
+    """The decoded prefix of each row; what :class:`NoCache` keeps instead of keys and values."""
+
+    tokens: Optional[Tensor] = None  # (B,T)
+
+    def reorder(self, new_order: Tensor) -> None:
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, new_order)
+
+
+@dataclass
+class NoCache:
+    """A model wrapper that ignores incremental state: every ``decode`` re-runs the decoder on the full prefix.
+
+    Slow (quadratic in the output length) and exact; the reference for "cached equals uncached" tests.
+    """
+
+    model: Any
+    cfg: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cfg = getattr(self.model, "cfg", None)
+
+    def encode(self, src_tokens: Tensor) -> Any:
+        return self.model.encode(src_tokens)
+
+    def new_cache(self) -> _PrefixCache:
+        return _PrefixCache()
+
+    def decode(self, tgt_tokens: Tensor, encoder_out: Any, cache: _PrefixCache) -> Tensor:
+        """tgt_tokens (B,T_new) are appended to the prefix; returns logits (B,T_new,V) for the new positions."""
+        prefix = tgt_tokens if cache.tokens is None else torch.cat([cache.tokens, tgt_tokens], dim=1)  # (B,T)
+        cache.tokens = prefix
+        return self.model.decode(prefix, encoder_out)[:, -tgt_tokens.size(1) :]  # (B,T,V) -> (B,T_new,V)
+
