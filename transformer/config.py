@@ -65,6 +65,8 @@ class DataConfig:
     num_workers: int = 0  # encoding processes; 0 = all cores
     max_train_examples: Optional[int] = None  # take only the first N training examples (for quick runs)
     block_size: int = 256  # LM: tokens per training sequence
+    src_translation: Optional[str] = None  # bible: a translation id from data/datasets.py (None = preferred)
+    tgt_translation: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class DecodeConfig:
     nbest: int = 1
     max_tokens: int = 4096  # source tokens per batch when translating a file
     max_input_len: Optional[int] = None  # longer inputs: truncated, with a warning (None = model limit)
+    long_input: str = "truncate"  # inputs over the limit: "truncate" (with a warning) or "error"
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off

@@ -1,0 +1,237 @@
+"""Invariants of Transformer and TransformerLM: causality, padding, cached = uncached, sizes, tying, limits."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from transformer.config import PRESETS, ModelConfig
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from transformer.errors import TransformerError
+from transformer.model import Transformer, TransformerLM, build_model, count_parameters
+from transformer.model.embeddings import sinusoidal_table
+
+V = 50
+TINY = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1, max_positions=64)
+VARIANTS = [
+    pytest.param(dict(norm_first=False, positional="sinusoidal"), id="post-ln-sinusoidal"),
+    pytest.param(dict(norm_first=True, positional="sinusoidal"), id="pre-ln-sinusoidal"),
+    pytest.param(dict(norm_first=False, positional="learned"), id="post-ln-learned"),
+    pytest.param(dict(norm_first=True, positional="learned", final_logits_bias=True), id="pre-ln-learned-bias"),
+]
+
+
+def _transformer(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(replace(TINY, **overrides), V, V).eval()
+
+
+def _lm(**overrides) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(replace(TINY, arch="lm", **overrides), V).eval()
+
+
+def _tokens(b: int, t: int, first: int = 4) -> torch.Tensor:
+    """Random non-special tokens (B,T)."""
+    return torch.randint(first, V, (b, t))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
+    return torch.allclose(a, b, atol=atol, rtol=0)
+
+
+# --- causality ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_future_targets_do_not_change_past_logits():
+    model = _transformer()
+    src, tgt = _tokens(2, 6), _tokens(2, 8)
+    changed = tgt.clone()
+    changed[:, 5:] = _tokens(2, 3)
+    a, b = model(src, tgt), model(src, changed)
+    assert _close(a[:, :5], b[:, :5])
+    assert not _close(a[:, 5:], b[:, 5:])  # the change is visible where it should be
+
+
+@torch.no_grad()
+def test_future_tokens_do_not_change_past_lm_logits():
+    model = _lm()
+    x = _tokens(2, 8)
+    changed = x.clone()
+    changed[:, 5:] = _tokens(2, 3)
+    a, b = model(x), model(changed)
+    assert _close(a[:, :5], b[:, :5])
+    assert not _close(a[:, 5:], b[:, 5:])
+
+
+# --- padding -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_outputs_do_not_depend_on_batch_neighbours(variant):
+    model = _transformer(**variant)
+    short_src, long_src = torch.tensor([[5, 6, 7, EOS_ID]]), _tokens(1, 9)
+    short_tgt, long_tgt = torch.tensor([[BOS_ID, 8, 9]]), _tokens(1, 7)
+    src = torch.cat([torch.nn.functional.pad(short_src, (0, 5), value=PAD_ID), long_src])  # (2,9)
+    tgt = torch.cat([torch.nn.functional.pad(short_tgt, (0, 4), value=PAD_ID), long_tgt])  # (2,7)
+    batched = model(src, tgt)
+    alone = model(short_src, short_tgt)
+    assert _close(batched[0, :3], alone[0])
+    assert _close(batched[1], model(long_src, long_tgt)[0])
+
+
+@torch.no_grad()
+def test_lm_outputs_do_not_depend_on_batch_neighbours():
+    model = _lm()
+    short, long = torch.tensor([[BOS_ID, 5, 6]]), _tokens(1, 8)
+    batched = model(torch.cat([torch.nn.functional.pad(short, (0, 5), value=PAD_ID), long]))
+    assert _close(batched[0, :3], model(short)[0])
+
+
+# --- cached incremental decoding ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_equals_full_recompute(variant):
+    model = _transformer(**variant)
+    src = torch.tensor([[5, 6, 7, 8, 9, EOS_ID], [10, 11, EOS_ID, PAD_ID, PAD_ID, PAD_ID]])
+    tgt = _tokens(2, 20)  # longer than the cache's first allocation (16), so it grows
+    enc = model.encode(src)
+    cache = model.new_cache()
+    full = model.decode(tgt, enc)
+    for t in range(tgt.size(1)):
+        step = model.decode(tgt[:, t : t + 1], enc, cache)  # (B,1,V)
+        assert _close(step[:, 0], full[:, t]), f"step {t}"
+    assert cache.length == tgt.size(1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_lm_decoding_equals_full_recompute(variant):
+    model = _lm(**variant)
+    x = _tokens(3, 21)
+    full = model(x)
+    cache = model.new_cache()
+    prefill = model.decode(x[:, :5], cache)  # several tokens at once, then single steps, then a chunk
+    assert _close(prefill, full[:, :5])
+    for t in range(5, 17):
+        assert _close(model.decode(x[:, t : t + 1], cache)[:, 0], full[:, t]), f"step {t}"
+    assert _close(model.decode(x[:, 17:], cache), full[:, 17:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS[:2])
+def test_cache_reorder_matches_recompute_on_reordered_batch(variant):
+    model = _transformer(**variant)
+    src = torch.tensor([[5, 6, 7, EOS_ID], [8, 9, EOS_ID, PAD_ID], [10, EOS_ID, PAD_ID, PAD_ID]])
+    tgt = _tokens(3, 6)
+    enc, cache = model.encode(src), model.new_cache()
+    model.decode(tgt[:, :4], enc, cache)
+    new_order = torch.tensor([2, 0, 0, 1])  # as beam search does: drop, keep and repeat rows
+    cache.reorder(new_order)
+    enc = enc.reorder(new_order)
+    reordered = tgt[new_order]
+    for t in (4, 5):
+        step = model.decode(reordered[:, t : t + 1], enc, cache)[:, 0]
+        assert _close(step, model(src[new_order], reordered[:, : t + 1])[:, t])
+
+
+@torch.no_grad()
+def test_lm_cache_reorder():
+    model = _lm()
+    x = _tokens(2, 7)
+    cache = model.new_cache()
+    model.decode(x[:, :5], cache)
+    new_order = torch.tensor([1, 1, 0])
+    cache.reorder(new_order)
+    for t in (5, 6):
+        step = model.decode(x[new_order, t : t + 1], cache)[:, 0]
+        assert _close(step, model(x[new_order, : t + 1])[:, t])
+
+
+# --- sizes, tying, limits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, paper", [("base", 65e6), ("big", 213e6)])
+def test_parameter_counts_match_the_paper(name, paper):
+    with torch.device("meta"):  # no memory, no initialisation cost
+        model = build_model(PRESETS[name], 37_000, 37_000)
+    n = count_parameters(model)
+    assert abs(n - paper) / paper <= 0.05, f"{name}: {n:,} parameters"
+
+
+def test_three_way_tying_shares_one_tensor():
+    model = Transformer(TINY, V, V)
+    w = model.encoder.embed_tokens.weight
+    assert model.decoder.embed_tokens.weight is w and model.output.lm_head.weight is w
+    n_separate = count_parameters(Transformer(replace(TINY, tie_embeddings=False), V, V))
+    assert n_separate - count_parameters(model) == 2 * V * TINY.d_model
+
+
+def test_separate_vocabularies_tie_only_target_embedding_and_lm_head():
+    model = Transformer(TINY, 40, 60)
+    assert model.output.lm_head.weight is model.decoder.embed_tokens.weight
+    assert model.encoder.embed_tokens.weight is not model.decoder.embed_tokens.weight
+    assert model.encoder.embed_tokens.weight.shape == (40, TINY.d_model)
+    assert model(_tokens(1, 3, first=4) % 40, _tokens(1, 2)).shape == (1, 2, 60)
+    explicit = Transformer(TINY, V, V, shared_vocab=False)  # equal sizes, but two vocabularies
+    assert explicit.encoder.embed_tokens.weight is not explicit.decoder.embed_tokens.weight
+    assert explicit.output.lm_head.weight is explicit.decoder.embed_tokens.weight
+
+
+def test_lm_ties_embedding_and_lm_head():
+    model = TransformerLM(replace(TINY, arch="lm"), V)
+    assert model.output.lm_head.weight is model.decoder.embed_tokens.weight
+
+
+@torch.no_grad()
+def test_sequences_longer_than_max_positions_raise():
+    model = _transformer(max_positions=8)
+    with pytest.raises(TransformerError, match="max_positions"):
+        model(_tokens(1, 9), _tokens(1, 3))
+    with pytest.raises(TransformerError, match="max_positions"):
+        model(_tokens(1, 3), _tokens(1, 9))
+    enc, cache = model.encode(_tokens(1, 3)), model.new_cache()
+    model.decode(_tokens(1, 8), enc, cache)
+    with pytest.raises(TransformerError, match="max_positions"):
+        model.decode(_tokens(1, 1), enc, cache)  # the 9th position, one step at a time
+    with pytest.raises(TransformerError, match="max_positions"):
+        _lm(max_positions=8)(_tokens(1, 9))
+
+
+# --- embeddings and dropout --------------------------------------------------------------------------
+
+
+def test_sinusoidal_table_follows_the_paper():
+    d = 16
+    table = sinusoidal_table(50, d)
+    for pos in (0, 7, 49):
+        for i in range(d // 2):
+            angle = pos / 10000 ** (2 * i / d)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+@torch.no_grad()
+def test_embeddings_are_scaled_by_sqrt_d_model():
+    model = _transformer(dropout=0.0)
+    tokens = torch.tensor([[7]])
+    x = model.encoder.embed_positions(model.encoder.embed_tokens(tokens))
+    expected = model.encoder.embed_tokens.weight[7] * math.sqrt(TINY.d_model) + sinusoidal_table(1, TINY.d_model)[0]
+    assert _close(x[0, 0], expected)
+
+
+@torch.no_grad()
+def test_dropout_only_in_train_mode():
+    model = _transformer(dropout=0.3, attention_dropout=0.1, activation_dropout=0.1)
+    src, tgt = _tokens(2, 6), _tokens(2, 5)
+    eval_a, eval_b = model(src, tgt), model(src, tgt)
+    assert torch.equal(eval_a, eval_b)
+    model.train()
+    train_a, train_b = model(src, tgt), model(src, tgt)
+    assert not torch.equal(train_a, train_b)
+    assert not _close(train_a, eval_a)
