@@ -159,6 +159,23 @@ def gemm_peak(shapes: Iterable[tuple[int, int, int]], device, dtype=torch.float3
     return max(r.gflops for r in results), results
 
 
+def gemm_probe(best: GemmResult, device, seconds: float = 0.3) -> tuple[Callable[[], None], float]:
+    """A call that multiplies at ``best``'s shape for about ``seconds``, and its FLOPs: timed round-robin
+    with the models it gives the GEMM peak under the same load from other processes as they saw."""
+    dtype = getattr(torch, best.dtype)
+    a = torch.randn(best.m, best.k, device=device, dtype=dtype)
+    b = torch.randn(best.k, best.n, device=device, dtype=dtype)
+    out = torch.empty(best.m, best.n, device=device, dtype=dtype)
+    flops = 2.0 * best.m * best.k * best.n
+    inner = max(1, int(seconds * best.gflops * 1e9 / flops))
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.matmul(a, b, out=out)
+
+    return run, flops * inner
+
+
 def memory_bandwidth_gbs(device, n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Best GB/s of copying a ``n_bytes`` float32 tensor (bytes read + bytes written)."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -213,7 +230,15 @@ def train_step_flops(
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident set size: VmHWM from /proc/self/status (reset at exec, unlike
+    ru_maxrss, which can carry the spawning parent's figure); ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -1,0 +1,404 @@
+"""Training speed side by side: our ``Transformer`` against Hugging Face ``MarianMTModel`` and
+``torch.nn.Transformer`` (with embeddings and a tied output layer), same config, same batches, same loss.
+
+Two parts:
+
+1. ``synthetic``: identical random token batches (B x S source, B x T target, no padding) at the
+   ``small`` and ``base`` presets. A full step is forward, label-smoothed loss, backward, Adam step.
+   Reported: target tokens/s, model FLOP/s and MFU against the fp32 GEMM peak measured at the model's
+   own shapes in the same run (formula: :func:`benchmarks.common.train_step_flops`), peak RSS of a
+   fresh process per config (CUDA: ``torch.cuda.max_memory_allocated``), and our speed as a ratio.
+   The three models are stepped round-robin so that load from other processes falls on all alike.
+2. ``real``: Multi30k en-de, each toolkit batching as its users do: ours with token buckets
+   (``TokenBatchSampler``, padded tokens per side <= ``--max-tokens``), Hugging Face with shuffled
+   sentence batches padded to the longest (batch size = ``--max-tokens`` / mean example length, so both
+   average the same real tokens per batch). Reported: non-pad target tokens/s, padding fraction, ratio.
+   A third stream, ours fed Hugging Face's batches, separates the batching gain from the model's.
+
+    python benchmarks/bench_train.py --device cpu                       # everything
+    python benchmarks/bench_train.py --parts synthetic --presets small  # one part, one preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
+from common import (  # noqa: E402
+    add_common_args, autocast, current_rss_mb, describe_machine, gemm_peak, gemm_probe, interleaved_times, machine_info,
+    memory_bandwidth_gbs, peak_rss_mb, print_limits, run_child, setup_device, sync, time_call, train_step_flops,
+)
+
+from transformer.config import ModelConfig, preset  # noqa: E402
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from transformer.model import Transformer  # noqa: E402
+from transformer.model.embeddings import sinusoidal_table  # noqa: E402
+from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
+
+PEERS = ("ours", "hf", "torch")
+PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer"}
+# Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
+SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (16, 32), "big": (8, 32)}
+LABEL_SMOOTHING = 0.1
+DATA = Path("/work/shared/data/multi30k")
+
+
+# --- the peers --------------------------------------------------------------------------------------
+
+
+class TorchNNTransformer(nn.Module):
+    """``torch.nn.Transformer`` made into a translation model as its users do: one shared embedding
+    (scaled by sqrt(D)), the paper's sinusoids, dropout, and the output projection tied to the embedding.
+
+    nn.Transformer adds a final LayerNorm after the encoder and after the decoder (2 LayerNorms more
+    than the paper's post-LN model; negligible FLOPs)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int) -> None:
+        super().__init__()
+        self.scale = math.sqrt(cfg.d_model)
+        self.embed = nn.Embedding(vocab, cfg.d_model, padding_idx=PAD_ID)
+        nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5)
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.transformer = nn.Transformer(
+            cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.d_ff, cfg.dropout,
+            activation=cfg.activation, batch_first=True, norm_first=cfg.norm_first,
+        )
+        self.lm_head = nn.Linear(cfg.d_model, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def _embed(self, tokens: Tensor) -> Tensor:  # (B,L) -> (B,L,D)
+        return self.dropout(self.embed(tokens) * self.scale + self.positions[: tokens.size(1)])
+
+    def forward(self, src_tokens: Tensor, tgt_input: Tensor) -> Tensor:
+        t = tgt_input.size(1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tgt_input.device).triu(1)  # True = masked here
+        src_pad = src_tokens.eq(PAD_ID)  # (B,S) True = padding (nn.Transformer's convention)
+        h = self.transformer(
+            self._embed(src_tokens), self._embed(tgt_input), tgt_mask=causal, tgt_is_causal=True,
+            src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad,
+            tgt_key_padding_mask=tgt_input.eq(PAD_ID),
+        )
+        return self.lm_head(h)  # (B,T,V)
+
+
+def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
+    """(module, forward(src, tgt_input) -> logits) for one peer, on ``device``, in training mode."""
+    torch.manual_seed(0)
+    if name == "ours":
+        model = Transformer(cfg, vocab, vocab).to(device).train()
+        return model, model
+    if name == "hf":
+        from transformers import MarianMTModel
+
+        from transformer.model.convert import marian_config
+
+        hf_cfg = marian_config(cfg, vocab, vocab, shared=True, tied=True)
+        hf_cfg._attn_implementation = "sdpa"
+        model = MarianMTModel(hf_cfg).to(device).train()
+
+        def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
+            # As HF users call it: an attention mask for the source, decoder inputs given.
+            return model(input_ids=src, attention_mask=src.ne(PAD_ID), decoder_input_ids=tgt_in).logits
+
+        return model, forward
+    if name == "torch":
+        model = TorchNNTransformer(cfg, vocab).to(device).train()
+        return model, model
+    raise ValueError(name)
+
+
+def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool):
+    """One full step: forward, label-smoothed loss (the project's function, for every peer), backward,
+    Adam update (the paper's betas/eps; torch's default implementation for every peer)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+
+    def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:
+        with autocast(device, bf16):
+            logits = forward(src, tgt_in)
+        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING)
+        n_tokens = tgt_out.ne(PAD_ID).sum()
+        (loss / n_tokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return 0.0
+
+    return step
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def synthetic_batch(batch: int, length: int, vocab: int, device: torch.device, seed: int = 0):
+    """(src, tgt_input, tgt_output), no padding: ids drawn from the non-special range."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (batch, length), generator=g)
+    src[:, -1] = EOS_ID
+    tgt = torch.randint(4, vocab, (batch, length), generator=g)
+    tgt_in = torch.cat([torch.full((batch, 1), BOS_ID), tgt[:, :-1]], 1)
+    tgt_out = torch.cat([tgt[:, :-1], torch.full((batch, 1), EOS_ID)], 1)
+    return src.to(device), tgt_in.to(device), tgt_out.to(device)
+
+
+# --- part 1: synthetic batches ----------------------------------------------------------------------
+
+
+def memory_child(args) -> None:
+    """Fresh process: build one peer, run 3 steps, print peak memory as JSON."""
+    device = setup_device(args.device, args.threads)
+    cfg = preset(args.child_preset)
+    batch, length = SYNTHETIC_BATCH[args.child_preset]
+    src, tgt_in, tgt_out = synthetic_batch(batch, length, args.vocab, device)
+    rss_before = current_rss_mb()
+    model, forward = build_peer(args.child_peer, cfg, args.vocab, device)
+    step = make_train_step(model, forward, device, args.bf16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        step(src, tgt_in, tgt_out)
+    sync(device)
+    out = {"peak_rss_mb": peak_rss_mb(), "rss_before_model_mb": rss_before}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def gemm_shapes(cfg: ModelConfig, batch: int, length: int, vocab: int) -> list[tuple[int, int, int]]:
+    """The model's big GEMMs: the FFN (B*T, D) x (D, F), its second half, the output (B*T, D) x (D, V)."""
+    m = batch * length
+    return [(m, cfg.d_model, cfg.d_ff), (m, cfg.d_ff, cfg.d_model), (m, cfg.d_model, vocab)]
+
+
+def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> None:
+    for preset_name in args.presets:
+        cfg = preset(preset_name)
+        batch, length = SYNTHETIC_BATCH[preset_name]
+        if args.batch:
+            batch = args.batch
+        flops = train_step_flops(
+            cfg.d_model, cfg.d_ff, cfg.n_encoder_layers, cfg.n_decoder_layers, args.vocab, batch, length, length
+        )
+        src, tgt_in, tgt_out = synthetic_batch(batch, length, args.vocab, device)
+        print(f"\n== synthetic, preset {preset_name}: D={cfg.d_model} H={cfg.n_heads} F={cfg.d_ff} "
+              f"L={cfg.n_encoder_layers}+{cfg.n_decoder_layers} V={args.vocab}, B={batch} S=T={length}, "
+              f"{flops / 1e9:.1f} model GFLOP/step ==")
+        steps, params = {}, {}
+        for name in args.peers:
+            model, forward = build_peer(name, cfg, args.vocab, device)
+            params[name] = n_params(model)
+            fn = make_train_step(model, forward, device, args.bf16)
+            steps[name] = lambda fn=fn: fn(src, tgt_in, tgt_out)
+        # The GEMM peak again, at this preset's best shape, timed in the same rounds as the models.
+        mine = [g for g in gemms if (g.m, g.k, g.n) in gemm_shapes(cfg, batch, length, args.vocab)]
+        best = max(mine, key=lambda g: g.gflops)
+        probe, probe_flops = gemm_probe(best, device)
+        steps["gemm"] = probe
+        times = interleaved_times(steps, device, warmup=args.warmup, rounds=args.rounds)
+        peak = probe_flops / statistics.median(times.pop("gemm")) / 1e9
+        print(f"GEMM peak {best.label()} timed round-robin with the models: {peak:.1f} GFLOP/s "
+              f"(alone, before: {best.gflops:.1f}); MFU below is against the round-robin figure")
+        del steps
+        mem = {}
+        if not args.no_memory:
+            for name in args.peers:
+                child = [__file__, "--child-memory", "--child-preset", preset_name, "--child-peer", name,
+                         "--device", args.device, "--vocab", str(args.vocab)]
+                if args.threads:
+                    child += ["--threads", str(args.threads)]
+                if args.bf16:
+                    child.append("--bf16")
+                mem[name] = run_child(child)
+        ours = statistics.median(times["ours"]) if "ours" in times else None
+        print(f"| peer | params | s/step (median of {args.rounds}) | target tok/s | model GFLOP/s | MFU | "
+              f"peak RSS MB | ours speed-up |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        rows = {}
+        for name in args.peers:
+            t = statistics.median(times[name])
+            row = {
+                "params": params[name], "s_per_step": t, "all_s": times[name], "tok_s": batch * length / t,
+                "gflops": flops / t / 1e9, "mfu": flops / t / 1e9 / peak,
+                "speedup_ours": (t / ours) if ours else None, **mem.get(name, {}),
+            }
+            rows[name] = row
+            rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "-"
+            if "cuda_peak_mb" in row:
+                rss = f"{row['cuda_peak_mb']:.0f} (GPU)"
+            ratio = f"{row['speedup_ours']:.2f}x" if ours else "-"
+            print(f"| {PEER_NAMES[name]} | {row['params'] / 1e6:.1f}M | {t:.3f} | {row['tok_s']:.0f} | "
+                  f"{row['gflops']:.1f} | {100 * row['mfu']:.1f}% | {rss} | {ratio} |")
+        if ours:
+            print(f"goal: MFU >= 85% of the GEMM peak; ours {100 * rows['ours']['mfu']:.1f}% "
+                  f"({rows['ours']['mfu'] / 0.85:.2f}x of the goal)")
+        results["synthetic"][preset_name] = {"batch": batch, "length": length, "flops_per_step": flops,
+                                            "gemm_peak_round_robin": peak, "peers": rows}
+
+
+# --- part 2: real data ------------------------------------------------------------------------------
+
+
+def load_multi30k(args):
+    """Tokenizer (trained on the fly on a subset, cached in --work-dir) and the encoded training pairs."""
+    from transformer.data.tokenizer import Tokenizer
+
+    en = (DATA / "train.en").read_text(encoding="utf-8").splitlines()
+    de = (DATA / "train.de").read_text(encoding="utf-8").splitlines()
+    tok_dir = Path(args.work_dir) / f"tokenizer_{args.real_vocab}"
+    if (tok_dir / "tokenizer.json").exists():
+        tok = Tokenizer.load(tok_dir)
+    else:
+        tok = Tokenizer.train(en[:10000], de[:10000], vocab_size=args.real_vocab, joint=True, out_dir=tok_dir)
+    src = tok.encode_src_batch(en)
+    tgt = tok.encode_tgt_batch(de)
+    return tok, src, tgt
+
+
+def ours_batches(src, tgt, max_tokens: int, seed: int):
+    """Our users' batching: token buckets from transformer.data (fairseq-style, padding counted)."""
+    from transformer.data.batching import TokenBatchSampler, collate
+
+    sampler = TokenBatchSampler([len(s) + 1 for s in src], [len(t) + 1 for t in tgt], max_tokens, seed=seed)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            yield collate([(src[i], tgt[i]) for i in indices])
+        epoch += 1
+
+
+def hf_batches(src, tgt, batch_size: int, seed: int):
+    """HF users' batching: a shuffled dataset cut into fixed-size sentence batches, padded to the longest
+    (what DataLoader(shuffle=True) + DataCollatorForSeq2Seq do)."""
+    from transformer.data.batching import collate
+
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(src), generator=g).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([(src[i], tgt[i]) for i in order[start: start + batch_size]])
+
+
+def run_real(args, device: torch.device, results: dict) -> None:
+    cfg = preset(args.real_preset)
+    t0 = time.perf_counter()
+    tok, src, tgt = load_multi30k(args)
+    vocab = tok.tgt_vocab_size
+    mean_len = statistics.mean(max(len(s), len(t)) + 1 for s, t in zip(src, tgt))
+    hf_bs = max(1, round(args.max_tokens / mean_len))
+    print(f"\n== real data: Multi30k en-de train ({len(src)} pairs), joint SentencePiece BPE {vocab}, "
+          f"preset {args.real_preset}; ours: TokenBatchSampler max_tokens={args.max_tokens}; "
+          f"HF: shuffled batches of {hf_bs} sentences (= max_tokens / mean example length {mean_len:.1f}); "
+          f"{args.real_seconds:.0f} s per stream, round-robin (data ready in {time.perf_counter() - t0:.0f} s) ==")
+    streams = {
+        "ours": ("ours", ours_batches(src, tgt, args.max_tokens, seed=1)),
+        "hf": ("hf", hf_batches(src, tgt, hf_bs, seed=1)),
+        "ours_hf_batches": ("ours", hf_batches(src, tgt, hf_bs, seed=1)),
+    }
+    steps = {}
+    for key, (peer, _) in streams.items():
+        model, forward = build_peer(peer, cfg, vocab, device)
+        steps[key] = make_train_step(model, forward, device, args.bf16)
+    stats = {key: {"time": 0.0, "steps": 0, "tgt_tokens": 0, "tgt_padded": 0, "src_tokens": 0, "src_padded": 0}
+             for key in streams}
+
+    def one(key: str, timed: bool) -> None:
+        b = next(streams[key][1]).to(device)
+        dt = time_call(lambda: steps[key](b.src_tokens, b.tgt_input, b.tgt_output), device)
+        if timed:
+            s = stats[key]
+            s["time"] += dt
+            s["steps"] += 1
+            s["tgt_tokens"] += int(b.tgt_output.ne(PAD_ID).sum())
+            s["tgt_padded"] += b.tgt_output.numel()
+            s["src_tokens"] += int(b.src_tokens.ne(PAD_ID).sum())
+            s["src_padded"] += b.src_tokens.numel()
+
+    for _ in range(3):  # warm-up
+        for key in streams:
+            one(key, timed=False)
+    while min(s["time"] for s in stats.values()) < args.real_seconds:
+        for key in streams:
+            one(key, timed=True)
+    names = {"ours": "ours + token buckets", "hf": "HF Marian + sentence batches",
+             "ours_hf_batches": "ours + HF's sentence batches"}
+    print("| peer and batching | steps | tgt tokens/step | target padding | source padding | "
+          "non-pad target tok/s | ours (buckets) speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rate = {k: s["tgt_tokens"] / s["time"] for k, s in stats.items()}
+    for key, s in stats.items():
+        s["tok_s"] = rate[key]
+        print(f"| {names[key]} | {s['steps']} | {s['tgt_tokens'] / s['steps']:.0f} | "
+              f"{100 * (1 - s['tgt_tokens'] / s['tgt_padded']):.1f}% | "
+              f"{100 * (1 - s['src_tokens'] / s['src_padded']):.1f}% | {rate[key]:.0f} | "
+              f"{rate['ours'] / rate[key]:.2f}x |")
+    print(f"goal: >= 1.3x HF; ours {rate['ours'] / rate['hf']:.2f}x "
+          f"(batching alone: {rate['ours'] / rate['ours_hf_batches']:.2f}x, "
+          f"model alone on the same batches: {rate['ours_hf_batches'] / rate['hf']:.2f}x)")
+    results["real"] = {"preset": args.real_preset, "vocab": vocab, "max_tokens": args.max_tokens,
+                       "hf_batch_size": hf_bs, "streams": stats}
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--parts", default="synthetic,real", help="comma list: synthetic, real")
+    parser.add_argument("--presets", default="small,base", help="comma list of presets for the synthetic part")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma list of: ours, hf, torch")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic part")
+    parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per peer")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per peer (round-robin)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    parser.add_argument("--real-preset", default="small")
+    parser.add_argument("--real-vocab", type=int, default=8000)
+    parser.add_argument("--max-tokens", type=int, default=2048, help="ours: padded tokens per side per batch")
+    parser.add_argument("--real-seconds", type=float, default=45.0, help="timed seconds per stream")
+    parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
+    parser.add_argument("--json", default="", help="write all results here")
+    parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-preset", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-peer", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.presets = [p for p in args.presets.split(",") if p]
+    args.peers = [p for p in args.peers.split(",") if p]
+    if args.child_memory:
+        memory_child(args)
+        return
+    device = setup_device(args.device, args.threads)
+    info = machine_info(args.device)
+    dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
+    print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")
+    shapes = []
+    for name in args.presets:
+        batch, length = SYNTHETIC_BATCH[name]
+        shapes += gemm_shapes(preset(name), args.batch or batch, length, args.vocab)
+    shapes = sorted(set(shapes)) or [(1024, 1024, 1024)]
+    peak, gemms = gemm_peak(shapes, device, dtype)
+    bandwidth = memory_bandwidth_gbs(device)
+    print_limits(peak, gemms, bandwidth)
+    results = {"machine": info, "gemm_peak_gflops": peak, "dtype": str(dtype),
+               "gemm": [vars(g) for g in gemms], "bandwidth_gbs": bandwidth, "synthetic": {}}
+    parts = args.parts.split(",")
+    if "synthetic" in parts:
+        run_synthetic(args, device, gemms, results)
+    if "real" in parts:
+        run_real(args, device, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
