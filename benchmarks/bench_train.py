@@ -35,7 +35,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 from common import (  # noqa: E402
     add_common_args, autocast, current_rss_mb, describe_machine, gemm_peak, gemm_probe, interleaved_times, machine_info,
-    memory_bandwidth_gbs, peak_rss_mb, print_limits, run_child, setup_device, sync, time_call, train_step_flops,
+    memory_bandwidth_gbs, multi30k_tokenizer, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync, time_call, train_step_flops,
 )
 
 from transformer.config import ModelConfig, preset  # noqa: E402
@@ -47,9 +47,8 @@ from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
 PEERS = ("ours", "hf", "torch")
 PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer"}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
-SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (16, 32), "big": (8, 32)}
+SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 LABEL_SMOOTHING = 0.1
-DATA = Path("/work/shared/data/multi30k")
 
 
 # --- the peers --------------------------------------------------------------------------------------
@@ -154,7 +153,7 @@ def synthetic_batch(batch: int, length: int, vocab: int, device: torch.device, s
 
 
 def memory_child(args) -> None:
-    """Fresh process: build one peer, run 3 steps, print peak memory as JSON."""
+    """Fresh process: build one peer, run 2 steps (the first allocates Adam's state), print peak memory."""
     device = setup_device(args.device, args.threads)
     cfg = preset(args.child_preset)
     batch, length = SYNTHETIC_BATCH[args.child_preset]
@@ -164,7 +163,7 @@ def memory_child(args) -> None:
     step = make_train_step(model, forward, device, args.bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
+    for _ in range(2):
         step(src, tgt_in, tgt_out)
     sync(device)
     out = {"peak_rss_mb": peak_rss_mb(), "rss_before_model_mb": rss_before}
@@ -249,18 +248,8 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
 
 def load_multi30k(args):
     """Tokenizer (trained on the fly on a subset, cached in --work-dir) and the encoded training pairs."""
-    from transformer.data.tokenizer import Tokenizer
-
-    en = (DATA / "train.en").read_text(encoding="utf-8").splitlines()
-    de = (DATA / "train.de").read_text(encoding="utf-8").splitlines()
-    tok_dir = Path(args.work_dir) / f"tokenizer_{args.real_vocab}"
-    if (tok_dir / "tokenizer.json").exists():
-        tok = Tokenizer.load(tok_dir)
-    else:
-        tok = Tokenizer.train(en[:10000], de[:10000], vocab_size=args.real_vocab, joint=True, out_dir=tok_dir)
-    src = tok.encode_src_batch(en)
-    tgt = tok.encode_tgt_batch(de)
-    return tok, src, tgt
+    tok = multi30k_tokenizer(args.work_dir, args.real_vocab)
+    return tok, tok.encode_src_batch(read_lines("train", "en")), tok.encode_tgt_batch(read_lines("train", "de"))
 
 
 def ours_batches(src, tgt, max_tokens: int, seed: int):
@@ -323,7 +312,7 @@ def run_real(args, device: torch.device, results: dict) -> None:
             s["src_tokens"] += int(b.src_tokens.ne(PAD_ID).sum())
             s["src_padded"] += b.src_tokens.numel()
 
-    for _ in range(3):  # warm-up
+    for _ in range(args.warmup):  # warm-up
         for key in streams:
             one(key, timed=False)
     while min(s["time"] for s in stats.values()) < args.real_seconds:
@@ -348,6 +337,31 @@ def run_real(args, device: torch.device, results: dict) -> None:
                        "hf_batch_size": hf_bs, "streams": stats}
 
 
+# --- where our time goes ----------------------------------------------------------------------------
+
+
+def run_profile(args, device: torch.device) -> None:
+    """torch.profiler over a few of our training steps at each preset: the top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for preset_name in args.presets:
+        cfg = preset(preset_name)
+        batch, length = SYNTHETIC_BATCH[preset_name]
+        src, tgt_in, tgt_out = synthetic_batch(batch, length, args.vocab, device)
+        model, forward = build_peer("ours", cfg, args.vocab, device)
+        step = make_train_step(model, forward, device, args.bf16)
+        step(src, tgt_in, tgt_out)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                with record_function("train_step"):
+                    step(src, tgt_in, tgt_out)
+        print(f"\n== torch.profiler: our training step, preset {preset_name}, B={batch} S=T={length}, "
+              f"{args.profile_steps} steps ==")
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 
@@ -368,6 +382,9 @@ def main() -> None:
     parser.add_argument("--real-seconds", type=float, default=45.0, help="timed seconds per stream")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     parser.add_argument("--json", default="", help="write all results here")
+    parser.add_argument("--profile", action="store_true", help="only profile our training step (torch.profiler)")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-rows", type=int, default=20)
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-preset", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-peer", default="", help=argparse.SUPPRESS)
@@ -378,6 +395,9 @@ def main() -> None:
         memory_child(args)
         return
     device = setup_device(args.device, args.threads)
+    if args.profile:
+        run_profile(args, device)
+        return
     info = machine_info(args.device)
     dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
     print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")

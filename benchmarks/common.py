@@ -258,6 +258,28 @@ def run_child(args: list[str], timeout: float = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# --- real data --------------------------------------------------------------------------------------
+
+MULTI30K = "/work/shared/data/multi30k"  # read in place, never copied into the repository
+
+
+def read_lines(split: str, lang: str) -> list[str]:
+    with open(f"{MULTI30K}/{split}.{lang}", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def multi30k_tokenizer(work_dir: str, vocab_size: int = 8000):
+    """A joint SentencePiece BPE tokenizer (transformer.data.Tokenizer) trained on the first 10k en-de
+    training pairs, cached in ``work_dir`` (outside the repository) so that every script shares it."""
+    from transformer.data.tokenizer import Tokenizer
+
+    tok_dir = os.path.join(work_dir, f"tokenizer_{vocab_size}")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return Tokenizer.load(tok_dir)
+    en, de = read_lines("train", "en")[:10000], read_lines("train", "de")[:10000]
+    return Tokenizer.train(en, de, vocab_size=vocab_size, joint=True, out_dir=tok_dir)
+
+
 def add_common_args(parser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")

@@ -29,7 +29,8 @@ import torch
 
 from transformer.config import Config, DecodeConfig
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from transformer.decoding import beam_search, greedy_search, length_penalty, sample
+from transformer.decoding import beam_search, greedy_search, sample
+from transformer.decoding.common import length_penalty as gnmt_length_penalty
 from transformer.decoding.common import max_positions
 from transformer.errors import TransformerError
 
@@ -250,7 +251,7 @@ class Translator:
                     Translation(
                         self.tokenizer.decode_tgt(h.tokens),
                         # greedy ranks by log-probability; report the same normalised score as beam search
-                        h.logprob / length_penalty(len(h.tokens) + 1, alpha) if beam == 1 else h.score,
+                        h.logprob / gnmt_length_penalty(len(h.tokens) + 1, alpha) if beam == 1 else h.score,
                         h.logprob,
                     )
                     for h in sent_hyps
@@ -306,7 +307,7 @@ def translate_file(
     input_path: Optional[PathLike] = None,
     output_path: Optional[PathLike] = None,
     *,
-    nbest: int = 1,
+    nbest: Optional[int] = None,
     progress: Optional[bool] = None,
     buffer_lines: Optional[int] = None,
     **options: Any,
@@ -314,8 +315,9 @@ def translate_file(
     """Translate a file (or stdin: None or "-") line by line into a file (or stdout: None or "-").
 
     Lines are read ``buffer_lines`` at a time (default 10000; 1 for an interactive terminal), batched by
-    tokens inside each buffer, and written in input order. With ``nbest > 1`` each output line is
-    ``LINE_NUMBER<TAB>SCORE<TAB>TEXT``, ``nbest`` lines per input line, best first.
+    tokens inside each buffer, and written in input order. With ``nbest > 1`` (default:
+    ``decode.nbest``) each output line is ``LINE_NUMBER<TAB>SCORE<TAB>TEXT``, ``nbest`` lines per input
+    line, best first.
 
     Args:
         options: passed to :meth:`Translator.translate_nbest` (beam, length_penalty, max_len_a, ...).
@@ -325,6 +327,7 @@ def translate_file(
     Raises:
         TransformerError: a missing input file, non-UTF-8 input, bad search settings.
     """
+    nbest = translator.cfg.nbest if nbest is None else nbest
     from_file = input_path is not None and str(input_path) != "-"
     if buffer_lines is None:
         buffer_lines = 1 if not from_file and sys.stdin.isatty() else 10_000
@@ -408,7 +411,7 @@ class LanguageModel:
         temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        stop: Sequence[str] = (),
+        stop: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
     ) -> str:
         """Continue ``prompt``; returns the continuation only (without the prompt).
@@ -441,7 +444,7 @@ class LanguageModel:
         prefix = self.tokenizer.decode_src(prompt_ids)
         new_ids: list[int] = []
         text = ""
-        stops = [s for s in stop if s]
+        stops = [s for s in stop or () if s]
         for token in sample(self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
             new_ids.append(token)
             # Decode with the prompt so that word boundaries at the seam come out right.

@@ -12,11 +12,13 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
 V = 100
-SRC = torch.tensor([[5, 6, 7, 8, 9, 10, EOS_ID], [11, 12, 13, EOS_ID, PAD_ID, PAD_ID, PAD_ID], [14, EOS_ID] + [PAD_ID] * 5])
+SRC = torch.tensor(
+    [[5, 6, 7, 8, 9, 10, EOS_ID], [11, 12, 13, EOS_ID, PAD_ID, PAD_ID, PAD_ID], [14, EOS_ID] + [PAD_ID] * 5]
+)
 TGT = torch.tensor([[BOS_ID, 20, 21, 22, 23], [BOS_ID, 24, 25, PAD_ID, PAD_ID], [BOS_ID, 26, 27, 28, PAD_ID]])
 
 
-def _marian(**overrides):
+def _marian(bias_std=0.5, **overrides):
     """A random MarianMTModel with the paper's choices and our special ids."""
     torch.manual_seed(0)
     settings = dict(
@@ -29,7 +31,7 @@ def _marian(**overrides):
     settings.update(overrides)
     model = transformers.MarianMTModel(transformers.MarianConfig(**settings)).eval()
     with torch.no_grad():
-        model.final_logits_bias.normal_(std=0.5)  # zero after init; make it count
+        model.final_logits_bias.normal_(std=bias_std)  # zero after init; make it count
     return model
 
 
@@ -73,6 +75,16 @@ def test_separate_marian_vocabularies_convert():
     assert (_real(ours) - _real(_hf_logits(hf, SRC, TGT))).abs().max() <= 1e-4
 
 
+def test_untied_lm_head_converts_with_copied_embeddings():
+    hf = _marian(tie_word_embeddings=False)  # shared source/target embeddings, separate lm_head
+    model, cfg = from_marian(hf)
+    assert not cfg.tie_embeddings
+    assert not torch.equal(model.output.lm_head.weight, model.decoder.embed_tokens.weight)
+    with torch.no_grad():
+        ours = model(SRC, TGT)
+    assert (_real(ours) - _real(_hf_logits(hf, SRC, TGT))).abs().max() <= 1e-4
+
+
 @torch.no_grad()
 def _greedy_ours(model, src, steps):
     """Greedy search with the KV cache; rows that emitted EOS continue with PAD."""
@@ -88,7 +100,7 @@ def _greedy_ours(model, src, steps):
 
 
 def test_greedy_output_matches_hugging_face_generate():
-    hf = _marian()
+    hf = _marian(bias_std=1.0, init_std=0.3)  # large enough weights that greedy output depends on the source
     model, _ = from_marian(hf)
     steps = 12
     with torch.no_grad():
@@ -140,3 +152,15 @@ def test_export_survives_save_pretrained(tmp_path):
 def test_unsupported_marian_features_raise(overrides, message):
     with pytest.raises(TransformerError, match=message):
         from_marian(_marian(**overrides))
+
+
+def test_models_marian_cannot_express_are_not_exported():
+    from dataclasses import replace
+
+    from transformer.model import Transformer, TransformerLM
+
+    _, cfg = from_marian(_marian())
+    with pytest.raises(TransformerError, match="post-LayerNorm"):
+        to_marian(Transformer(replace(cfg, norm_first=True), V, V))
+    with pytest.raises(TransformerError, match="encoder-decoder"):
+        to_marian(TransformerLM(replace(cfg, arch="lm"), V))

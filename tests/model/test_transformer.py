@@ -13,7 +13,9 @@ from transformer.model import Transformer, TransformerLM, build_model, count_par
 from transformer.model.embeddings import sinusoidal_table
 
 V = 50
-TINY = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1, max_positions=64)
+TINY = ModelConfig(
+    d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1, max_positions=64
+)
 VARIANTS = [
     pytest.param(dict(norm_first=False, positional="sinusoidal"), id="post-ln-sinusoidal"),
     pytest.param(dict(norm_first=True, positional="sinusoidal"), id="pre-ln-sinusoidal"),

@@ -52,3 +52,11 @@ def lm_task(n_docs: int = 40, seed: int = 0) -> SimpleNamespace:
     arr = TokenArray.from_lists(docs)
     return SimpleNamespace(tokenizer=None, train=LMDataset(arr, 8), valid=LMDataset(arr, 8), valid_text=None,
                            src_vocab_size=VOCAB, tgt_vocab_size=VOCAB)
+
+
+def ddp_config(run_dir: Path, update_freq: int):
+    """Dropout off (masks differ across processes), 6 updates within the first epoch."""
+    from transformer.config import replace
+
+    cfg = tiny_config(run_dir, max_steps=6, update_freq=update_freq, valid_every=6, save_every=6)
+    return replace(cfg, model=replace(cfg.model, dropout=0.0))

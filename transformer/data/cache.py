@@ -251,15 +251,16 @@ def _encode_into(final: Path, corpus: Corpus, tokenizer: Tokenizer, split: str, 
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     big = 1 << 16
-    src_w = None if monolingual else _TokenArrayWriter(
-        tmp / "src", np.dtype(np.uint16 if tokenizer.src_vocab_size <= big else np.int32))
-    tgt_w = _TokenArrayWriter(tmp / "tgt", np.dtype(np.uint16 if tokenizer.tgt_vocab_size <= big else np.int32))
     files = tokenizer.model_files
     encode = functools.partial(_encode_chunk, monolingual=monolingual)
-    chunks = _chunks(items, chunk_size)
-    head = list(itertools.islice(chunks, 2))
     workers = num_workers or os.cpu_count() or 1
+    src_w = tgt_w = None
     try:
+        src_w = None if monolingual else _TokenArrayWriter(
+            tmp / "src", np.dtype(np.uint16 if tokenizer.src_vocab_size <= big else np.int32))
+        tgt_w = _TokenArrayWriter(tmp / "tgt", np.dtype(np.uint16 if tokenizer.tgt_vocab_size <= big else np.int32))
+        chunks = _chunks(items, chunk_size)
+        head = list(itertools.islice(chunks, 2))
         if workers <= 1 or len(head) < 2:
             _init_worker(str(files["src"]), str(files["tgt"]))
             results: Iterator = map(encode, itertools.chain(head, chunks))

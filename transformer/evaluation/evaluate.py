@@ -49,16 +49,16 @@ def evaluate(
     src_path: PathLike,
     ref_path: PathLike,
     *,
-    hyp_path: Optional[PathLike] = None,
-    progress: bool = False,
+    output: Optional[PathLike] = None,
+    progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Translate ``src_path`` and score it against ``ref_path`` (one detokenised reference per line).
 
     Args:
         options: search settings for :meth:`Translator.translate` (beam, length_penalty, max_tokens, ...).
-        hyp_path: also write the translations there, one per line.
-        progress: a tqdm bar on stderr.
+        output: also write the translations there, one per line.
+        progress: a tqdm bar on stderr (default on).
     Returns:
         :func:`compute_metrics`'s dict, plus "src" and "ref" (the paths) and the search settings used.
     Raises:
@@ -78,9 +78,9 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
-    if hyp_path is not None:
-        Path(hyp_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(hyp_path).write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), encoding="utf-8")
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), encoding="utf-8")
     result = compute_metrics(hypotheses, references)
     cfg = translator.cfg
     result["search"] = {

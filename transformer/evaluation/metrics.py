@@ -1,7 +1,7 @@
 """Corpus BLEU and chrF with sacreBLEU's defaults (13a tokenisation) on detokenised text, with signatures.
 
     result = compute_metrics(hypotheses, references)
-    print(format_metrics(result))      # BLEU|nrefs:1|case:mixed|eff:no|tok:13a|... = 34.2 ...
+    print(format_scores(result))      # BLEU|nrefs:1|case:mixed|eff:no|tok:13a|... = 34.2 ...
     json.dumps(result)                 # the same, machine-readable
 """
 
@@ -45,6 +45,6 @@ def compute_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dic
     }
 
 
-def format_metrics(result: dict[str, Any]) -> str:
+def format_scores(result: dict[str, Any]) -> str:
     """Two lines for humans: sacreBLEU's BLEU and chrF summaries, each with its signature."""
     return f"{result['bleu_text']}\n{result['chrf_text']}"

@@ -16,8 +16,9 @@ residual stream's channels everywhere gives the same function. :func:`from_maria
 Marian's weights into the paper's channel order and the converted model uses our ordinary
 ``positional="sinusoidal"`` encoding: no extra flag, no trained position table, and the model can run
 past Marian's ``max_position_embeddings`` if its config is changed. The same permutation, inverted, lets
-:func:`to_marian` export a model we trained with the paper's encoding to Marian (and from there to
-CTranslate2), whose saved checkpoints always rebuild Marian's own table. ``positional="learned"``
+:func:`to_marian` export a model we trained with the paper's encoding to Marian, whose saved checkpoints
+always rebuild Marian's own table. (CTranslate2's converter also wants a Marian tokenizer beside the
+weights for its vocabulary; that is not provided here.) ``positional="learned"``
 instead copies Marian's table as it is into a learned table, with no permutation (bit-for-bit the same
 weights, but the table becomes a trained parameter).
 
@@ -78,8 +79,14 @@ def _permute(t: Tensor, kind: str, perm: Optional[Tensor]) -> Tensor:
 def _attention_keys(ours: str, theirs: str) -> list[tuple[str, str, str]]:
     keys = []
     for proj in ("q_proj", "k_proj", "v_proj"):
-        keys += [(f"{ours}.{proj}.weight", f"{theirs}.{proj}.weight", _IN), (f"{ours}.{proj}.bias", f"{theirs}.{proj}.bias", _NONE)]
-    keys += [(f"{ours}.out_proj.weight", f"{theirs}.out_proj.weight", _OUT), (f"{ours}.out_proj.bias", f"{theirs}.out_proj.bias", _OUT)]
+        keys += [
+            (f"{ours}.{proj}.weight", f"{theirs}.{proj}.weight", _IN),
+            (f"{ours}.{proj}.bias", f"{theirs}.{proj}.bias", _NONE),
+        ]
+    keys += [
+        (f"{ours}.out_proj.weight", f"{theirs}.out_proj.weight", _OUT),
+        (f"{ours}.out_proj.bias", f"{theirs}.out_proj.bias", _OUT),
+    ]
     return keys
 
 
@@ -110,33 +117,44 @@ def _key_map(cfg: ModelConfig, learned_positions: bool) -> list[tuple[str, str, 
         ]
     for i in range(cfg.n_encoder_layers):
         o, t = f"encoder.layers.{i}", f"model.encoder.layers.{i}"
-        keys += _attention_keys(f"{o}.self_attn", f"{t}.self_attn") + _norm_keys(f"{o}.self_attn_norm", f"{t}.self_attn_layer_norm")
+        keys += _attention_keys(f"{o}.self_attn", f"{t}.self_attn")
+        keys += _norm_keys(f"{o}.self_attn_norm", f"{t}.self_attn_layer_norm")
         keys += _ffn_keys(o, t) + _norm_keys(f"{o}.ffn_norm", f"{t}.final_layer_norm")
     for i in range(cfg.n_decoder_layers):
         o, t = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
-        keys += _attention_keys(f"{o}.self_attn", f"{t}.self_attn") + _norm_keys(f"{o}.self_attn_norm", f"{t}.self_attn_layer_norm")
-        keys += _attention_keys(f"{o}.cross_attn", f"{t}.encoder_attn") + _norm_keys(f"{o}.cross_attn_norm", f"{t}.encoder_attn_layer_norm")
+        keys += _attention_keys(f"{o}.self_attn", f"{t}.self_attn")
+        keys += _norm_keys(f"{o}.self_attn_norm", f"{t}.self_attn_layer_norm")
+        keys += _attention_keys(f"{o}.cross_attn", f"{t}.encoder_attn")
+        keys += _norm_keys(f"{o}.cross_attn_norm", f"{t}.encoder_attn_layer_norm")
         keys += _ffn_keys(o, t) + _norm_keys(f"{o}.ffn_norm", f"{t}.final_layer_norm")
     return keys
 
 
 def model_config_from_marian(hf_config: "MarianConfig", positional: str = "sinusoidal") -> ModelConfig:
-    """Our :class:`ModelConfig` for a ``MarianConfig``; raises :class:`TransformerError` for what we cannot express."""
+    """Our :class:`ModelConfig` for a ``MarianConfig``.
+
+    Raises:
+        TransformerError: for what our model cannot express.
+    """
     c = hf_config
     if positional not in ("sinusoidal", "learned"):
         raise TransformerError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
     if c.encoder_attention_heads != c.decoder_attention_heads or c.encoder_ffn_dim != c.decoder_ffn_dim:
         raise TransformerError(
             "Marian conversion: encoder and decoder must have the same heads and ffn width, got "
-            f"heads {c.encoder_attention_heads}/{c.decoder_attention_heads}, ffn {c.encoder_ffn_dim}/{c.decoder_ffn_dim}"
+            f"heads {c.encoder_attention_heads}/{c.decoder_attention_heads}, "
+            f"ffn {c.encoder_ffn_dim}/{c.decoder_ffn_dim}"
         )
     if c.activation_function not in _ACTIVATIONS:
         raise TransformerError(
             f"Marian conversion: activation_function {c.activation_function!r} is not supported; "
             f"our model has {', '.join(_ACTIVATIONS)}"
         )
-    ids = {"pad_token_id": (c.pad_token_id, PAD_ID), "eos_token_id": (c.eos_token_id, EOS_ID),
-           "decoder_start_token_id": (c.decoder_start_token_id, BOS_ID)}
+    ids = {
+        "pad_token_id": (c.pad_token_id, PAD_ID),
+        "eos_token_id": (c.eos_token_id, EOS_ID),
+        "decoder_start_token_id": (c.decoder_start_token_id, BOS_ID),
+    }
     for name, (theirs, ours) in ids.items():
         if theirs != ours:
             raise TransformerError(
@@ -207,14 +225,18 @@ def from_marian(hf_model: "MarianMTModel", positional: str = "sinusoidal") -> tu
     return model.to(next(hf_model.parameters()).dtype).eval(), cfg
 
 
-def marian_config(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, shared: bool, tied: bool) -> "MarianConfig":
+def marian_config(
+    cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, shared: bool, tied: bool
+) -> "MarianConfig":
     """The ``MarianConfig`` for our architecture, with our special ids (needs ``transformers``)."""
     from transformers import MarianConfig
 
     if cfg.arch != "transformer":
         raise TransformerError("Marian export: only the encoder-decoder (model.arch=transformer) has a Marian form")
     if cfg.norm_first:
-        raise TransformerError("Marian export: Marian is post-LayerNorm; a model.norm_first=true model cannot be exported")
+        raise TransformerError(
+            "Marian export: Marian is post-LayerNorm; a model.norm_first=true model cannot be exported"
+        )
     if cfg.layer_norm_eps != 1e-5:
         raise TransformerError(f"Marian export: Marian's LayerNorm eps is 1e-5, the model has {cfg.layer_norm_eps}")
     return MarianConfig(
@@ -248,7 +270,7 @@ def to_marian(model: Transformer, cfg: Optional[ModelConfig] = None) -> "MarianM
     """Export our :class:`Transformer` to a ``transformers.MarianMTModel`` computing the same function.
 
     Sinusoidal models are permuted into Marian's channel order (see the module docstring), so the
-    result survives ``save_pretrained`` / ``from_pretrained`` and CTranslate2's converter. A model with
+    result survives ``save_pretrained`` / ``from_pretrained``. A model with
     learned positions has its table copied into Marian's position embeddings: exact in memory, but
     ``save_pretrained`` does not save that table (Marian rebuilds its sinusoid on load).
 
@@ -258,6 +280,8 @@ def to_marian(model: Transformer, cfg: Optional[ModelConfig] = None) -> "MarianM
     """
     from transformers import MarianMTModel
 
+    if not isinstance(model, Transformer):
+        raise TransformerError("Marian export: only the encoder-decoder (model.arch=transformer) has a Marian form")
     cfg = cfg or model.cfg
     enc_emb = model.encoder.embed_tokens.weight
     dec_emb = model.decoder.embed_tokens.weight
@@ -276,7 +300,10 @@ def to_marian(model: Transformer, cfg: Optional[ModelConfig] = None) -> "MarianM
     if shared:
         theirs["model.shared.weight"].copy_(_permute(ours["encoder.embed_tokens.weight"].float(), _IN, perm))
     bias = ours.get("output.final_logits_bias")
-    theirs["final_logits_bias"].copy_(bias.reshape(1, -1) if bias is not None else torch.zeros_like(theirs["final_logits_bias"]))
+    if bias is not None:
+        theirs["final_logits_bias"].copy_(bias.reshape(1, -1))
+    else:
+        theirs["final_logits_bias"].zero_()
     return hf_model.to(enc_emb.dtype)
 
 

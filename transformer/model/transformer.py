@@ -25,16 +25,19 @@ class EncoderOut:
 
     memory: Tensor  # (B,S,D)
     src_mask: Tensor  # (B,S) bool, True = real token
+    padded: Optional[bool] = None  # any padding in src_mask; computed once (a device sync) and kept
+
+    def __post_init__(self) -> None:
+        if self.padded is None:
+            self.padded = not bool(self.src_mask.all())
 
     def reorder(self, new_order: Tensor) -> "EncoderOut":
         """Select (and repeat) batch rows, e.g. to expand each source to its beams."""
-        return EncoderOut(self.memory.index_select(0, new_order), self.src_mask.index_select(0, new_order))
+        return EncoderOut(self.memory.index_select(0, new_order), self.src_mask.index_select(0, new_order), self.padded)
 
     def attn_mask(self) -> Optional[Tensor]:
         """(B,1,1,S) for SDPA, or None when nothing is padded (lets SDPA take its fastest path)."""
-        if bool(self.src_mask.all()):
-            return None
-        return self.src_mask[:, None, None, :]
+        return self.src_mask[:, None, None, :] if self.padded else None
 
 
 @dataclass
@@ -115,12 +118,13 @@ class Encoder(nn.Module):
     def forward(self, src_tokens: Tensor) -> EncoderOut:
         """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
         src_mask = src_tokens.ne(PAD_ID)  # (B,S)
-        attn_mask = None if bool(src_mask.all()) else src_mask[:, None, None, :]  # (B,1,1,S)
+        padded = not bool(src_mask.all())
+        attn_mask = src_mask[:, None, None, :] if padded else None  # (B,1,1,S)
         x = self.dropout(self.embed_positions(self.embed_tokens(src_tokens)))  # (B,S,D)
         for layer in self.layers:
             x = layer(x, attn_mask)
         memory = self.final_norm(x) if self.final_norm is not None else x
-        return EncoderOut(memory, src_mask)
+        return EncoderOut(memory, src_mask, padded)
 
 
 def _init_linear(module: nn.Module) -> None:

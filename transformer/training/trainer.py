@@ -240,6 +240,7 @@ class _Trainer:
         from transformer.data.batching import sampler_for
         from transformer.model import build_model
 
+        seed_everything(self.t.seed)  # again: the data stage may have used the RNGs (or not, when cached)
         self.model = build_model(cfg.model, self.src_vocab, self.tgt_vocab, self.shared_vocab).to(self.device)
         self.optimizer = build_optimizer(self.model, self.t)
         self.precision_ctx = autocast_context(self.t.precision, self.device)
@@ -255,11 +256,15 @@ class _Trainer:
         self.elapsed_before = 0.0
         self.last_saved: Optional[Path] = None
         self.pbar = None
+        self._warned_no_bleu = False
         self.t0 = time.monotonic()
         # Dropout masks differ across processes; the weights start equal (seeded above, and DDP broadcasts).
         torch.manual_seed(self.t.seed + self.info.rank)
         if resume_from is not None:
             self._restore(resume_from)
+        # The data position after the last finished update: what a checkpoint stores, so that a Ctrl-C in the
+        # middle of an update resumes at the start of that update.
+        self.sampler_state = self.sampler.state_dict()
         module: nn.Module = self.model
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -301,8 +306,8 @@ class _Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "epoch": int(self.sampler.state_dict()["epoch"]),
-            "sampler": self.sampler.state_dict(),
+            "epoch": int(self.sampler_state["epoch"]),
+            "sampler": dict(self.sampler_state),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt.rng_state(),
@@ -374,6 +379,10 @@ class _Trainer:
         if self.t.best_metric == "bleu" and "bleu" in result:
             value, better = result["bleu"], lambda new, old: new > old
         else:
+            if self.t.best_metric == "bleu" and not self._warned_no_bleu:
+                log.warning("train.best_metric=bleu but no BLEU was computed (train.bleu_subset=0, a language "
+                            "model, or no validation text); choosing the best checkpoint by validation loss")
+                self._warned_no_bleu = True
             value, better = result["loss"], lambda new, old: new < old
         if self.best_value is None or better(value, self.best_value):
             self.best_value, self.best_step, self.bad_validations = value, self.step, 0
@@ -442,6 +451,7 @@ class _Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                self.sampler_state = self.sampler.state_dict()
                 losses.append(loss_sum / max(tokens, 1.0))
                 window["loss"] += loss_sum
                 window["nll"] += nll_sum
@@ -493,6 +503,7 @@ class _Trainer:
 
     def _skip_update(self, loss_sum: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.sampler_state = self.sampler.state_dict()
         if self.scaler is not None:
             self.scaler.update()
         self.bad_steps += 1
@@ -543,12 +554,21 @@ def train(
             ``src_vocab_size`` / ``tgt_vocab_size`` and no tokenizer are accepted (tests).
         callback: called after every update with ``{"step", "loss", "lr", "trainer"}``.
     Returns:
-        a :class:`TrainResult`; ``stop_reason == "interrupted"`` after Ctrl-C (a checkpoint was saved).
+        a :class:`TrainResult`; ``stop_reason == "interrupted"`` after Ctrl-C: a checkpoint of the last
+        finished update was saved (its data position is the start of the interrupted update, so
+        ``resume=True`` redoes it; the RNG state saved is the one at the interrupt, so only an interrupt
+        between updates resumes bit-exactly). Under torchrun every process must receive the Ctrl-C
+        (torchrun forwards it), since saving waits for all of them.
     Raises:
         TransformerError: a bad run directory (checkpoints present without ``resume``, none with it), a
             corrupt checkpoint, fp16 without CUDA, or ``train.max_bad_steps`` NaN/inf losses in a row.
     """
-    trainer = _Trainer(cfg, resume, data, callback)
+    try:
+        trainer = _Trainer(cfg, resume, data, callback)
+    except BaseException:
+        if dist_utils.env_info().enabled:
+            dist_utils.cleanup()
+        raise
     try:
         return trainer.run()
     finally:

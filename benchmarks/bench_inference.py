@@ -1,0 +1,338 @@
+"""Translation speed side by side: our greedy / beam search (``transformer.decoding``, KV cache) against
+the same weights in Hugging Face ``MarianMTModel.generate`` and in CTranslate2 (float32 and int8).
+
+The weights: a run directory (``--run-dir``, loaded with ``transformer.training.checkpoint.load_model``),
+or a ``small`` model trained here for ``--train-seconds`` on Multi30k en-de (cached under ``--work-dir``),
+or, with neither, random init (outputs are then degenerate: every sentence runs to the length limit).
+They are exported with ``transformer.model.convert.to_marian``, saved with ``save_pretrained``, and
+converted with ``ctranslate2.converters.TransformersConverter`` (a Marian loader adapted to our special
+tokens: decoding starts from ``<s>``, not from Marian's zero embedding, and no vocabulary row is dropped).
+
+Measured: generated tokens/s (each sentence counts its output tokens plus one for the final step that
+emits EOS or hits the limit), greedy and beam 4, batch 1 and batch 32, over the first ``--sentences``
+Multi30k validation sentences, all systems stepped batch by batch round-robin. Every system gets the same
+source token ids and the same length limit (``--max-len`` output tokens, EOS included); PAD and BOS are
+never generated. The greedy outputs are compared token for token.
+
+    python benchmarks/bench_inference.py --device cpu --train-seconds 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    add_common_args, autocast, describe_machine, gemm_peak, machine_info, memory_bandwidth_gbs,
+    multi30k_tokenizer, print_limits, read_lines, setup_device, sync,
+)
+
+from transformer.config import preset  # noqa: E402
+from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
+from transformer.model import Transformer  # noqa: E402
+
+SYSTEMS = ("ours", "hf", "ct2_fp32", "ct2_int8")
+NAMES = {"ours": "ours (decoding/)", "hf": "HF generate", "ct2_fp32": "CTranslate2 float32",
+         "ct2_int8": "CTranslate2 int8"}
+
+
+# --- the weights ------------------------------------------------------------------------------------
+
+
+def quick_train(tok, seconds: float, device: torch.device, cache: Path) -> Transformer:
+    """A ``small`` model trained for ``seconds`` on Multi30k en-de (so that outputs end with EOS at
+    realistic lengths); cached by duration."""
+    cfg = preset("small")
+    model = Transformer(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
+    if cache.exists():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.to(device).eval()
+    from transformer.data.batching import TokenBatchSampler, collate
+    from transformer.training.loss import label_smoothed_nll_loss
+
+    src = tok.encode_src_batch(read_lines("train", "en"))
+    tgt = tok.encode_tgt_batch(read_lines("train", "de"))
+    sampler = TokenBatchSampler([len(s) + 1 for s in src], [len(t) + 1 for t in tgt], 2048, seed=1)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9)
+    start, step, epoch = time.perf_counter(), 0, 0
+    while time.perf_counter() - start < seconds:
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            b = collate([(src[i], tgt[i]) for i in indices]).to(device)
+            step += 1
+            for group in opt.param_groups:  # inverse-sqrt with 200 warmup steps
+                group["lr"] = 1e-3 * min(step / 200, (200 / step) ** 0.5)
+            loss, nll = label_smoothed_nll_loss(model(b.src_tokens, b.tgt_input), b.tgt_output, 0.1)
+            n = b.tgt_output.ne(PAD_ID).sum()
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 100 == 0:
+                print(f"  quick training: step {step}, nll/token {float(nll / n):.2f}, "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+            if time.perf_counter() - start >= seconds:
+                break
+        epoch += 1
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model.eval()
+
+
+def load_weights(args, device: torch.device):
+    """(model, tokenizer, description of the weights)."""
+    if args.run_dir:
+        from transformer.training.checkpoint import load_model
+
+        model, _, tok = load_model(args.run_dir)
+        return model.to(device).eval(), tok, f"trained run {args.run_dir}"
+    tok = multi30k_tokenizer(args.work_dir, 8000)
+    if args.train_seconds > 0:
+        cache = Path(args.work_dir) / f"quick_small_{int(args.train_seconds)}s.pt"
+        model = quick_train(tok, args.train_seconds, device, cache)
+        return model, tok, f"small preset trained here for {args.train_seconds:.0f} s on Multi30k en-de"
+    torch.manual_seed(0)
+    model = Transformer(preset("small"), tok.src_vocab_size, tok.tgt_vocab_size).to(device).eval()
+    return model, tok, "small preset, RANDOM INIT (degenerate outputs: sentences run to the length limit)"
+
+
+# --- the peers --------------------------------------------------------------------------------------
+
+
+class _PieceTokenizer:
+    """What CTranslate2's converter asks of a tokenizer: the vocabulary in id order and special tokens."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = BOS, EOS, UNK, PAD
+
+    def get_vocab(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.pieces)}
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return self.pieces[i]
+
+
+def convert_ct2(hf_dir: str, out_dir: str, pieces: list[str], quantization: str | None) -> str:
+    """``TransformersConverter`` on a ``save_pretrained`` directory, with a Marian loader for our tokens."""
+    import ctranslate2.converters.transformers as ct2t
+
+    class OurMarianLoader(ct2t.MarianMTLoader):
+        def get_model_spec(self, model):
+            model.config.normalize_before = False
+            model.config.normalize_embedding = False
+            return ct2t.BartLoader.get_model_spec(self, model)  # no vocabulary row dropped
+
+        def set_config(self, config, model, tokenizer):
+            config.bos_token, config.eos_token, config.unk_token = BOS, EOS, UNK
+            config.decoder_start_token = BOS  # our decoder starts from <s>'s embedding
+
+        def set_decoder(self, spec, decoder):
+            ct2t.BartLoader.set_decoder(self, spec, decoder)  # start_from_zero_embedding stays False
+
+        def get_vocabulary(self, model, tokenizer):
+            return list(tokenizer.pieces)
+
+    class Converter(ct2t.TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return _PieceTokenizer(pieces)
+
+    saved = ct2t._MODEL_LOADERS["MarianConfig"]
+    ct2t._MODEL_LOADERS["MarianConfig"] = OurMarianLoader()
+    try:
+        Converter(hf_dir).convert(out_dir, quantization=quantization, force=True)
+    finally:
+        ct2t._MODEL_LOADERS["MarianConfig"] = saved
+    return out_dir
+
+
+def strip(ids: list[int]) -> list[int]:
+    """Output ids without BOS/PAD, cut at the first EOS."""
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i not in (BOS_ID, PAD_ID):
+            out.append(i)
+    return out
+
+
+def pad_batch(seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [PAD_ID] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+
+def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
+    """name -> translate(list of source id lists (EOS included), beam) -> list of output id lists."""
+    from transformer.decoding import beam_search, greedy_search
+    from transformer.model.convert import to_marian
+
+    limit = args.max_len  # output tokens, EOS included
+    systems = {}
+
+    def ours(batch, beam):
+        src = pad_batch(batch, device)
+        with autocast(device, args.bf16):
+            if beam == 1:
+                hyps = greedy_search(model, src, max_len_a=0.0, max_len_b=limit)
+            else:
+                hyps = [n[0] for n in beam_search(model, src, beam=beam, alpha=args.alpha, max_len_a=0.0,
+                                                  max_len_b=limit)]
+        return [h.tokens for h in hyps]
+
+    systems["ours"] = ours
+    hf = to_marian(model).to(device).eval()
+    hf_dir = os.path.join(work, "hf")
+    hf.save_pretrained(hf_dir)
+    # Ours stops at `limit` tokens with EOS forced at the last one; the peers stop after `limit - 1`
+    # tokens without it: the same outputs, one decoder step fewer for the peers at the limit.
+    hf_kwargs = dict(do_sample=False, max_new_tokens=limit - 1, suppress_tokens=[PAD_ID, BOS_ID])
+
+    def hf_generate(batch, beam):
+        src = pad_batch(batch, device)
+        beam_kwargs = dict(length_penalty=args.alpha, early_stopping=True) if beam > 1 else {}
+        with torch.inference_mode(), autocast(device, args.bf16):
+            out = hf.generate(input_ids=src, attention_mask=src.ne(PAD_ID), num_beams=beam, **hf_kwargs,
+                              **beam_kwargs)
+        return [strip(row) for row in out.tolist()]
+
+    systems["hf"] = hf_generate
+    if device.type == "cuda" or args.skip_ct2:
+        pass  # CTranslate2's pip wheel for CUDA needs its own CUDA libraries; keep the cuda path to torch peers
+    else:
+        import ctranslate2
+
+        pieces = [tok._tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)]
+        piece_id = {p: i for i, p in enumerate(pieces)}
+        for name, quant in (("ct2_fp32", None), ("ct2_int8", "int8")):
+            path = convert_ct2(hf_dir, os.path.join(work, name), pieces, quant)
+            translator = ctranslate2.Translator(path, device="cpu", compute_type=quant or "float32",
+                                                intra_threads=torch.get_num_threads(), inter_threads=1)
+
+            def ct2_translate(batch, beam, translator=translator):
+                source = [[pieces[i] for i in s] for s in batch]
+                results = translator.translate_batch(
+                    source, beam_size=beam, max_decoding_length=limit - 1, length_penalty=args.alpha,
+                    suppress_sequences=[[PAD], [BOS]], max_batch_size=0,
+                )
+                return [[piece_id[p] for p in r.hypotheses[0]] for r in results]
+
+            systems[name] = ct2_translate
+    return systems
+
+
+# --- measuring --------------------------------------------------------------------------------------
+
+
+def run_case(systems: dict, sources: list[list[int]], batch_size: int, beam: int, device) -> dict:
+    """Translate all sources in batches, systems round-robin batch by batch; seconds, tokens, outputs."""
+    stats = {n: {"time": 0.0, "tokens": 0, "outputs": []} for n in systems}
+    batches = [sources[i: i + batch_size] for i in range(0, len(sources), batch_size)]
+    for fn in systems.values():  # warm-up on the first batch
+        fn(batches[0], beam)
+    for batch in batches:
+        for name, fn in systems.items():
+            sync(device)
+            start = time.perf_counter()
+            outs = fn(batch, beam)
+            sync(device)
+            stats[name]["time"] += time.perf_counter() - start
+            stats[name]["tokens"] += sum(len(o) + 1 for o in outs)  # + the step that ends the sentence
+            stats[name]["outputs"].extend(outs)
+    return stats
+
+
+def profile_ours(systems: dict, sources: list[list[int]], batch_size: int, beam: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [sources[i: i + batch_size] for i in range(0, len(sources), batch_size)][:4]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            systems["ours"](b, beam)
+    print(f"\n== torch.profiler: our {'greedy' if beam == 1 else f'beam {beam}'} search, batch {batch_size}, "
+          f"{len(batches)} batches ==")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--run-dir", default="", help="a trained run to load (default: train or random init)")
+    parser.add_argument("--train-seconds", type=float, default=0.0, help="train a small model this long first")
+    parser.add_argument("--sentences", type=int, default=128, help="Multi30k val sentences translated")
+    parser.add_argument("--max-len", type=int, default=64, help="output tokens per sentence, EOS included")
+    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent for beam search")
+    parser.add_argument("--cases", default="greedy:1,greedy:32,beam4:1,beam4:32", help="search:batch list")
+    parser.add_argument("--skip-ct2", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
+    parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    device = setup_device(args.device, args.threads)
+    info = machine_info(args.device)
+    print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")
+    dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
+    model, tok, weights = load_weights(args, device)
+    cfg = model.cfg
+    v = tok.tgt_vocab_size
+    peak, gemms = gemm_peak([(1, cfg.d_model, cfg.d_ff), (32, cfg.d_model, cfg.d_ff), (128, cfg.d_model, v),
+                             (1024, cfg.d_model, cfg.d_ff)], device, dtype)
+    bandwidth = memory_bandwidth_gbs(device)
+    print_limits(peak, gemms, bandwidth)
+    print(f"weights: {weights}; D={cfg.d_model} L={cfg.n_encoder_layers}+{cfg.n_decoder_layers} V={v}")
+    sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[: args.sentences])]
+    with tempfile.TemporaryDirectory(dir=args.work_dir if os.path.isdir(args.work_dir) else None) as work:
+        systems = make_systems(args, model, tok, device, work)
+        results = {"machine": info, "weights": weights, "gemm_peak_gflops": peak, "bandwidth_gbs": bandwidth,
+                   "cases": {}}
+        print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
+              f"penalty alpha={args.alpha}; systems round-robin batch by batch")
+        print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
+              "ours / CT2 fp32 | ours / CT2 int8 |")
+        print("|---|---:|" + "---:|" * (len(systems) + 3))
+        for case in args.cases.split(","):
+            search, batch_size = case.split(":")
+            beam = 1 if search == "greedy" else int(search.removeprefix("beam"))
+            stats = run_case(systems, sources, int(batch_size), beam, device)
+            rate = {n: s["tokens"] / s["time"] for n, s in stats.items()}
+            ratio = lambda peer: f"{rate['ours'] / rate[peer]:.2f}x" if peer in rate else "-"  # noqa: E731
+            print(f"| {search} | {batch_size} | " + " | ".join(f"{rate[n]:.0f}" for n in systems)
+                  + f" | {ratio('hf')} | {ratio('ct2_fp32')} | {ratio('ct2_int8')} |", flush=True)
+            if beam == 1:
+                ref = stats["ours"]["outputs"]
+                for name in systems:
+                    if name == "ours":
+                        continue
+                    same = sum(a == b for a, b in zip(ref, stats[name]["outputs"]))
+                    print(f"    greedy batch {batch_size}: {NAMES[name]} identical to ours token for token: "
+                          f"{same}/{len(ref)}")
+                    stats[name]["identical_to_ours"] = same
+            mean_len = statistics.mean(len(o) for o in stats["ours"]["outputs"])
+            print(f"    mean output length (ours) {mean_len:.1f} tokens; "
+                  f"at the limit: {sum(len(o) >= args.max_len - 1 for o in stats['ours']['outputs'])}")
+            for s in stats.values():
+                s.pop("outputs")
+            results["cases"][case] = {"rates": rate, "stats": stats}
+        if args.profile:
+            profile_ours(systems, sources, 32, 1, 15)
+            profile_ours(systems, sources, 1, 1, 15)
+            profile_ours(systems, sources, 32, 4, 15)
+    example = sources[0]
+    print(f"\nexample: {tok.decode_src(example[:-1])!r}")
+    for name, fn in systems.items():
+        print(f"  {NAMES[name]:<22} {tok.decode_tgt(fn([example], 1)[0])!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The inference API: Translator (batching, order, empty and over-long lines, n-best, files, loading)
+and LanguageModel (seeded generation, stop strings, perplexity)."""
+
+import io
+import logging
+import math
+import random
+import sys
+
+import pytest
+import torch
+
+from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from transformer.decoding import beam_search
+from transformer.errors import TransformerError
+from transformer.inference import LanguageModel, Translation, Translator, token_batches, translate_file
+from transformer.model import build_model
+
+WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + "the cat sat on a mat and saw dogs by house tree river stone".split()
+TINY = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0,
+                   max_positions=32, final_logits_bias=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine threads cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class WordTokenizer:
+    """One id per word; unknown words are UNK."""
+
+    ids = {w: i for i, w in enumerate(WORDS)}
+
+    def encode_src(self, text):
+        return [self.ids.get(w, 1) for w in text.split()]
+
+    encode_tgt = encode_src
+
+    def decode_tgt(self, ids):
+        return " ".join(WORDS[i] for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID))
+
+    decode_src = decode_tgt
+
+
+def tiny_model(cfg=TINY, vocab=len(WORDS), seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg, vocab).eval()
+
+
+def sentences(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS[4:]) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def translator():
+    return Translator(tiny_model(), WordTokenizer(), DecodeConfig(beam=3, max_len_b=10))
+
+
+def test_token_batches():
+    lengths = [3, 10, 1, 7, 7, 2]
+    batches = token_batches(lengths, max_tokens=14)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 14
+    assert batches[0] == [1]  # longest first
+    assert token_batches([50], 10) == [[0]]  # over-long items still get a batch
+
+
+def test_translate_keeps_input_order_and_ignores_batching(translator):
+    src = sentences(12)
+    one_batch = translator.translate(src, max_tokens=10_000)
+    small_batches = translator.translate(src, max_tokens=16)
+    alone = [translator.translate([s])[0] for s in src]
+    assert one_batch == small_batches == alone
+    assert len(set(one_batch)) > 1
+
+
+def test_greedy_is_beam_one(translator):
+    src = sentences(6, seed=1)
+    expected = []
+    for s in src:
+        (hyps,) = beam_search(translator.model, torch.tensor([translator.encode([s])[0]]), beam=1, max_len_b=10)
+        expected.append(" ".join(WORDS[t] for t in hyps[0].tokens))
+    assert translator.translate(src, beam=1) == expected
+
+
+def test_nbest(translator):
+    src = sentences(4, seed=2)
+    nbest = translator.translate_nbest(src, nbest=3)
+    assert [len(h) for h in nbest] == [3, 3, 3, 3]
+    for hyps in nbest:
+        assert all(isinstance(h, Translation) for h in hyps)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert [h[0].text for h in nbest] == translator.translate(src)
+    with pytest.raises(TransformerError, match="nbest"):
+        translator.translate_nbest(src, nbest=5, beam=4)
+
+
+def test_empty_lines_give_empty_output_in_order(translator):
+    src = ["the cat sat", "", "a dog", "   ", "house"]
+    out = translator.translate(src)
+    assert out[1] == "" and out[3] == ""
+    assert [out[0], out[2], out[4]] == translator.translate([src[0], src[2], src[4]])
+    assert translator.translate(["", ""]) == ["", ""]
+    assert translator.translate([]) == []
+
+
+def test_long_lines_are_truncated_with_a_warning(caplog):
+    t = Translator(tiny_model(), WordTokenizer(), DecodeConfig(beam=2, max_len_b=5, max_input_len=6))
+    long = "the cat sat on a mat and saw dogs"
+    with caplog.at_level(logging.WARNING, logger="transformer.inference"):
+        out = t.translate(["a cat", long])
+    assert "truncated to 6 tokens" in caplog.text and "line 2" in caplog.text
+    assert out[1] == t.translate(["the cat sat on a"])[0]  # 5 words + EOS
+    # Without max_input_len the model's max_positions (32) is the limit.
+    t2 = Translator(tiny_model(), WordTokenizer(), DecodeConfig(beam=2, max_len_b=5))
+    assert t2.max_input_len == 32
+    assert len(t2.translate([" ".join(["cat"] * 100)])) == 1
+
+
+def test_long_lines_rejected_when_configured():
+    t = Translator(tiny_model(), WordTokenizer(), DecodeConfig(max_input_len=4, long_input="error"))
+    with pytest.raises(TransformerError, match="line 2 has 6 tokens"):
+        t.translate(["a cat", "the cat sat on a"])
+    with pytest.raises(TransformerError, match="long_input"):
+        Translator(tiny_model(), WordTokenizer(), DecodeConfig(long_input="drop"))
+
+
+def test_output_length_is_capped_by_max_positions():
+    t = Translator(tiny_model(), WordTokenizer(), DecodeConfig(beam=2, max_len_b=1000))
+    with torch.no_grad():
+        t.model.output.final_logits_bias[EOS_ID] = -100.0  # never stops by itself
+    (out,) = t.translate(["the cat"])
+    assert len(out.split()) == TINY.max_positions - 1  # + EOS = max_positions
+
+
+def test_translate_file(tmp_path, translator):
+    src = sentences(7, seed=3) + [""]
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(src) + "\n", encoding="utf-8")
+    out = tmp_path / "sub" / "out.txt"
+    assert translate_file(translator, inp, out, progress=False, buffer_lines=3) == 8
+    assert out.read_text(encoding="utf-8").split("\n")[:-1] == translator.translate(src)
+    out_nbest = tmp_path / "nbest.txt"
+    translate_file(translator, inp, out_nbest, nbest=2, progress=False)
+    lines = out_nbest.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 7 * 2 + 1
+    assert lines[0].split("\t")[0] == "1" and float(lines[0].split("\t")[1]) <= 0
+    with pytest.raises(TransformerError, match="does not exist"):
+        translate_file(translator, tmp_path / "missing.txt", out)
+
+
+def test_translate_stdin_to_stdout(monkeypatch, capsys, translator):
+    src = sentences(3, seed=4)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(src) + "\n"))
+    assert translate_file(translator, "-", None) == 3
+    assert capsys.readouterr().out.split("\n")[:-1] == translator.translate(src)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def test_load_missing_path(tmp_path):
+    with pytest.raises(TransformerError, match="does not exist"):
+        Translator.load(tmp_path / "nope")
+    with pytest.raises(TransformerError, match="does not exist"):
+        LanguageModel.load(tmp_path / "nope")
+
+
+def _write_run(run_dir, model_cfg):
+    from transformer.data.tokenizer import Tokenizer
+    from transformer.training.checkpoint import config_dict, save_checkpoint
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS[4:]) for _ in range(8)) for _ in range(300)]
+    tok = Tokenizer.train(texts, vocab_size=300, out_dir=run_dir / "tokenizer", num_threads=1)
+    cfg = Config(model=model_cfg, data=DataConfig(dataset="bible" if model_cfg.arch == "transformer" else "text"),
+                 decode=DecodeConfig(beam=2, max_len_b=8))
+    model = tiny_model(model_cfg, tok.src_vocab_size)
+    state = {"config": config_dict(cfg), "src_vocab_size": tok.src_vocab_size,
+             "tgt_vocab_size": tok.tgt_vocab_size, "shared_vocab": True}
+    save_checkpoint(run_dir / "checkpoints" / "step_00000001", model, state)
+    return model, tok
+
+
+def test_load_run_and_corrupt_checkpoint(tmp_path):
+    pytest.importorskip("transformer.training.checkpoint")
+    model, tok = _write_run(tmp_path / "run", TINY)
+    loaded = Translator.load(tmp_path / "run")
+    assert loaded.cfg.beam == 2  # the run's decode section
+    src = ["the cat sat on a mat", "a dog by the river"]
+    assert loaded.translate(src) == Translator(model, tok, loaded.cfg).translate(src)
+    with pytest.raises(TransformerError, match="load it with Translator"):
+        LanguageModel.load(tmp_path / "run")
+    weights = tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(TransformerError, match="corrupt"):
+        Translator.load(tmp_path / "run")
+
+
+# --- language model ---------------------------------------------------------------------------------
+
+LM_CFG = ModelConfig(arch="lm", d_model=32, n_heads=4, d_ff=64, n_decoder_layers=2, dropout=0.0, max_positions=24)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LanguageModel(tiny_model(LM_CFG), WordTokenizer(), DecodeConfig(max_new_tokens=15))
+
+
+def test_generate_seeded_reproducible(lm):
+    a = lm.generate("the cat", seed=1)
+    assert a == lm.generate("the cat", seed=1)
+    assert a != lm.generate("the cat", seed=2) or a != lm.generate("the cat", seed=3)
+    assert len(a.split()) <= 15
+    greedy = lm.generate("the cat", temperature=0)
+    assert greedy == lm.generate("the cat", temperature=0, seed=5)
+
+
+def test_generate_stop_strings(lm):
+    full = lm.generate("the cat", seed=1, max_new_tokens=15)
+    word = full.split()[2]
+    cut = lm.generate("the cat", seed=1, max_new_tokens=15, stop=[word, "zzz"])
+    assert cut == full[: full.index(word)]
+
+
+def test_generate_long_prompt_and_limits(lm):
+    out = lm.generate(" ".join(["cat"] * 40), seed=0, max_new_tokens=100)
+    assert len(out.split()) <= 1  # the prompt fills the positions but one
+    with pytest.raises(TransformerError):
+        lm.generate("a", top_p=0)
+
+
+def test_perplexity_matches_the_definition(lm):
+    text = "the cat sat on a mat"
+    ids = [BOS_ID] + WordTokenizer().encode_src(text) + [EOS_ID]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(lm.model(torch.tensor([ids[:-1]])), dim=-1)[0]
+    nll = -sum(float(logprobs[i, t]) for i, t in enumerate(ids[1:]))
+    score = lm.score(text)
+    assert score["tokens"] == len(ids) - 1
+    assert score["nll"] == pytest.approx(nll, rel=1e-5)
+    assert lm.perplexity(text) == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+    # longer than max_positions: scored in windows, still finite
+    assert math.isfinite(lm.perplexity(" ".join(["cat"] * 60)))
