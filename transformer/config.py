@@ -162,6 +162,7 @@ _CHOICES = {
     "train.lr_schedule": ("noam", "inverse_sqrt", "cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.best_metric": ("loss", "bleu"),
+    "decode.long_input": ("truncate", "error"),
 }
 
 
