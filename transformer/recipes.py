@@ -53,7 +53,7 @@ def quickstart(
     from transformer.data.datasets import bible
     from transformer.evaluation import evaluate, format_scores
     from transformer.inference import Translator
-    from transformer.training import average_checkpoints, train
+    from transformer.training import train
 
     cfg = quickstart_config(src_lang, tgt_lang, minutes, run_dir, overrides)
     run = Path(cfg.run_dir)
@@ -68,12 +68,9 @@ def quickstart(
     started = time.time()
     train(cfg)
 
-    ckpt_dir = run / "checkpoints"
-    model_path: Path = run
-    n_ckpts = len([p for p in ckpt_dir.glob("step_*") if p.is_dir()])
-    if n_ckpts >= 2:
-        model_path = Path(average_checkpoints(run, last_n=min(cfg.train.average_last or 5, n_ckpts)))
-        print(f"averaged the last {min(cfg.train.average_last or 5, n_ckpts)} checkpoints into {model_path}")
+    averaged = run / "checkpoints" / "averaged"
+    model_path = averaged if averaged.is_dir() else run  # a run directory loads its best checkpoint
+    print(f"model: {model_path}")
 
     splits = bible(src_lang, tgt_lang)
     test = [(s, t) for s, t in splits.test if s.strip() and t.strip()]

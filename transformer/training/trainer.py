@@ -457,6 +457,8 @@ class _Trainer:
                 window["nll"] += nll_sum
                 window["tokens"] += tokens
                 self.pbar.update(1)
+                if t.time_limit_minutes is not None:
+                    self._retarget_progress(start, t.time_limit_minutes * 60)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self._log_train(window, lr)
                 if self.callback is not None:
@@ -518,6 +520,15 @@ class _Trainer:
                 f"{last if last is not None else 'none (nothing was saved yet)'}. Lower train.lr / train.lr_scale, "
                 "set train.clip_norm, or use train.precision=fp32"
             )
+
+    def _retarget_progress(self, start: float, budget_s: float) -> None:
+        """Under a time limit, the bar's total is the steps that fit in the budget, so its ETA is honest."""
+        done = self.pbar.n - self.pbar.initial
+        spent = time.monotonic() - start
+        if done > 0 and spent > 0:
+            expected = self.step + int(max(budget_s - spent, 0.0) * done / spent)
+            self.pbar.total = min(self.t.max_steps, max(expected, self.step))
+            self.pbar.refresh()
 
     def _log_train(self, window: dict, lr: float) -> None:
         now = time.monotonic()
