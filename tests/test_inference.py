@@ -22,15 +22,6 @@ TINY = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder
                    max_positions=32, final_logits_bias=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class WordTokenizer:
     """One id per word; unknown words are UNK."""
 

@@ -269,11 +269,17 @@ def _open_in(path: Optional[PathLike]) -> IO[str]:
     return open(path, encoding="utf-8", newline="\n")
 
 
-def _open_out(path: Optional[PathLike]) -> IO[str]:
+def _open_out(path: Optional[PathLike]) -> tuple[IO[str], Optional[Path]]:
+    """(stream, temporary path): a file is written under a temporary name, renamed when all went well."""
     if path is None or str(path) == "-":
-        return sys.stdout
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w", encoding="utf-8")
+        return sys.stdout, None
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(tmp, "w", encoding="utf-8"), tmp
+    except OSError as exc:
+        raise TransformerError(f"cannot write the output file {path} ({exc.strerror or exc}); choose another --output") from None
 
 
 def _chunks(stream: IO[str], size: int, where: str) -> Iterator[list[str]]:
@@ -317,7 +323,8 @@ def translate_file(
     Lines are read ``buffer_lines`` at a time (default 10000; 1 for an interactive terminal), batched by
     tokens inside each buffer, and written in input order. With ``nbest > 1`` (default:
     ``decode.nbest``) each output line is ``LINE_NUMBER<TAB>SCORE<TAB>TEXT``, ``nbest`` lines per input
-    line, best first.
+    line, best first. An output file is written under a temporary name and renamed at the end, so an
+    error (bad input at line N, a full disk, Ctrl-C) leaves an existing file as it was.
 
     Args:
         options: passed to :meth:`Translator.translate_nbest` (beam, length_penalty, max_len_a, ...).
@@ -338,8 +345,9 @@ def translate_file(
         from tqdm import tqdm
 
         bar = tqdm(total=count_lines(input_path) if from_file else None, unit="sent", file=sys.stderr, desc="translate")
-    sink = _open_out(output_path)
+    sink, tmp = _open_out(output_path)
     n_lines = 0
+    done = False
     try:
         for chunk in _chunks(source, buffer_lines, where):
             results = translator.translate_nbest(
@@ -353,13 +361,22 @@ def translate_file(
                     sink.write(_one_line(hyps[0].text) + "\n")
             sink.flush()
             n_lines += len(chunk)
+        done = True
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise TransformerError(f"cannot write the output file {output_path} ({exc.strerror or exc})") from None
     finally:
         if bar is not None:
             bar.close()
         if source is not sys.stdin:
             source.close()
-        if sink is not sys.stdout:
+        if tmp is not None:
             sink.close()
+            if done:
+                os.replace(tmp, output_path)
+            else:
+                tmp.unlink(missing_ok=True)
     return n_lines
 
 

@@ -165,8 +165,8 @@ def prepare_data(
 
     The tokenizer is ``tokenizer`` if given, else ``{run_dir}/tokenizer`` if it exists, else trained on
     the training split and saved there. Encoded ids go to ``cfg.data.cache_dir`` (default
-    ``{run_dir}/data``). Examples longer than ``data.max_len`` tokens (special tokens included) are
-    filtered from the datasets and counted in the report, which is logged.
+    ``{run_dir}/data``). Examples longer than ``data.max_len`` tokens (special tokens included), or than
+    ``model.max_positions``, are filtered from the datasets and counted in the report, which is logged.
 
     Returns:
         :class:`PreparedData`.
@@ -212,16 +212,19 @@ def prepare_data(
         valid = LMDataset(encoded["valid"].tgt, d.block_size)
         valid_text = test_text = None
     else:
-        train = ParallelDataset(encoded["train"].src, encoded["train"].tgt, d.max_len)
-        valid = ParallelDataset(encoded["valid"].src, encoded["valid"].tgt, d.max_len)
+        # An example the model has no positions for would crash training or validation: filter it too.
+        max_len = min(d.max_len, cfg.model.max_positions)
+        train = ParallelDataset(encoded["train"].src, encoded["train"].tgt, max_len)
+        valid = ParallelDataset(encoded["valid"].src, encoded["valid"].tgt, max_len)
         for split, ds in (("train", train), ("valid", valid)):
             if ds.n_too_long:
                 report.dropped.setdefault(split, {})["too long (tokens)"] = ds.n_too_long
                 report.kept[split] = len(ds)
             if len(ds) == 0:
+                limit = f"data.max_len={d.max_len}" if max_len == d.max_len else f"model.max_positions={max_len}"
                 raise TransformerError(
-                    f"the {split} split is empty after filtering examples longer than data.max_len={d.max_len} "
-                    f"tokens:\n{report}\nraise config field data.max_len"
+                    f"the {split} split is empty after filtering examples longer than {limit} tokens:\n{report}\n"
+                    f"raise config field {limit.split('=')[0]}"
                 )
         scratch = FilterReport()
         valid_text = list(filter_pairs(sources.valid, d.max_chars, scratch, "valid", sources.valid.where))

@@ -79,8 +79,12 @@ def evaluate(
         if bar is not None:
             bar.close()
     if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), encoding="utf-8")
+        text = "".join(h.replace("\n", " ") + "\n" for h in hypotheses)
+        try:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise TransformerError(f"cannot write the output file {output} ({exc.strerror or exc}); choose another --output") from None
     result = compute_metrics(hypotheses, references)
     cfg = translator.cfg
     result["search"] = {

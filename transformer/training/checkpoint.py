@@ -115,11 +115,28 @@ def save_checkpoint(directory: PathLike, model: nn.Module, state: dict[str, Any]
         weights = _unique_state_dict(model)
         atomic_write(tmp_dir / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
         atomic_write(tmp_dir / STATE, lambda p: torch.save(state, p))
+        _test_hook_kill_during_save()
         _replace_dir(tmp_dir, final)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return final
+
+
+_saves_in_this_process = 0
+
+
+def _test_hook_kill_during_save() -> None:
+    """A test hook: with ``TRANSFORMER_TEST_KILL_DURING_SAVE=N`` in the environment, the N-th checkpoint
+    write of this process SIGKILLs the process after the temporary files are written, before the rename
+    (tests/test_reliability.py checks that this loses nothing). Unset, it does nothing."""
+    global _saves_in_this_process
+    _saves_in_this_process += 1
+    target = os.environ.get("TRANSFORMER_TEST_KILL_DURING_SAVE")
+    if target and target.strip() == str(_saves_in_this_process):
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def copy_checkpoint(src: PathLike, dst: PathLike) -> Path:
@@ -188,6 +205,12 @@ def load_state(checkpoint_dir: PathLike, map_location: Union[str, torch.device] 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+        if "Weights only load failed" in str(exc) and "Unsupported" in str(exc):
+            raise TransformerError(
+                f"checkpoint file {path} holds Python objects other than tensors, numbers and strings "
+                "(a pickle that could run code); it was refused. Only load checkpoints written by this "
+                "package, from a source you trust"
+            ) from None
         raise TransformerError(
             f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]}); "
             "use an earlier checkpoint or retrain"
@@ -302,6 +325,12 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", require
         from transformer.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(tok_dir)
+        if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (src_vocab, tgt_vocab):
+            raise TransformerError(
+                f"tokenizer {tok_dir} has vocabulary sizes {tokenizer.src_vocab_size}/{tokenizer.tgt_vocab_size} "
+                f"(source/target) but checkpoint {ckpt} was trained with {src_vocab}/{tgt_vocab}; "
+                "the tokenizer does not belong to this model: use the run directory's own tokenizer folder"
+            )
     elif require_tokenizer:
         raise TransformerError(
             f"tokenizer directory {tok_dir} is missing; a run directory written by `transformer train` has one"

@@ -18,6 +18,8 @@ import contextlib
 import logging
 import math
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +220,31 @@ def _vocab_sizes(data: Any) -> tuple[int, int, Optional[bool]]:
     return int(src), int(tgt), shared
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and write a probe file in it, so a bad run directory fails before any work."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write_test."):
+            pass
+    except OSError as exc:
+        raise TransformerError(
+            f"run_dir {run_dir} is not a writable directory ({exc.strerror or exc}); choose another run_dir "
+            "(--run-dir) or fix its permissions"
+        ) from None
+
+
+def _check_free_space(run_dir: Path, model: nn.Module) -> None:
+    """Fail before training when the disk cannot hold two checkpoints (weights + Adam's two moments)."""
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise TransformerError(
+            f"run_dir {run_dir}: only {free / 2**20:.1f} MiB free on its disk, but a checkpoint of this model "
+            f"needs about {need / 2**21:.1f} MiB (and two may coexist while one is written); free some space "
+            "or choose another run_dir"
+        )
+
+
 # --- the loop -----------------------------------------------------------------------------------------
 
 
@@ -231,7 +258,7 @@ class _Trainer:
         self.info, self.device = dist_utils.setup(self.t.device)
         self.owns_process_group = self.info.enabled
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.run_dir)
         resume_from = self._check_run_dir(resume)
         seed_everything(self.t.seed)
         self.data = data if data is not None else self._prepare_data()
@@ -243,6 +270,8 @@ class _Trainer:
         seed_everything(self.t.seed)  # again: the data stage may have used the RNGs (or not, when cached)
         self.model = build_model(cfg.model, self.src_vocab, self.tgt_vocab, self.shared_vocab).to(self.device)
         self.optimizer = build_optimizer(self.model, self.t)
+        if self.info.is_main:
+            _check_free_space(self.run_dir, self.model)
         self.precision_ctx = autocast_context(self.t.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
         self.sampler = sampler_for(
@@ -265,6 +294,8 @@ class _Trainer:
         # The data position after the last finished update: what a checkpoint stores, so that a Ctrl-C in the
         # middle of an update resumes at the start of that update.
         self.sampler_state = self.sampler.state_dict()
+        # Likewise the RNG states: a Ctrl-C in the middle of an update (dropout draws) still resumes exactly.
+        self.rng_state = ckpt.rng_state()
         module: nn.Module = self.model
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -310,7 +341,7 @@ class _Trainer:
             "sampler": dict(self.sampler_state),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": ckpt.rng_state(),
+            "rng": self.rng_state,
             "config": ckpt.config_dict(self.cfg),
             "src_vocab_size": self.src_vocab,
             "tgt_vocab_size": self.tgt_vocab,
@@ -351,7 +382,15 @@ class _Trainer:
         """Write ``checkpoints/step_N`` (rank 0), prune old ones; all processes wait for it."""
         path = self.run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(self.step)
         if self.info.is_main and self.last_saved != path:
-            ckpt.save_checkpoint(path, self.model, self._state())
+            try:
+                ckpt.save_checkpoint(path, self.model, self._state())
+            except OSError as exc:  # a full disk, a run directory made read-only under us...
+                last = ckpt.latest_checkpoint(self.run_dir)
+                raise TransformerError(
+                    f"could not write checkpoint {path} ({exc.strerror or exc}); the last good checkpoint, "
+                    f"{last if last is not None else 'none'}, is untouched. Free some space or fix the "
+                    "permissions, then continue with --resume"
+                ) from None
             ckpt.prune_checkpoints(self.run_dir, self.t.keep_last)
         self.last_saved = path
         dist_utils.barrier()
@@ -452,6 +491,7 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.sampler_state = self.sampler.state_dict()
+                self.rng_state = ckpt.rng_state()
                 losses.append(loss_sum / max(tokens, 1.0))
                 window["loss"] += loss_sum
                 window["nll"] += nll_sum
@@ -506,6 +546,7 @@ class _Trainer:
     def _skip_update(self, loss_sum: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.sampler_state = self.sampler.state_dict()
+        self.rng_state = ckpt.rng_state()
         if self.scaler is not None:
             self.scaler.update()
         self.bad_steps += 1
@@ -567,8 +608,7 @@ def train(
     Returns:
         a :class:`TrainResult`; ``stop_reason == "interrupted"`` after Ctrl-C: a checkpoint of the last
         finished update was saved (its data position is the start of the interrupted update, so
-        ``resume=True`` redoes it; the RNG state saved is the one at the interrupt, so only an interrupt
-        between updates resumes bit-exactly). Under torchrun every process must receive the Ctrl-C
+        ``resume=True`` redoes it, with the RNG states of that moment, so it resumes exactly). Under torchrun every process must receive the Ctrl-C
         (torchrun forwards it), since saving waits for all of them.
     Raises:
         TransformerError: a bad run directory (checkpoints present without ``resume``, none with it), a
