@@ -261,12 +261,12 @@ class Translator:
         return results
 
 
-def _open_in(path: Optional[PathLike]) -> IO[str]:
+def _open_in(path: Optional[PathLike]) -> IO:
     if path is None or str(path) == "-":
         return sys.stdin
     if not Path(path).is_file():
         raise TransformerError(f"input file {path} does not exist")
-    return open(path, encoding="utf-8", newline="\n")
+    return open(path, "rb")  # decoded line by line, so that bad UTF-8 is reported at its exact line
 
 
 def _open_out(path: Optional[PathLike]) -> tuple[IO[str], Optional[Path]]:
@@ -282,18 +282,24 @@ def _open_out(path: Optional[PathLike]) -> tuple[IO[str], Optional[Path]]:
         raise TransformerError(f"cannot write the output file {path} ({exc.strerror or exc}); choose another --output") from None
 
 
-def _chunks(stream: IO[str], size: int, where: str) -> Iterator[list[str]]:
-    """Lines (without their line ending) in lists of ``size``."""
+def _chunks(stream: IO, size: int, where: str) -> Iterator[list[str]]:
+    """Lines (without their line ending) in lists of ``size``; a binary stream is decoded line by line."""
     chunk: list[str] = []
     n = 0
+    fix = "re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
     try:
         for n, line in enumerate(stream, start=1):
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise TransformerError(f"{where}: line {n} is not UTF-8 ({exc.reason} at byte {exc.start}); {fix}") from None
             chunk.append(line.rstrip("\r\n"))
             if len(chunk) >= size:
                 yield chunk
                 chunk = []
-    except UnicodeDecodeError as exc:
-        raise TransformerError(f"{where}: text at or after line {n + 1} is not UTF-8 ({exc.reason})") from None
+    except UnicodeDecodeError as exc:  # a text stream (stdin) decodes ahead of the line it yields
+        raise TransformerError(f"{where}: text at or after line {n + 1} is not UTF-8 ({exc.reason}); {fix}") from None
     if chunk:
         yield chunk
 

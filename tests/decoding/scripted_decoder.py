@@ -31,6 +31,8 @@ class PrefixCache:
     def reorder(self, new_order: Tensor) -> None:
         self.tokens = self.tokens.index_select(0, new_order)
 
+    reorder_beams = reorder
+
 
 @dataclass
 class ScriptedModel:

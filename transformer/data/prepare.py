@@ -184,6 +184,11 @@ def prepare_data(
         if (tok_dir / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(tok_dir)
         else:
+            if next(_training_texts(sources.train, d, None if mono else 0), None) is None:
+                raise TransformerError(
+                    f"the training split {sources.train.name} is empty (or every line is empty or longer than "
+                    f"data.max_chars={d.max_chars}); check data.path and the training files"
+                )
             log(f"training a {d.tokenizer_type} tokenizer (vocab {d.vocab_size}) into {tok_dir}")
             if mono:
                 src_texts, tgt_texts = _training_texts(sources.train, d, None), None

@@ -43,9 +43,21 @@ def _train_model(texts: Iterable[str], prefix: Path, vocab_size: int, model_type
                  num_threads: int, input_sentence_size: int) -> None:
     """Train one SentencePiece model to ``{prefix}.model`` from an iterator of sentences."""
     spm.set_random_generator_seed(seed)
+    seen = {"lines": 0, "error": None}
+
+    def guarded() -> Iterator[str]:
+        # SentencePiece wraps an exception from the iterator in its own RuntimeError: keep ours to re-raise.
+        try:
+            for text in texts:
+                seen["lines"] += bool(text.strip())
+                yield text
+        except TransformerError as exc:
+            seen["error"] = exc
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
+            sentence_iterator=guarded(),
             model_prefix=str(prefix),
             model_type=model_type,
             vocab_size=vocab_size,
@@ -64,6 +76,13 @@ def _train_model(texts: Iterable[str], prefix: Path, vocab_size: int, model_type
             minloglevel=2,
         )
     except RuntimeError as exc:
+        if seen["error"] is not None:
+            raise seen["error"] from None
+        if not seen["lines"]:
+            raise TransformerError(
+                "the tokenizer has no text to learn from: the training split is empty (or every line was "
+                "filtered, e.g. longer than data.max_chars); check data.path and the training files"
+            ) from None
         message = str(exc)
         match = re.search(r"value <= (\d+)", message)
         if "Vocabulary size" in message or match:

@@ -139,10 +139,12 @@ def beam_search(
 
         # Flat rows (of the n*K batch) that the new beams extend, in their new order.
         rows = (keep[:, None] * beam + next_beams).view(-1)  # (n',K) -> (n'*K,)
-        cache.reorder(rows)
         if keep.numel() < n:
+            cache.reorder(rows)
             # The encoder output is the same for all beams of a sentence: only pruning changes it.
             enc = enc.reorder((keep[:, None] * beam + beam_offsets).view(-1))  # (n'*K,)
+        else:
+            cache.reorder_beams(rows)
         prefix = tokens.view(n * beam, -1).index_select(0, rows).view(keep.numel(), beam, -1)  # (n',K,t)
         tokens = torch.cat([prefix, next_tokens.unsqueeze(2)], dim=2)  # (n',K,t+1)
         sent_ids = sent_ids[keep]

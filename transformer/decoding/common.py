@@ -4,7 +4,7 @@ A search drives any model that has the encoder-decoder inference interface (``Tr
 tests' scripted decoder does too)::
 
     enc = model.encode(src_tokens)            # (B,S) -> an object with .reorder(new_order) -> same type
-    cache = model.new_cache()                 # an object with .reorder(new_order), in place
+    cache = model.new_cache()                 # an object with .reorder(new_order) and .reorder_beams(new_order), in place
     logits = model.decode(new_tokens, enc, cache)   # new_tokens (B,1) -> (B,1,V)
 
 so searches never look inside the model. :class:`NoCache` wraps a model and re-runs the decoder on the
@@ -94,6 +94,8 @@ class _PrefixCache:
     def reorder(self, new_order: Tensor) -> None:
         if self.tokens is not None:
             self.tokens = self.tokens.index_select(0, new_order)
+
+    reorder_beams = reorder
 
 
 @dataclass

@@ -60,9 +60,9 @@ class LayerCache:
     self_attn: KVCache = field(default_factory=KVCache)
     cross_kv: Optional[tuple[Tensor, Tensor]] = None  # each (B,H,S,Dh), computed once per source
 
-    def reorder(self, new_order: Tensor) -> None:
+    def reorder(self, new_order: Tensor, sources_changed: bool = True) -> None:
         self.self_attn.reorder(new_order)
-        if self.cross_kv is not None:
+        if sources_changed and self.cross_kv is not None:
             self.cross_kv = (self.cross_kv[0].index_select(0, new_order), self.cross_kv[1].index_select(0, new_order))
 
 

@@ -56,6 +56,12 @@ class DecoderCache:
         for layer in self.layers:
             layer.reorder(new_order)
 
+    def reorder_beams(self, new_order: Tensor) -> None:
+        """Like :meth:`reorder`, when every row keeps its source (beams moving within their sentence):
+        the cross-attention keys/values, the same for all beams of a sentence, are left as they are."""
+        for layer in self.layers:
+            layer.reorder(new_order, sources_changed=False)
+
 
 def _causal_mask(t_new: int, t_total: int, device: torch.device) -> Tensor:
     """(1,1,T_new,T_total) bool: query i (at absolute position t_total - t_new + i) sees keys up to itself."""

@@ -205,7 +205,7 @@ def load_state(checkpoint_dir: PathLike, map_location: Union[str, torch.device] 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
-        if "Weights only load failed" in str(exc) and "Unsupported" in str(exc):
+        if "Weights only load failed" in str(exc) and "unsupported" in str(exc).lower():
             raise TransformerError(
                 f"checkpoint file {path} holds Python objects other than tensors, numbers and strings "
                 "(a pickle that could run code); it was refused. Only load checkpoints written by this "

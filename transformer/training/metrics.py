@@ -36,7 +36,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.run_dir / "metrics.jsonl"
+        torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        self._file = open(path, "a", encoding="utf-8")
+        if torn:  # a process killed mid-line: start afresh so the next event is not glued to the torn one
+            self._file.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -64,6 +68,12 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 def read_metrics(path: PathLike) -> list[dict[str, Any]]:

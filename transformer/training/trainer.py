@@ -525,6 +525,7 @@ class _Trainer:
             stop_reason = "interrupted"
             self.write(f"interrupted at step {self.step}: saving a checkpoint")
             self.save()
+            self.write(f"saved {self.last_saved}; continue with: transformer train --resume {self.run_dir}")
         finally:
             self.pbar.close()
         if self.info.is_main:
