@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -218,6 +219,26 @@ def _vocab_sizes(data: Any) -> tuple[int, int, Optional[bool]]:
     if src is None:
         raise TransformerError("training data has no tokenizer and no vocabulary size")
     return int(src), int(tgt), shared
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then deliver it: the block runs whole or not at all."""
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread: signals cannot be handled here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -478,20 +499,21 @@ class _Trainer:
                     continue
                 self.bad_steps = 0
                 lr = lr_at(self.step + 1, t, self.cfg.model.d_model)
-                set_lr(self.optimizer, lr)
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                if t.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.sampler_state = self.sampler.state_dict()
-                self.rng_state = ckpt.rng_state()
+                with _sigint_deferred():  # a Ctrl-C must not save weights updated but not counted
+                    set_lr(self.optimizer, lr)
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)
+                    if t.clip_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
+                    if self.scaler is not None:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.sampler_state = self.sampler.state_dict()
+                    self.rng_state = ckpt.rng_state()
                 losses.append(loss_sum / max(tokens, 1.0))
                 window["loss"] += loss_sum
                 window["nll"] += nll_sum
