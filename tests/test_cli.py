@@ -66,3 +66,28 @@ def test_console_script_is_installed():
     assert proc.returncode == 0
     for command in ("describe", "train", "average", "translate", "generate", "evaluate", "quickstart"):
         assert command in proc.stdout
+
+
+def test_train_takes_overrides_before_and_after_options(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(cfg, resume=False):
+        seen["cfg"], seen["resume"] = cfg, resume
+
+        class Result:
+            interrupted = False
+
+        return Result()
+
+    monkeypatch.setattr("transformer.training.train", fake_train)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: tiny\n")
+    assert main(["train", str(cfg), "train.max_steps=7", "--run-dir", str(tmp_path / "r"), "model.dropout=0.2"]) == 0
+    assert seen["cfg"].train.max_steps == 7 and seen["cfg"].model.dropout == 0.2
+    assert seen["cfg"].run_dir == str(tmp_path / "r") and seen["resume"] is False
+    # --resume: the first override must not be taken for a config file.
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("preset: tiny\n")
+    assert main(["train", "--resume", str(tmp_path / "r"), "train.max_steps=9"]) == 0
+    assert seen["cfg"].train.max_steps == 9 and seen["resume"] is True
+    assert main(["train", str(cfg), "--resume", str(tmp_path / "r")]) == 2

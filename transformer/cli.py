@@ -38,22 +38,29 @@ def _describe(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from transformer.config import load_config, read_yaml, config_from_dict, apply_overrides
+    from transformer.config import apply_overrides, config_from_dict, load_config, read_yaml
     from transformer.training import train
 
+    # argparse cannot tell "CONFIG" from a first "section.field=value": the one without "=" is the config.
+    configs = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a] + list(args.overrides)
+    if len(configs) > 1:
+        raise TransformerError(f"give one config file, not {len(configs)}: {' '.join(configs)}")
     if args.resume:
+        if configs:
+            raise TransformerError(f"give a config file ({configs[0]}) or --resume {args.resume}, not both")
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise TransformerError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        data = apply_overrides(read_yaml(saved), list(args.overrides) + [f"run_dir={run_dir}"])
-        cfg = config_from_dict(data)
+        cfg = config_from_dict(apply_overrides(read_yaml(saved), overrides + [f"run_dir={run_dir}"]))
     else:
-        if args.config is None:
+        if not configs:
             raise TransformerError("give a config file (e.g. configs/bible_en_de.yaml) or --resume RUN_DIR")
-        overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-        cfg = load_config(args.config, overrides)
-    train(cfg, resume=bool(args.resume))
+        cfg = load_config(configs[0], overrides + ([f"run_dir={args.run_dir}"] if args.run_dir else []))
+    result = train(cfg, resume=bool(args.resume))
+    if result.interrupted:
+        raise KeyboardInterrupt
 
 
 def _average(args: argparse.Namespace) -> None:
@@ -136,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_describe)
 
     p = sub.add_parser("train", help="train a translation model or a language model")
-    p.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=1000 model.dropout=0.3")
+    p.add_argument("args", nargs="*", metavar="CONFIG [OVERRIDE ...]",
+                   help="YAML config (see configs/), then dotted overrides, e.g. train.max_steps=1000")
+    p.set_defaults(overrides=[])
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--run-dir", help="where to write checkpoints and logs (overrides run_dir)")
     p.set_defaults(func=_train)
@@ -198,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also come after options (argparse stops collecting positionals at an option).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except TransformerError as exc:

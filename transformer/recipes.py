@@ -20,11 +20,13 @@ QUICKSTART = {
     "preset": "small",
     "model": {"d_model": 256, "n_heads": 4, "d_ff": 1024, "n_encoder_layers": 3, "n_decoder_layers": 3,
               "dropout": 0.1, "max_positions": 256},
+    # Small batches: on 2 CPU cores ten minutes hold only a few hundred updates, and more, smaller
+    # updates learn more in that time than fewer large ones.
     "data": {"dataset": "bible", "vocab_size": 8000, "tokenizer_type": "bpe", "joint_vocab": True,
-             "max_tokens": 4096, "max_len": 128},
-    "train": {"lr_schedule": "inverse_sqrt", "lr": 0.001, "warmup_steps": 500, "label_smoothing": 0.1,
-              "max_steps": 100000, "valid_every": 400, "save_every": 200, "keep_last": 5,
-              "best_metric": "loss", "bleu_subset": 0, "log_every": 20, "average_last": 5},
+             "max_tokens": 2048, "max_len": 128},
+    "train": {"lr_schedule": "inverse_sqrt", "lr": 0.001, "warmup_steps": 150, "label_smoothing": 0.1,
+              "max_steps": 100000, "valid_every": 100, "save_every": 50, "keep_last": 5,
+              "best_metric": "loss", "bleu_subset": 0, "log_every": 10, "average_last": 5},
     "decode": {"beam": 4, "length_penalty": 0.6},
 }
 
