@@ -28,6 +28,7 @@ from typing import IO, Any, Callable, Iterator, NamedTuple, Optional, Sequence, 
 import torch
 
 from transformer.config import Config, DecodeConfig
+from transformer.data.corpora import count_lines  # re-exported
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding import beam_search, greedy_search, sample
 from transformer.decoding.common import length_penalty as gnmt_length_penalty
@@ -72,6 +73,33 @@ def _load(path: PathLike, device: Union[str, torch.device], arch: str) -> tuple[
     return model, cfg, tokenizer
 
 
+class _InferenceModel:
+    """What both inference APIs share: a model in eval mode on a device, its tokenizer, default settings."""
+
+    arch = ""  # the model.arch that ``load`` accepts
+
+    def __init__(
+        self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None
+    ) -> None:
+        self.cfg = decode_cfg or DecodeConfig()
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else _model_device(model)
+
+    @classmethod
+    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None):
+        """From a run directory or checkpoint directory (its config's ``decode`` section is the default).
+
+        Raises:
+            TransformerError: the path does not exist, the checkpoint is corrupt or incomplete, or it holds
+                the other kind of model.
+        """
+        model, cfg, tokenizer = _load(path, device, cls.arch)
+        return cls(model, tokenizer, decode_cfg or cfg.decode, device)
+
+
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into batches of at most ``max_tokens`` padded tokens, longest first.
 
@@ -101,7 +129,7 @@ def _pad(seqs: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     return out.to(device)
 
 
-class Translator:
+class Translator(_InferenceModel):
     """Translation with an encoder-decoder model: batched, length-sorted, greedy or beam search.
 
     Args:
@@ -113,30 +141,14 @@ class Translator:
         TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``.
     """
 
+    arch = "transformer"
+
     def __init__(
         self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None
     ) -> None:
-        self.cfg = decode_cfg or DecodeConfig()
+        super().__init__(model, tokenizer, decode_cfg, device)
         if self.cfg.long_input not in _LONG_INPUT:
             raise TransformerError(f"config field decode.long_input: {self.cfg.long_input!r} is not one of truncate, error")
-        if device is not None:
-            model = model.to(device)
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else _model_device(model)
-
-    @classmethod
-    def load(
-        cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None
-    ) -> "Translator":
-        """A translator from a run directory or checkpoint directory (its config's ``decode`` section is the default).
-
-        Raises:
-            TransformerError: the path does not exist, the checkpoint is corrupt or incomplete, or it holds a
-                language model.
-        """
-        model, cfg, tokenizer = _load(path, device, "transformer")
-        return cls(model, tokenizer, decode_cfg or cfg.decode, device)
 
     @property
     def max_input_len(self) -> int:
@@ -304,16 +316,6 @@ def _chunks(stream: IO, size: int, where: str) -> Iterator[list[str]]:
         yield chunk
 
 
-def count_lines(path: PathLike) -> int:
-    """The number of lines of a text file (a last line without a newline counts)."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
-
-
 def translate_file(
     translator: Translator,
     input_path: Optional[PathLike] = None,
@@ -390,7 +392,7 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-class LanguageModel:
+class LanguageModel(_InferenceModel):
     """Generation and scoring with a decoder-only model.
 
     Args:
@@ -400,27 +402,7 @@ class LanguageModel:
         device: where to run (default: where the model's parameters are).
     """
 
-    def __init__(
-        self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None
-    ) -> None:
-        self.cfg = decode_cfg or DecodeConfig()
-        if device is not None:
-            model = model.to(device)
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else _model_device(model)
-
-    @classmethod
-    def load(
-        cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None
-    ) -> "LanguageModel":
-        """A language model from a run directory or checkpoint directory.
-
-        Raises:
-            TransformerError: the path does not exist, the checkpoint is corrupt, or it holds a translation model.
-        """
-        model, cfg, tokenizer = _load(path, device, "lm")
-        return cls(model, tokenizer, decode_cfg or cfg.decode, device)
+    arch = "lm"
 
     @property
     def max_positions(self) -> int:

@@ -99,6 +99,24 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _write_dir_atomically(
+    final: Path, files: dict[str, Callable[[Path], None]], before_rename: Optional[Callable[[], None]] = None
+) -> Path:
+    """Write ``files`` (name -> writer) into a temporary sibling directory, then rename it to ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        for name, write in files.items():
+            atomic_write(tmp_dir / name, write)
+        if before_rename is not None:
+            before_rename()
+        _replace_dir(tmp_dir, final)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return final
+
+
 def save_checkpoint(directory: PathLike, model: nn.Module, state: dict[str, Any]) -> Path:
     """Write ``directory`` (e.g. ``RUN_DIR/checkpoints/step_00001000``) atomically.
 
@@ -108,19 +126,11 @@ def save_checkpoint(directory: PathLike, model: nn.Module, state: dict[str, Any]
     Returns:
         the checkpoint directory.
     """
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        weights = _unique_state_dict(model)
-        atomic_write(tmp_dir / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-        atomic_write(tmp_dir / STATE, lambda p: torch.save(state, p))
-        _test_hook_kill_during_save()
-        _replace_dir(tmp_dir, final)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return final
+    weights = _unique_state_dict(model)
+    return _write_dir_atomically(Path(directory), {
+        WEIGHTS: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
+        STATE: lambda p: torch.save(state, p),
+    }, before_rename=_test_hook_kill_during_save)
 
 
 _saves_in_this_process = 0
@@ -141,16 +151,10 @@ def _test_hook_kill_during_save() -> None:
 
 def copy_checkpoint(src: PathLike, dst: PathLike) -> Path:
     """Copy a checkpoint directory to ``dst`` atomically (used for ``checkpoints/best``)."""
-    src, dst = Path(src), Path(dst)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        for name in (WEIGHTS, STATE):
-            atomic_write(tmp_dir / name, lambda p, name=name: shutil.copyfile(src / name, p))
-        _replace_dir(tmp_dir, dst)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return dst
+    src = Path(src)
+    return _write_dir_atomically(
+        Path(dst), {name: (lambda p, name=name: shutil.copyfile(src / name, p)) for name in (WEIGHTS, STATE)}
+    )
 
 
 def step_dir_name(step: int) -> str:
@@ -401,16 +405,10 @@ def average_checkpoints(
         "averaged_from": [str(p) for p in paths],
     }
     out = Path(out_dir) if out_dir is not None else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        atomic_write(tmp_dir / WEIGHTS, lambda f: save_file(averaged, str(f), metadata={"format": "pt"}))
-        atomic_write(tmp_dir / STATE, lambda f: torch.save(state, f))
-        _replace_dir(tmp_dir, out)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
+    return _write_dir_atomically(out, {
+        WEIGHTS: lambda f: save_file(averaged, str(f), metadata={"format": "pt"}),
+        STATE: lambda f: torch.save(state, f),
+    })
 
 
 def config_dict(cfg: Config) -> dict:
