@@ -44,9 +44,8 @@ from transformer.model import Transformer  # noqa: E402
 from transformer.model.embeddings import sinusoidal_table  # noqa: E402
 from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
 
-PEERS = ("ours", "ours_fused", "hf", "torch")
-PEER_NAMES = {"ours": "ours (Transformer)", "ours_fused": "ours + Adam(fused=True)", "hf": "HF MarianMTModel",
-              "torch": "torch.nn.Transformer"}
+PEERS = ("ours", "hf", "torch")
+PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer"}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 LABEL_SMOOTHING = 0.1
@@ -94,7 +93,7 @@ class TorchNNTransformer(nn.Module):
 def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     """(module, forward(src, tgt_input) -> logits) for one peer, on ``device``, in training mode."""
     torch.manual_seed(0)
-    if name in ("ours", "ours_fused"):
+    if name == "ours":
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
     if name == "hf":
@@ -117,11 +116,11 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     raise ValueError(name)
 
 
-def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool, fused: bool = False):
+def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool):
     """One full step: forward, label-smoothed loss (the project's function, for every peer), backward,
-    Adam update (the paper's betas/eps; torch's default implementation for every peer, as
-    transformer.training.optim builds it; ``fused`` measures torch's fused Adam kernel instead)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused or None)
+    Adam update (the paper's betas/eps; torch's fused kernel for every peer, as
+    transformer.training.optim builds it, so that the peers differ only in their models)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
 
     def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:
         with autocast(device, bf16):
@@ -162,7 +161,7 @@ def memory_child(args) -> None:
     src, tgt_in, tgt_out = synthetic_batch(batch, length, args.vocab, device)
     rss_before = current_rss_mb()
     model, forward = build_peer(args.child_peer, cfg, args.vocab, device)
-    step = make_train_step(model, forward, device, args.bf16, fused=args.child_peer == "ours_fused")
+    step = make_train_step(model, forward, device, args.bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
@@ -197,7 +196,7 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         for name in args.peers:
             model, forward = build_peer(name, cfg, args.vocab, device)
             params[name] = n_params(model)
-            fn = make_train_step(model, forward, device, args.bf16, fused=name == "ours_fused")
+            fn = make_train_step(model, forward, device, args.bf16)
             steps[name] = lambda fn=fn: fn(src, tgt_in, tgt_out)
         # The GEMM peak again, at this preset's best shape, timed in the same rounds as the models.
         mine = [g for g in gemms if (g.m, g.k, g.n) in gemm_shapes(cfg, batch, length, args.vocab)]
@@ -211,7 +210,7 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         del steps
         mem = {}
         if not args.no_memory:
-            for name in [p for p in args.peers if p != "ours_fused"]:  # same model as ours
+            for name in args.peers:
                 child = [__file__, "--child-memory", "--child-preset", preset_name, "--child-peer", name,
                          "--device", args.device, "--vocab", str(args.vocab)]
                 if args.threads:
