@@ -8,6 +8,8 @@ sacreBLEU and chrF.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -96,5 +98,7 @@ def quickstart(
     print()
     print(f"done in {(time.time() - started) / 60:.1f} minutes. Results are in {run}/: checkpoints/, "
           f"metrics.jsonl, curves.png, tb/ (tensorboard --logdir {run}/tb), {hyp_file.name}")
-    print(f"translate with:  echo 'In the beginning was the Word.' | transformer translate --model {model_path}")
+    # The command as this user can type it: "transformer" if it is on PATH, else the path it was run by.
+    command = "transformer" if shutil.which("transformer") else Path(sys.argv[0]).as_posix()
+    print(f"translate with:  echo 'In the beginning was the Word.' | {command} translate --model {model_path}")
     return scores
