@@ -518,9 +518,9 @@ class _Trainer:
                 window["loss"] += loss_sum
                 window["nll"] += nll_sum
                 window["tokens"] += tokens
-                self.pbar.update(1)
                 if t.time_limit_minutes is not None:
                     self._retarget_progress(start, t.time_limit_minutes * 60)
+                self.pbar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self._log_train(window, lr)
                 if self.callback is not None:
@@ -586,13 +586,13 @@ class _Trainer:
             )
 
     def _retarget_progress(self, start: float, budget_s: float) -> None:
-        """Under a time limit, the bar's total is the steps that fit in the budget, so its ETA is honest."""
-        done = self.pbar.n - self.pbar.initial
+        """Under a time limit, the bar's total is the steps that fit in the budget, so its ETA is honest.
+        Called just before ``pbar.update``, whose redraw shows the new total (no second redraw)."""
+        done = self.pbar.n + 1 - self.pbar.initial  # counting the step that has just finished
         spent = time.monotonic() - start
-        if done > 0 and spent > 0:
+        if spent > 0:
             expected = self.step + int(max(budget_s - spent, 0.0) * done / spent)
             self.pbar.total = min(self.t.max_steps, max(expected, self.step))
-            self.pbar.refresh()
 
     def _log_train(self, window: dict, lr: float) -> None:
         now = time.monotonic()
