@@ -1,5 +1,6 @@
 """Translation speed side by side: our greedy / beam search (``transformer.decoding``, KV cache) against
-the same weights in Hugging Face ``MarianMTModel.generate`` and in CTranslate2 (float32 and int8).
+the same weights in Hugging Face ``MarianMTModel.generate`` and in CTranslate2 (float32 and int8), and our
+int8 path (``transformer.model.quantize``: PyTorch dynamic int8 Linear layers) beside CTranslate2 int8.
 
 The weights: a run directory (``--run-dir``, loaded with ``transformer.training.checkpoint.load_model``),
 or a ``small`` model trained here for ``--train-seconds`` on Multi30k en-de (cached under ``--work-dir``),
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import sacrebleu
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,9 +42,9 @@ from transformer.config import preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
-SYSTEMS = ("ours", "hf", "ct2_fp32", "ct2_int8")
-NAMES = {"ours": "ours (decoding/)", "hf": "HF generate", "ct2_fp32": "CTranslate2 float32",
-         "ct2_int8": "CTranslate2 int8"}
+SYSTEMS = ("ours", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
+NAMES = {"ours": "ours (decoding/)", "ours_int8": "ours int8", "hf": "HF generate",
+         "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 
 
 # --- the weights ------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
     limit = args.max_len  # output tokens, EOS included
     systems = {}
 
-    def ours(batch, beam):
+    def ours(batch, beam, model=model):
         src = pad_batch(batch, device)
         with autocast(device, args.bf16):
             if beam == 1:
@@ -190,6 +192,11 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
         return [h.tokens for h in hyps]
 
     systems["ours"] = ours
+    if device.type == "cpu" and not args.skip_int8:
+        from transformer.model.quantize import quantize
+
+        int8_model = quantize(model, "int8")  # PyTorch dynamic int8 Linear layers, per-channel weights
+        systems["ours_int8"] = lambda batch, beam: ours(batch, beam, model=int8_model)
     hf = to_marian(model).to(device).eval()
     hf_dir = os.path.join(work, "hf")
     hf.save_pretrained(hf_dir)
@@ -273,6 +280,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent for beam search")
     parser.add_argument("--cases", default="greedy:1,greedy:32,beam4:1,beam4:32", help="search:batch list")
     parser.add_argument("--skip-ct2", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true", help="leave out our int8 path")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--json", default="")
@@ -297,16 +305,26 @@ def main() -> None:
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha}; systems round-robin batch by batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
-              "ours / CT2 fp32 | ours / CT2 int8 |")
+              "ours / CT2 fp32 | ours int8 / CT2 int8 |")
         print("|---|---:|" + "---:|" * (len(systems) + 3))
+        references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
             beam = 1 if search == "greedy" else int(search.removeprefix("beam"))
             stats = run_case(systems, sources, int(batch_size), beam, device)
             rate = {n: s["tokens"] / s["time"] for n, s in stats.items()}
-            ratio = lambda peer: f"{rate['ours'] / rate[peer]:.2f}x" if peer in rate else "-"  # noqa: E731
+            def ratio(ours: str, peer: str) -> str:
+                return f"{rate[ours] / rate[peer]:.2f}x" if ours in rate and peer in rate else "-"
+
             print(f"| {search} | {batch_size} | " + " | ".join(f"{rate[n]:.0f}" for n in systems)
-                  + f" | {ratio('hf')} | {ratio('ct2_fp32')} | {ratio('ct2_int8')} |", flush=True)
+                  + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} |",
+                  flush=True)
+            bleu = {n: sacrebleu.corpus_bleu([tok.decode_tgt(o) for o in s["outputs"]], [references]).score
+                    for n, s in stats.items()}
+            print(f"    BLEU against the references ({len(references)} sentences): "
+                  + ", ".join(f"{NAMES[n]} {b:.2f}" for n, b in bleu.items()))
+            for n, s in stats.items():
+                s["bleu"] = bleu[n]
             if beam == 1:
                 ref = stats["ours"]["outputs"]
                 for name in systems:

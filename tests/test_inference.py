@@ -195,6 +195,19 @@ def test_load_run_and_corrupt_checkpoint(tmp_path):
         Translator.load(tmp_path / "run")
 
 
+def test_load_run_quantized_int8(tmp_path):
+    pytest.importorskip("transformer.training.checkpoint")
+    _write_run(tmp_path / "run", TINY)
+    float_model = Translator.load(tmp_path / "run")
+    int8 = Translator.load(tmp_path / "run", quantize="int8")
+    assert not any(type(m) is torch.nn.Linear for m in int8.model.modules())
+    out = int8.translate(["the cat sat on a mat", "", "a dog by the river"])
+    assert len(out) == 3 and out[1] == ""
+    assert any(type(m) is torch.nn.Linear for m in float_model.model.modules())
+    with pytest.raises(TransformerError, match="unknown quantisation"):
+        Translator.load(tmp_path / "run", quantize="fp4")
+
+
 # --- language model ---------------------------------------------------------------------------------
 
 LM_CFG = ModelConfig(arch="lm", d_model=32, n_heads=4, d_ff=64, n_decoder_layers=2, dropout=0.0, max_positions=24)

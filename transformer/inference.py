@@ -79,25 +79,32 @@ class _InferenceModel:
     arch = ""  # the model.arch that ``load`` accepts
 
     def __init__(
-        self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None
+        self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None,
+        quantize: Optional[str] = None,
     ) -> None:
         self.cfg = decode_cfg or DecodeConfig()
         if device is not None:
             model = model.to(device)
+        if quantize:  # an int8 copy for CPU inference (transformer.model.quantize)
+            from transformer.model.quantize import quantize as quantize_model
+
+            model = quantize_model(model, quantize)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _model_device(model)
 
     @classmethod
-    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None):
+    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None,
+             quantize: Optional[str] = None):
         """From a run directory or checkpoint directory (its config's ``decode`` section is the default).
+        ``quantize="int8"`` runs the Linear layers in int8 on the CPU (``transformer.model.quantize``).
 
         Raises:
-            TransformerError: the path does not exist, the checkpoint is corrupt or incomplete, or it holds
-                the other kind of model.
+            TransformerError: the path does not exist, the checkpoint is corrupt or incomplete, it holds
+                the other kind of model, or the quantisation is unknown or asked for on a GPU.
         """
         model, cfg, tokenizer = _load(path, device, cls.arch)
-        return cls(model, tokenizer, decode_cfg or cfg.decode, device)
+        return cls(model, tokenizer, decode_cfg or cfg.decode, device, quantize=quantize)
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -137,16 +144,19 @@ class Translator(_InferenceModel):
         tokenizer: has ``encode_src(str) -> list[int]`` and ``decode_tgt(ids) -> str``.
         decode_cfg: default search settings; each call may override them.
         device: where to run (default: where the model's parameters are).
+        quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
     Raises:
-        TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``.
+        TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``, or ``quantize`` is
+            unknown or asked for on a GPU.
     """
 
     arch = "transformer"
 
     def __init__(
-        self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None
+        self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None,
+        quantize: Optional[str] = None,
     ) -> None:
-        super().__init__(model, tokenizer, decode_cfg, device)
+        super().__init__(model, tokenizer, decode_cfg, device, quantize)
         if self.cfg.long_input not in _LONG_INPUT:
             raise TransformerError(f"config field decode.long_input: {self.cfg.long_input!r} is not one of truncate, error")
 
@@ -400,6 +410,7 @@ class LanguageModel(_InferenceModel):
         tokenizer: has ``encode_src(str)`` and ``decode_src(ids)`` (an LM's tokenizer has one model for both sides).
         decode_cfg: default sampling settings (temperature, top_k, top_p, max_new_tokens).
         device: where to run (default: where the model's parameters are).
+        quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
     """
 
     arch = "lm"

@@ -1,0 +1,49 @@
+"""Int8 inference on CPU: PyTorch's dynamic quantisation of every ``nn.Linear``.
+
+Each Linear's weight is stored as int8 with one scale per output channel; at run time each activation
+matrix is quantised to uint8 with a scale computed from that batch, the product runs in PyTorch's
+x86 (fbgemm) int8 kernels and is rescaled to float32. Embeddings, LayerNorms, attention scores and the
+softmax stay in float32. Tied weights are not shared any more in the copy (the output projection gets its
+own int8 weight), which is why it is an inference-only copy of the model.
+
+``torch.ao.quantization.quantize_dynamic`` is deprecated upstream in favour of torchao; it still ships
+with torch 2.13, is the peer-tested path on CPU, and its warnings are silenced here.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from transformer.errors import TransformerError
+
+SCHEMES = ("int8",)
+
+
+def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
+    """An int8 copy of ``model`` for CPU inference (the float model is left untouched).
+
+    Raises:
+        TransformerError: an unknown scheme, or a model that is not on the CPU.
+    """
+    if scheme not in SCHEMES:
+        raise TransformerError(f"unknown quantisation {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        raise TransformerError(
+            f"int8 quantisation runs on the CPU only; this model is on {param.device} "
+            "(on a GPU use bf16 instead)"
+        )
+    if "x86" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "x86"
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notices of torch.ao.quantization
+        quantized = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    quantized.quantization = scheme
+    return quantized
