@@ -4,6 +4,10 @@
         val=../shared/data/multi30k/val.en,../shared/data/multi30k/val.de \
         test_2017_flickr=../shared/data/multi30k/test_2017_flickr.en,../shared/data/multi30k/test_2017_flickr.de
 
+A set may also be ``bible:valid`` or ``bible:test`` (the built-in Bible's held-out books):
+
+    python scripts/evaluate_run.py runs/bible_en_de valid=bible:valid test=bible:test
+
 Prints one markdown row per (set, checkpoint, search) with sacreBLEU, chrF and the decoding time, and the
 signatures once at the end.
 """
@@ -17,6 +21,19 @@ from pathlib import Path
 from transformer.config import load_config
 from transformer.evaluation import evaluate
 from transformer.inference import Translator
+
+
+def bible_files(cfg, spec: str, run: Path) -> tuple[Path, Path]:
+    """``bible:valid`` or ``bible:test``: that split of the built-in Bible in the run's language pair,
+    written to RUN/eval.SPLIT.{src,tgt} (verses empty on either side are left out, as in the quickstart)."""
+    from transformer.data.datasets import bible
+
+    split = spec.removeprefix("bible:")
+    pairs = [(s, t) for s, t in getattr(bible(cfg.data.src_lang, cfg.data.tgt_lang), split) if s.strip() and t.strip()]
+    src, ref = run / f"eval.{split}.{cfg.data.src_lang}", run / f"eval.{split}.ref.{cfg.data.tgt_lang}"
+    src.write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    ref.write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    return src, ref
 
 
 def main() -> None:
@@ -36,7 +53,7 @@ def main() -> None:
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for set_spec in args.sets:
         name, files = set_spec.split("=", 1)
-        src, ref = files.split(",")
+        src, ref = bible_files(cfg, files, run) if files.startswith("bible:") else files.split(",")
         for ckpt_name, path in checkpoints:
             translator = Translator.load(path)
             for beam in (int(b) for b in args.beams.split(",")):

@@ -36,6 +36,17 @@ def test_quickstart_config_takes_the_pair_budget_and_overrides():
     assert cfg.train.time_limit_minutes == 2.5 and cfg.model.dropout == 0.2 and cfg.run_dir == "runs/x"
 
 
+def test_bible_recipe_is_the_quickstart_with_a_longer_budget():
+    from dataclasses import replace
+
+    recipe = load_config(CONFIGS / "bible_en_de.yaml")
+    quick = quickstart_config("en", "de", minutes=10.0)
+    assert recipe.train.time_limit_minutes == 60
+    same = dict(time_limit_minutes=0, valid_every=0, save_every=0, bleu_subset=0, log_every=0)
+    assert replace(recipe.train, **same) == replace(quick.train, **same)
+    assert (recipe.model, recipe.data, recipe.decode) == (quick.model, quick.data, quick.decode)
+
+
 def _tiny_wmt_folder(folder: Path) -> Path:
     en = ["the house is small .", "the man reads a book .", "a woman sees the house .", "the child is here ."]
     de = ["das haus ist klein .", "der mann liest ein buch .", "eine frau sieht das haus .", "das kind ist hier ."]
