@@ -499,7 +499,8 @@ class _Trainer:
                     continue
                 self.bad_steps = 0
                 lr = lr_at(self.step + 1, t, self.cfg.model.d_model)
-                with _sigint_deferred():  # a Ctrl-C must not save weights updated but not counted
+                # A Ctrl-C must not save weights updated but not counted, nor a step whose loss was not logged.
+                with _sigint_deferred():
                     set_lr(self.optimizer, lr)
                     if self.scaler is not None:
                         self.scaler.unscale_(self.optimizer)
@@ -514,15 +515,15 @@ class _Trainer:
                     self.step += 1
                     self.sampler_state = self.sampler.state_dict()
                     self.rng_state = ckpt.rng_state()
-                losses.append(loss_sum / max(tokens, 1.0))
-                window["loss"] += loss_sum
-                window["nll"] += nll_sum
-                window["tokens"] += tokens
-                if t.time_limit_minutes is not None:
-                    self._retarget_progress(start, t.time_limit_minutes * 60)
-                self.pbar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    self._log_train(window, lr)
+                    losses.append(loss_sum / max(tokens, 1.0))
+                    window["loss"] += loss_sum
+                    window["nll"] += nll_sum
+                    window["tokens"] += tokens
+                    if t.time_limit_minutes is not None:
+                        self._retarget_progress(start, t.time_limit_minutes * 60)
+                    self.pbar.update(1)
+                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                        self._log_train(window, lr)
                 if self.callback is not None:
                     self.callback({"step": self.step, "loss": losses[-1], "lr": lr, "trainer": self})
                 stop = None
