@@ -21,18 +21,15 @@ from pathlib import Path
 from transformer.config import load_config
 from transformer.evaluation import evaluate
 from transformer.inference import Translator
+from transformer.recipes import write_bible_split
 
 
 def bible_files(cfg, spec: str, run: Path) -> tuple[Path, Path]:
     """``bible:valid`` or ``bible:test``: that split of the built-in Bible in the run's language pair,
-    written to RUN/eval.SPLIT.{src,tgt} (verses empty on either side are left out, as in the quickstart)."""
-    from transformer.data.datasets import bible
-
+    written to RUN/eval.SPLIT.{src,tgt} as the quickstart writes its test books."""
     split = spec.removeprefix("bible:")
-    pairs = [(s, t) for s, t in getattr(bible(cfg.data.src_lang, cfg.data.tgt_lang), split) if s.strip() and t.strip()]
     src, ref = run / f"eval.{split}.{cfg.data.src_lang}", run / f"eval.{split}.ref.{cfg.data.tgt_lang}"
-    src.write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
-    ref.write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    write_bible_split(cfg.data.src_lang, cfg.data.tgt_lang, split, src, ref)
     return src, ref
 
 

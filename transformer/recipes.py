@@ -32,6 +32,17 @@ QUICKSTART = {
 }
 
 
+def write_bible_split(src_lang: str, tgt_lang: str, split: str, src_file: Path, ref_file: Path) -> list[tuple[str, str]]:
+    """Write a split (``valid`` or ``test``) of the built-in Bible to two aligned files, one verse a line,
+    leaving out verses empty on either side; returns the (source, reference) pairs written."""
+    from transformer.data.datasets import bible
+
+    pairs = [(s, t) for s, t in getattr(bible(src_lang, tgt_lang), split) if s.strip() and t.strip()]
+    src_file.write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    ref_file.write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    return pairs
+
+
 def quickstart_config(
     src_lang: str = "en", tgt_lang: str = "de", minutes: float = 10.0, run_dir: str = "runs/quickstart",
     overrides: Optional[list[str]] = None,
@@ -53,7 +64,6 @@ def quickstart(
     Returns:
         the test scores (``bleu``, ``chrf`` and their signatures), as :func:`transformer.evaluation.evaluate`.
     """
-    from transformer.data.datasets import bible
     from transformer.evaluation import evaluate, format_scores
     from transformer.inference import Translator
     from transformer.training import train
@@ -75,11 +85,8 @@ def quickstart(
     model_path = averaged if averaged.is_dir() else run  # a run directory loads its best checkpoint
     print(f"model: {model_path}")
 
-    splits = bible(src_lang, tgt_lang)
-    test = [(s, t) for s, t in splits.test if s.strip() and t.strip()]
     src_file, ref_file, hyp_file = run / f"test.{src_lang}", run / f"test.ref.{tgt_lang}", run / f"test.hyp.{tgt_lang}"
-    src_file.write_text("".join(s + "\n" for s, _ in test), encoding="utf-8")
-    ref_file.write_text("".join(t + "\n" for _, t in test), encoding="utf-8")
+    test = write_bible_split(src_lang, tgt_lang, "test", src_file, ref_file)
 
     translator = Translator.load(model_path)
     print(f"translating the {len(test)} held-out verses (Esther, Philippians) with beam {cfg.decode.beam} ...")
