@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_common_args, autocast, describe_machine, gemm_peak, machine_info, memory_bandwidth_gbs,
+    add_common_args, describe_machine, gemm_peak, machine_info, memory_bandwidth_gbs,
     multi30k_tokenizer, print_limits, read_lines, setup_device, sync,
 )
 
@@ -180,10 +180,13 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
 
     limit = args.max_len  # output tokens, EOS included
     systems = {}
+    hf = to_marian(model).to(device).eval()  # the same weights, exported before any cast
+    if args.bf16 and device.type == "cuda":  # both models cast to bf16, as GPU inference is run
+        model, hf = model.to(torch.bfloat16), hf.to(torch.bfloat16)
 
     def ours(batch, beam, model=model):
         src = pad_batch(batch, device)
-        with autocast(device, args.bf16):
+        with torch.inference_mode():
             if beam == 1:
                 hyps = greedy_search(model, src, max_len_a=0.0, max_len_b=limit)
             else:
@@ -197,7 +200,6 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
 
         int8_model = quantize(model, "int8")  # PyTorch dynamic int8 Linear layers, per-channel weights
         systems["ours_int8"] = lambda batch, beam: ours(batch, beam, model=int8_model)
-    hf = to_marian(model).to(device).eval()
     hf_dir = os.path.join(work, "hf")
     hf.save_pretrained(hf_dir)
     # Ours stops at `limit` tokens with EOS forced at the last one; the peers stop after `limit - 1`
@@ -207,7 +209,7 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
     def hf_generate(batch, beam):
         src = pad_batch(batch, device)
         beam_kwargs = dict(length_penalty=args.alpha, early_stopping=True) if beam > 1 else {}
-        with torch.inference_mode(), autocast(device, args.bf16):
+        with torch.inference_mode():
             out = hf.generate(input_ids=src, attention_mask=src.ne(PAD_ID), num_beams=beam, **hf_kwargs,
                               **beam_kwargs)
         return [strip(row) for row in out.tolist()]
@@ -262,12 +264,16 @@ def profile_ours(systems: dict, sources: list[list[int]], batch_size: int, beam:
     from torch.profiler import ProfilerActivity, profile
 
     batches = [sources[i: i + batch_size] for i in range(0, len(sources), batch_size)][:4]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for b in batches:
             systems["ours"](b, beam)
     print(f"\n== torch.profiler: our {'greedy' if beam == 1 else f'beam {beam}'} search, batch {batch_size}, "
           f"{len(batches)} batches ==")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    if cuda:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
 
 
 def main() -> None:

@@ -260,10 +260,15 @@ def run_child(args: list[str], timeout: float = 600) -> dict:
 
 # --- real data --------------------------------------------------------------------------------------
 
-MULTI30K = "/work/shared/data/multi30k"  # read in place, never copied into the repository
+# Read in place, never copied into the repository: ../shared/data/multi30k beside the checkout, or the folder
+# named by $MULTI30K_DIR (e.g. a copy made with `transformer download-multi30k DIR`).
+MULTI30K = os.environ.get("MULTI30K_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "multi30k")
 
 
 def read_lines(split: str, lang: str) -> list[str]:
+    if not os.path.isdir(MULTI30K):
+        raise SystemExit(f"Multi30k not found in {MULTI30K}: set MULTI30K_DIR to a folder with "
+                         "train/val/test_2017_flickr .en/.de files")
     with open(f"{MULTI30K}/{split}.{lang}", encoding="utf-8") as f:
         return f.read().splitlines()
 
@@ -284,7 +289,8 @@ def add_common_args(parser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
     parser.add_argument(
-        "--bf16", action="store_true", help="cuda only: bf16 autocast; MFU against the bf16 GEMM peak"
+        "--bf16", action="store_true",
+        help="cuda only: bf16 (training: autocast, MFU against the bf16 GEMM peak; inference: models cast to bf16)"
     )
 
 

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("sets", nargs="+", help="NAME=SRC_FILE,REF_FILE")
     parser.add_argument("--beams", default="1,4", help="beam sizes to try (1 = greedy)")
+    parser.add_argument("--device", default="cpu", help="where to decode (cpu, cuda)")
     args = parser.parse_args()
 
     run = Path(args.run_dir)
@@ -52,7 +53,7 @@ def main() -> None:
         name, files = set_spec.split("=", 1)
         src, ref = bible_files(cfg, files, run) if files.startswith("bible:") else files.split(",")
         for ckpt_name, path in checkpoints:
-            translator = Translator.load(path)
+            translator = Translator.load(path, device=args.device)
             for beam in (int(b) for b in args.beams.split(",")):
                 started = time.time()
                 scores = evaluate(translator, src, ref, beam=beam, length_penalty=cfg.decode.length_penalty,

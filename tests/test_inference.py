@@ -208,6 +208,25 @@ def test_load_run_quantized_int8(tmp_path):
         Translator.load(tmp_path / "run", quantize="fp4")
 
 
+def test_load_run_in_bf16(tmp_path):
+    # dtype="bf16" is the GPU's inference path; on this CPU it runs (slowly), and must decode like float32
+    # up to bf16 rounding: the same outputs on this tiny model, and scores still float32.
+    pytest.importorskip("transformer.training.checkpoint")
+    _write_run(tmp_path / "run", TINY)
+    fp32 = Translator.load(tmp_path / "run")
+    bf16 = Translator.load(tmp_path / "run", dtype="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    sources = ["the cat sat on a mat", "", "a dog by the river"]
+    assert bf16.translate(sources, beam=1) == fp32.translate(sources, beam=1)
+    hyps = bf16.translate_nbest(sources[:1], beam=2, nbest=2)[0]
+    assert all(isinstance(h.score, float) and h.score == h.score for h in hyps)
+    with pytest.raises(TransformerError, match="dtype 'fp8' is not one of"):
+        Translator.load(tmp_path / "run", dtype="fp8")
+    with pytest.raises(TransformerError, match="either a dtype or"):
+        Translator.load(tmp_path / "run", dtype="bf16", quantize="int8")
+
+
 # --- language model ---------------------------------------------------------------------------------
 
 LM_CFG = ModelConfig(arch="lm", d_model=32, n_heads=4, d_ff=64, n_decoder_layers=2, dropout=0.0, max_positions=24)

@@ -73,7 +73,7 @@ def _average(args: argparse.Namespace) -> None:
 def _translate(args: argparse.Namespace) -> None:
     from transformer.inference import Translator, translate_file
 
-    translator = Translator.load(args.model, device=args.device, quantize=args.quantize)
+    translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype)
     translate_file(
         translator,
         args.input,
@@ -88,7 +88,7 @@ def _translate(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from transformer.inference import LanguageModel
 
-    lm = LanguageModel.load(args.model, device=args.device, quantize=args.quantize)
+    lm = LanguageModel.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype)
     text = lm.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -105,7 +105,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from transformer.inference import Translator
     from transformer.evaluation import evaluate, format_scores
 
-    translator = Translator.load(args.model, device=args.device, quantize=args.quantize)
+    translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype)
     scores = evaluate(translator, args.src, args.ref, beam=args.beam, length_penalty=args.length_penalty,
                       output=args.output)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="source tokens per batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("generate", help="continue a prompt with a language model")
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("evaluate", help="translate --src and score against --ref with sacreBLEU and chrF")
@@ -191,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("quickstart", help="train and evaluate a small Bible translation model, offline")

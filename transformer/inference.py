@@ -58,6 +58,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _load(path: PathLike, device: Union[str, torch.device], arch: str) -> tuple[Any, Config, Any]:
     """(model, config, tokenizer) of a run or checkpoint directory, checked to be of ``arch``."""
     if not Path(path).exists():
@@ -80,11 +83,17 @@ class _InferenceModel:
 
     def __init__(
         self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None,
-        quantize: Optional[str] = None,
+        quantize: Optional[str] = None, dtype: Optional[str] = None,
     ) -> None:
         self.cfg = decode_cfg or DecodeConfig()
         if device is not None:
             model = model.to(device)
+        if dtype is not None:  # weights and activations in this dtype; scores stay float32 (decoding/)
+            if dtype not in DTYPES:
+                raise TransformerError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            if quantize:
+                raise TransformerError("give either a dtype or quantize='int8', not both")
+            model = model.to(DTYPES[dtype])
         if quantize:  # an int8 copy for CPU inference (transformer.model.quantize)
             from transformer.model.quantize import quantize as quantize_model
 
@@ -95,16 +104,18 @@ class _InferenceModel:
 
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None,
-             quantize: Optional[str] = None):
+             quantize: Optional[str] = None, dtype: Optional[str] = None):
         """From a run directory or checkpoint directory (its config's ``decode`` section is the default).
-        ``quantize="int8"`` runs the Linear layers in int8 on the CPU (``transformer.model.quantize``).
+        ``quantize="int8"`` runs the Linear layers in int8 on the CPU (``transformer.model.quantize``);
+        ``dtype="bf16"`` (or ``"fp16"``) casts the model for inference, the fast path on a GPU (on a CPU
+        without native bf16 it is slower than the default float32).
 
         Raises:
             TransformerError: the path does not exist, the checkpoint is corrupt or incomplete, it holds
                 the other kind of model, or the quantisation is unknown or asked for on a GPU.
         """
         model, cfg, tokenizer = _load(path, device, cls.arch)
-        return cls(model, tokenizer, decode_cfg or cfg.decode, device, quantize=quantize)
+        return cls(model, tokenizer, decode_cfg or cfg.decode, device, quantize=quantize, dtype=dtype)
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -145,6 +156,7 @@ class Translator(_InferenceModel):
         decode_cfg: default search settings; each call may override them.
         device: where to run (default: where the model's parameters are).
         quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
+        dtype: ``"bf16"`` or ``"fp16"`` casts the model (the GPU's fast path); default: as stored, float32.
     Raises:
         TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``, or ``quantize`` is
             unknown or asked for on a GPU.
@@ -154,9 +166,9 @@ class Translator(_InferenceModel):
 
     def __init__(
         self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None,
-        quantize: Optional[str] = None,
+        quantize: Optional[str] = None, dtype: Optional[str] = None,
     ) -> None:
-        super().__init__(model, tokenizer, decode_cfg, device, quantize)
+        super().__init__(model, tokenizer, decode_cfg, device, quantize, dtype)
         if self.cfg.long_input not in _LONG_INPUT:
             raise TransformerError(f"config field decode.long_input: {self.cfg.long_input!r} is not one of truncate, error")
 

@@ -71,6 +71,7 @@ def _permute(t: Tensor, kind: str, perm: Optional[Tensor]) -> Tensor:
     """Express ``t`` in the channel order ``perm`` (None = keep the order)."""
     if perm is None or kind == _NONE:
         return t
+    perm = perm.to(t.device)  # the model may live on a GPU
     if kind == _IN:
         return t.index_select(-1, perm)
     return t.index_select(0, perm)
