@@ -107,7 +107,7 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     if name == "ours":
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
-    if name == "ours_compiled":  # what train.compile=true does: torch.compile's default mode on the model
+    if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, torch.compile(model)
     if name == "hf":
@@ -408,7 +408,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
     parser.add_argument("--length", type=int, default=0, help="override the synthetic sequence length")
     parser.add_argument("--compile", action="store_true",
-                        help="add a peer: ours under torch.compile (what train.compile=true does)")
+                        help="add a peer: ours under torch.compile (default mode; batches here have one shape)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per peer")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per peer (round-robin)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")

@@ -127,6 +127,32 @@ def test_parallel_dataset_filters_by_max_len_and_batches():
     assert all(b.src_tokens.numel() <= 8 and b.tgt_input.numel() <= 8 for b in batches)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_collate_indices_equals_collate_of_the_items(dtype):
+    # The trainer's vectorised path must build exactly the batch that collating the items builds, for
+    # any selection: repeated and unordered indices, empty sequences, a max_len filter, uint16 caches.
+    rng = np.random.default_rng(0)
+    lists = [rng.integers(4, 60000 if dtype == np.uint16 else 100000, size=n).tolist()
+             for n in rng.integers(0, 12, size=40)]
+    src = TokenArray.from_lists(lists)
+    tgt = TokenArray.from_lists(lists[::-1])
+    src.tokens, tgt.tokens = src.tokens.astype(dtype), tgt.tokens.astype(dtype)
+    ds = ParallelDataset(src, tgt, max_len=10)
+    for indices in ([0], [3, 1, 3], list(range(len(ds)))[::-1], rng.integers(0, len(ds), size=17).tolist()):
+        fast, slow = ds.collate_indices(indices), ds.collate([ds[i] for i in indices])
+        for name in ("src_tokens", "tgt_input", "tgt_output"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b), name
+
+
+def test_collate_indices_of_empty_sequences():
+    ds = ParallelDataset(TokenArray.from_lists([[], []]), TokenArray.from_lists([[], [7]]))
+    batch = ds.collate_indices([0, 1])
+    assert batch.src_tokens.tolist() == [[EOS_ID], [EOS_ID]]
+    assert batch.tgt_input.tolist() == [[BOS_ID, PAD_ID], [BOS_ID, 7]]
+    assert batch.tgt_output.tolist() == [[EOS_ID, PAD_ID], [7, EOS_ID]]
+
+
 def test_dataloader_compatible():
     src = TokenArray.from_lists([[5] * n for n in range(1, 20)])
     ds = ParallelDataset(src, src)

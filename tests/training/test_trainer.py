@@ -125,6 +125,26 @@ def test_time_limit_and_early_stopping(tmp_path):
     assert result.stop_reason == "early_stopping" and result.step < 100
 
 
+@pytest.mark.slow
+def test_compile_follows_changing_batch_shapes_without_recompiling(tmp_path):
+    # train.compile=true with token buckets: every batch has another shape. Compiled for symbolic shapes
+    # and without a graph break, the model compiles a bounded number of times (once for training, once
+    # more for validation's no_grad, and at most once for a size the first batch happened to share), not
+    # once per shape as before (20-25 s a step on an H100).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    data = copy_task()
+    shapes = {tuple(data.train.collate_indices(ix).src_tokens.shape) for ix in sampler_for(data.train, 48, seed=3)}
+    assert len(shapes) >= 4  # the point of the test: many shapes
+    result = train(tiny_config(tmp_path / "run", max_steps=8, valid_every=8, compile=True), data=data)
+    assert result.step == 8 and all(math.isfinite(x) for x in result.losses)
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
 def test_bf16_autocast_on_cpu_and_fp16_needs_cuda(tmp_path):
     result = train(tiny_config(tmp_path / "bf16", max_steps=3, precision="bf16"), data=copy_task())
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)

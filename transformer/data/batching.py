@@ -201,7 +201,7 @@ def make_batches(
         sampler = sampler_for(dataset, max_tokens, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
         sampler.set_epoch(epoch)
     for indices in sampler:
-        yield dataset.collate([dataset[i] for i in indices])
+        yield dataset.collate_indices(indices)
 
 
 def sampler_for(dataset, max_tokens: int, **kwargs) -> TokenBatchSampler:

@@ -75,6 +75,30 @@ class TokenArray:
         """(n,) int64: the length of each sequence."""
         return np.diff(self.offsets)
 
+    def padded(self, rows: np.ndarray, prefix: Optional[int], suffix: Optional[int], pad: int) -> np.ndarray:
+        """Sequences ``rows`` as one right-padded (B, W) int64 matrix, ``prefix`` / ``suffix`` (or None)
+        added around each, W the longest plus those: a few array operations for the whole batch, instead
+        of a Python loop over its examples (which cost the trainer ~10 ms a batch, more than a GPU step).
+
+        Shapes:
+            rows: (B,) int; returns (B, max len + extra) int64.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.offsets[rows]  # (B,)
+        lengths = self.offsets[rows + 1] - starts  # (B,)
+        lead = int(prefix is not None)
+        width = (int(lengths.max()) if len(rows) else 0) + lead + int(suffix is not None)
+        pos = np.arange(width)[None, :] - lead  # (1, W): position inside the sequence
+        inside = (pos >= 0) & (pos < lengths[:, None])  # (B, W)
+        out = np.full((len(rows), width), pad, dtype=np.int64)
+        if len(self.tokens):
+            out[inside] = self.tokens[(starts[:, None] + pos)[inside]]
+        if prefix is not None:
+            out[:, 0] = prefix
+        if suffix is not None:
+            out[np.arange(len(rows)), lengths + lead] = suffix
+        return out
+
     @classmethod
     def from_lists(cls, seqs: Iterable[Sequence[int]]) -> "TokenArray":
         """Build an in-memory array from lists of ids (for tests and small data)."""

@@ -97,7 +97,7 @@ class Decoder(nn.Module):
         x = self.dropout(self.embed_positions(self.embed_tokens(tokens), offset=past))  # (B,T,D)
         # Right padding means a real query never sees a pad key under the causal mask, so no padding mask.
         if past == 0:
-            is_causal, self_attn_mask = t > 1, None
+            is_causal, self_attn_mask = True, None  # (also right for t == 1; never a SymBool under compile)
         elif t == 1:
             is_causal, self_attn_mask = False, None
         else:
@@ -124,7 +124,9 @@ class Encoder(nn.Module):
     def forward(self, src_tokens: Tensor) -> EncoderOut:
         """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
         src_mask = src_tokens.ne(PAD_ID)  # (B,S)
-        padded = not bool(src_mask.all())
+        # Eager: skip the mask when nothing is padded (a device sync, then the fastest attention kernel).
+        # Compiled: always pass it, so that no data-dependent branch breaks the graph.
+        padded = True if torch.compiler.is_compiling() else not bool(src_mask.all())
         attn_mask = src_mask[:, None, None, :] if padded else None  # (B,1,1,S)
         x = self.dropout(self.embed_positions(self.embed_tokens(src_tokens)))  # (B,S,D)
         for layer in self.layers:

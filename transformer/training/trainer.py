@@ -118,7 +118,7 @@ def accumulate_gradients(
     """
     is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
     scale = world_size / max(total_tokens, 1.0)
-    loss_total = nll_total = 0.0
+    sums = []  # (loss_sum, nll_sum) per batch, read back once at the end: one device sync per update
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
         with (module.no_sync() if is_ddp and not sync else contextlib.nullcontext()):
@@ -126,8 +126,8 @@ def accumulate_gradients(
                 loss_sum, nll_sum = batch_loss(module, batch, epsilon)
             loss = loss_sum * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_total += float(loss_sum.detach())
-        nll_total += float(nll_sum.detach())
+        sums.append(torch.stack([loss_sum.detach().float(), nll_sum.detach().float()]))
+    loss_total, nll_total = torch.stack(sums).double().sum(0).tolist()
     return loss_total, nll_total
 
 
@@ -150,7 +150,7 @@ def evaluate_loss(
     for i, indices in enumerate(sampler):
         if i % info.world_size != info.rank:
             continue
-        batch = dataset.collate([dataset[j] for j in indices]).to(device)
+        batch = dataset.collate_indices(indices).to(device)
         with (precision_ctx if precision_ctx is not None else contextlib.nullcontext()):
             loss_sum, nll_sum = batch_loss(module, batch, epsilon)
         loss += float(loss_sum)
@@ -207,7 +207,7 @@ def _batch_stream(dataset: Any, sampler: Any) -> Iterator[Any]:
     """Batches forever, epoch after epoch; the sampler's state is always the position after the last yield."""
     while True:
         for indices in sampler:
-            yield dataset.collate([dataset[i] for i in indices])
+            yield dataset.collate_indices(indices)
         sampler.set_epoch(sampler.epoch + 1)
 
 
@@ -322,7 +322,9 @@ class _Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         if self.t.compile:
-            module = torch.compile(module)
+            # Token buckets change the batch shape every step: compile for symbolic shapes at once, or
+            # every new shape recompiles (seen: 20-25 s a step for the first steps on an H100).
+            module = torch.compile(module, dynamic=True)
         self.module = module  # what runs forward; self.model is what gets saved
         self.logger = MetricsLogger(self.run_dir, enabled=self.info.is_main)
         if self.info.is_main:
@@ -468,6 +470,11 @@ class _Trainer:
 
     # -- the loop --
 
+    def _to_device(self, batch: Any) -> Any:
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
@@ -487,8 +494,11 @@ class _Trainer:
                 if t.max_epochs is not None and self.sampler.state_dict()["epoch"] >= t.max_epochs:
                     stop_reason = "max_epochs"
                     break
-                batches = [next(stream).to(self.device) for _ in range(t.update_freq)]
+                batches = [next(stream) for _ in range(t.update_freq)]
+                # Counted on the host before the copy (no device sync); pinned memory makes the copy
+                # asynchronous on a GPU, so the next batch's transfer overlaps this one's compute.
                 (tokens,) = dist_utils.all_reduce_sum([sum(b.n_tgt_tokens for b in batches)], self.device)
+                batches = [self._to_device(b) for b in batches]
                 loss_sum, nll_sum = accumulate_gradients(
                     self.module, batches, t.label_smoothing, tokens, self.info.world_size,
                     self.precision_ctx, self.scaler,
