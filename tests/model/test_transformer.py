@@ -247,6 +247,29 @@ def test_inference_output_projection_equals_training_one_and_follows_weight_upda
         assert _close(model(src, tgt), reference)
 
 
+def test_inference_output_projection_sees_fused_optimizer_updates():
+    # A fused Adam step changes the weights without bumping their version counter; the trainer validates
+    # between steps (train -> eval -> train), so the cached copy must not outlive a mode change.
+    model = _transformer()
+    src, tgt = _tokens(3, 7), _tokens(3, 5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            cached = model(src, tgt)
+        with torch.enable_grad():
+            assert _close(cached, model(src, tgt).detach())
+        model.train()
+        model(src, tgt).logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        cached = model(src, tgt)
+    with torch.enable_grad():
+        assert _close(cached, model(src, tgt).detach())
+
+
 def test_dropout_only_in_train_mode():
     model = _transformer(dropout=0.3, attention_dropout=0.1, activation_dropout=0.1)
     src, tgt = _tokens(2, 6), _tokens(2, 5)

@@ -159,17 +159,26 @@ class _OutputLayer(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:  # (B,T,D) -> (B,T,V)
         w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None  # not once quantised
-        if w is not None and w.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (w is not None and not self.training and w.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             logits = h @ self._weight_t(w)  # (B,T,D) @ (D,V)
         else:
             logits = self.lm_head(h)
         return logits + self.final_logits_bias if self.final_logits_bias is not None else logits
 
+    def train(self, mode: bool = True) -> "_OutputLayer":
+        self._wt, self._wt_key = None, None
+        return super().train(mode)
+
     def _weight_t(self, w: Tensor) -> Tensor:
         """``w`` (V,D) transposed to a contiguous (D,V) copy, kept until ``w`` changes. On the CPU, MKL
         multiplies by it 2.6x faster than ``F.linear`` by ``w`` at one decoding row (0.5 against 1.3 ms for
         V=8000, D=256) and 1.25x at 32 rows: the costliest product of a decoding step. Inference only
-        (no autograd): training keeps ``nn.Linear``. Costs one more V x D copy of memory."""
+        (no autograd, eval mode): training keeps ``nn.Linear``. Costs one more V x D copy of memory.
+
+        The copy is dropped whenever the module's mode is set (``train()`` / ``eval()``: a fused optimizer
+        step changes the weight without bumping its version counter) and rebuilt when the weight is
+        replaced or changed in place by an ordinary op."""
         key = (w.data_ptr(), w._version, w.dtype)
         if getattr(self, "_wt_key", None) != key:
             self._wt = w.detach().t().contiguous()  # (D,V)
