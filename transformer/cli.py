@@ -125,6 +125,14 @@ def _download(args: argparse.Namespace) -> None:
     print(f"Multi30k is in {path}")
 
 
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """Where and in what number format a loaded model runs: shared by translate, generate and evaluate."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer",
@@ -164,10 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: 0.6)")
     p.add_argument("--nbest", type=int, default=1, help="write the N best translations with scores")
     p.add_argument("--max-tokens", type=int, default=None, help="source tokens per batch")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
+    _add_inference_options(p)
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("generate", help="continue a prompt with a language model")
@@ -179,10 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
+    _add_inference_options(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("evaluate", help="translate --src and score against --ref with sacreBLEU and chrF")
@@ -193,10 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None)
     p.add_argument("--output", help="also write the translations here")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
+    _add_inference_options(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("quickstart", help="train and evaluate a small Bible translation model, offline")

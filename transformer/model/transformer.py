@@ -156,6 +156,8 @@ class _OutputLayer(nn.Module):
             self.final_logits_bias = nn.Parameter(torch.zeros(vocab_size))
         else:
             self.final_logits_bias = None
+        self._wt: Optional[Tensor] = None  # inference's transposed copy of the weight (see _weight_t)
+        self._wt_key: Optional[tuple] = None
 
     def forward(self, h: Tensor) -> Tensor:  # (B,T,D) -> (B,T,V)
         w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None  # not once quantised
@@ -180,7 +182,7 @@ class _OutputLayer(nn.Module):
         step changes the weight without bumping its version counter) and rebuilt when the weight is
         replaced or changed in place by an ordinary op."""
         key = (w.data_ptr(), w._version, w.dtype)
-        if getattr(self, "_wt_key", None) != key:
+        if self._wt_key != key:
             self._wt = w.detach().t().contiguous()  # (D,V)
             self._wt_key = key
         return self._wt
