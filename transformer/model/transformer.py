@@ -174,8 +174,8 @@ class _OutputLayer(nn.Module):
 
     def _weight_t(self, w: Tensor) -> Tensor:
         """``w`` (V,D) transposed to a contiguous (D,V) copy, kept until ``w`` changes. On the CPU, MKL
-        multiplies by it 2.6x faster than ``F.linear`` by ``w`` at one decoding row (0.5 against 1.3 ms for
-        V=8000, D=256) and 1.25x at 32 rows: the costliest product of a decoding step. Inference only
+        multiplies by it 2.95x faster than ``F.linear`` by ``w`` at one decoding row (0.37 against 1.10 ms
+        for V=8000, D=256; ``benchmarks/bench_micro.py``) and 1.16x at 32 rows: the costliest product of a decoding step. Inference only
         (no autograd, eval mode): training keeps ``nn.Linear``. Costs one more V x D copy of memory.
 
         The copy is dropped whenever the module's mode is set (``train()`` / ``eval()``: a fused optimizer
