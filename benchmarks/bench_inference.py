@@ -42,8 +42,8 @@ from transformer.config import preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
-SYSTEMS = ("ours", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
-NAMES = {"ours": "ours (decoding/)", "ours_int8": "ours int8", "hf": "HF generate",
+SYSTEMS = ("ours", "ours_eager", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
+NAMES = {"ours": "ours (decoding/)", "ours_eager": "ours, not frozen", "ours_int8": "ours int8", "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 
 
@@ -194,11 +194,21 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
                                                   max_len_b=limit)]
         return [h.tokens for h in hyps]
 
-    systems["ours"] = ours
+    if device.type == "cpu" and not args.no_freeze:  # what Translator runs on the CPU
+        from transformer.model.frozen import freeze
+
+        frozen = freeze(model)
+        systems["ours"] = lambda batch, beam: ours(batch, beam, model=frozen)
+        if args.eager:
+            systems["ours_eager"] = ours  # the nn.Module itself, as training's validation decodes it
+    else:
+        systems["ours"] = ours
     if device.type == "cpu" and not args.skip_int8:
         from transformer.model.quantize import quantize
 
         int8_model = quantize(model, "int8")  # PyTorch dynamic int8 Linear layers, per-channel weights
+        if not args.no_freeze:
+            int8_model = freeze(int8_model)
         systems["ours_int8"] = lambda batch, beam: ours(batch, beam, model=int8_model)
     hf_dir = os.path.join(work, "hf")
     hf.save_pretrained(hf_dir)
@@ -287,6 +297,9 @@ def main() -> None:
     parser.add_argument("--cases", default="greedy:1,greedy:32,beam4:1,beam4:32", help="search:batch list")
     parser.add_argument("--skip-ct2", action="store_true")
     parser.add_argument("--skip-int8", action="store_true", help="leave out our int8 path")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="ours runs the nn.Module on the CPU too, not its frozen copy (transformer.model.frozen)")
+    parser.add_argument("--eager", action="store_true", help="add our nn.Module beside its frozen copy (CPU)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--json", default="")
@@ -311,8 +324,8 @@ def main() -> None:
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha}; systems round-robin batch by batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
-              "ours / CT2 fp32 | ours int8 / CT2 int8 |")
-        print("|---|---:|" + "---:|" * (len(systems) + 3))
+              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen |")
+        print("|---|---:|" + "---:|" * (len(systems) + 4))
         references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
@@ -323,7 +336,8 @@ def main() -> None:
                 return f"{rate[ours] / rate[peer]:.2f}x" if ours in rate and peer in rate else "-"
 
             print(f"| {search} | {batch_size} | " + " | ".join(f"{rate[n]:.0f}" for n in systems)
-                  + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} |",
+                  + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} "
+                  f"| {ratio('ours', 'ours_eager')} |",
                   flush=True)
             bleu = {n: sacrebleu.corpus_bleu([tok.decode_tgt(o) for o in s["outputs"]], [references]).score
                     for n, s in stats.items()}

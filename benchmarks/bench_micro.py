@@ -1,4 +1,4 @@
-"""Micro-benchmarks behind two session-3 changes, each old way against the new one in the same process.
+"""Micro-benchmarks behind three changes, each old way against the new one in the same process.
 
 1. ``projection``: a decoding step's products on the CPU, ``F.linear`` by the stored (out, in) weight
    against a matrix product by a contiguous (in, out) copy (what ``_OutputLayer._weight_t`` keeps), at
@@ -6,8 +6,12 @@
 2. ``collate``: building every training batch of one Multi30k epoch (token buckets of ``--max-tokens``)
    from the token cache, per-example (``collate([ds[i] for i in ids])``) against ``collate_indices``;
    the two must give the same tensors.
+3. ``frozen`` (session 4, ``transformer/model/frozen.py``): (a) a product by MKL's ``addmm`` with the
+   (in, out) transposed weight against oneDNN's linear with its pre-packed weight, at 1 to 128 rows, for
+   the decoder's shapes (256 -> 768 is the fused q/k/v); (b) one decoder step of a ``small`` model (random
+   weights, 16 source tokens, 20 target positions already cached), the ``nn.Module`` against its frozen copy.
 
-    python benchmarks/bench_micro.py --parts projection,collate
+    python benchmarks/bench_micro.py --parts projection,collate,frozen
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -58,6 +62,51 @@ def run_projection() -> None:
             print(f"| {d_in} -> {d_out} | {rows} | {a * 1e6:.1f} | {c * 1e6:.1f} | {a / c:.2f}x |")
 
 
+@torch.no_grad()
+def run_frozen() -> None:
+    print("\n== products: MKL addmm(b, x, W (in,out)) against oneDNN linear(x, packed W) ==")
+    print("| layer | rows | MKL us | oneDNN us | oneDNN speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for d_in, d_out in ((256, 8000), (256, 768), (256, 256), (256, 1024), (1024, 256)):
+        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+        wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, 32)
+        for rows in (1, 2, 4, 16, 32, 128):
+            x = torch.randn(rows, d_in)
+            mkl = lambda: torch.addmm(b, x, wt)  # noqa: E731
+            onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")  # noqa: E731
+            torch.testing.assert_close(mkl(), onednn(), rtol=1e-4, atol=1e-4)
+            inner = max(10, int(2000 / rows))
+            a, c = best_seconds(mkl, inner), best_seconds(onednn, inner)
+            print(f"| {d_in} -> {d_out} | {rows} | {a * 1e6:.1f} | {c * 1e6:.1f} | {a / c:.2f}x |")
+
+    from transformer.config import preset
+    from transformer.model import Transformer
+    from transformer.model.frozen import freeze
+
+    model = Transformer(preset("small"), 8000, 8000).eval()
+    frozen = freeze(model)
+    print("\n== one decoder step, `small` (D=256, 3 decoder layers, V=8000), 20 positions cached ==")
+    print("| rows | nn.Module ms | frozen ms | speed-up |")
+    print("|---|---:|---:|---:|")
+    for rows in (1, 4, 32, 128):
+        src, prefix = torch.randint(4, 8000, (rows, 16)), torch.randint(4, 8000, (rows, 20))
+        token = torch.randint(4, 8000, (rows, 1))
+        times = []
+        for m in (model, frozen):
+            enc = m.encode(src)
+            cache = m.new_cache()
+            m.decode(prefix, enc, cache)
+
+            def step(m=m, enc=enc, cache=cache):
+                m.decode(token, enc, cache)
+                for layer in cache.layers:  # back to 20 positions: every timed step is the same step
+                    layer.self_attn.length = 20
+
+            times.append(best_seconds(step, max(5, int(200 / rows))))
+        print(f"| {rows} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.2f}x |")
+
+
 def run_collate(args) -> None:
     from transformer.data.batching import sampler_for
     from transformer.data.cache import TokenArray
@@ -83,7 +132,7 @@ def run_collate(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
-    parser.add_argument("--parts", default="projection,collate")
+    parser.add_argument("--parts", default="projection,collate,frozen")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     args = parser.parse_args()
@@ -94,6 +143,8 @@ def main() -> None:
         run_projection()
     if "collate" in parts:
         run_collate(args)
+    if "frozen" in parts:
+        run_frozen()
 
 
 if __name__ == "__main__":

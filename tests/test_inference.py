@@ -81,6 +81,23 @@ def test_greedy_is_beam_one(translator):
     assert translator.translate(src, beam=1) == expected
 
 
+def test_cpu_searches_run_on_a_frozen_copy_with_the_models_outputs(translator):
+    from transformer.model.frozen import FrozenLM, FrozenTransformer
+
+    assert isinstance(translator.search_model, FrozenTransformer)
+    live = Translator(translator.model, WordTokenizer(), translator.cfg, freeze=False)
+    assert live.search_model is live.model
+    src = sentences(10, seed=4)
+    for beam in (1, 3):
+        frozen, reference = (t.translate_nbest(src, beam=beam, nbest=beam) for t in (translator, live))
+        assert [[h.text for h in n] for n in frozen] == [[h.text for h in n] for n in reference]
+        assert [h.score for n in frozen for h in n] == pytest.approx([h.score for n in reference for h in n], rel=1e-5)
+    lm = LanguageModel(tiny_model(LM_CFG), WordTokenizer(), DecodeConfig(max_new_tokens=15))
+    assert isinstance(lm.search_model, FrozenLM)
+    live_lm = LanguageModel(lm.model, WordTokenizer(), lm.cfg, freeze=False)
+    assert lm.generate("the cat", seed=3) == live_lm.generate("the cat", seed=3)
+
+
 def test_nbest(translator):
     src = sentences(4, seed=2)
     nbest = translator.translate_nbest(src, nbest=3)

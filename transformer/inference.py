@@ -34,6 +34,8 @@ from transformer.decoding import beam_search, greedy_search, sample
 from transformer.decoding.common import length_penalty as gnmt_length_penalty
 from transformer.decoding.common import max_positions
 from transformer.errors import TransformerError
+from transformer.model import Transformer, TransformerLM
+from transformer.model.frozen import freeze as freeze_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class _InferenceModel:
 
     def __init__(
         self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None,
-        quantize: Optional[str] = None, dtype: Optional[str] = None,
+        quantize: Optional[str] = None, dtype: Optional[str] = None, freeze: bool = True,
     ) -> None:
         self.cfg = decode_cfg or DecodeConfig()
         if device is not None:
@@ -101,10 +103,15 @@ class _InferenceModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _model_device(model)
+        # What the searches run: on the CPU (float32 or int8) a copy frozen for decoding, the same outputs
+        # in fewer, larger calls (transformer.model.frozen); elsewhere, or with freeze=False, the model.
+        self.search_model = self.model
+        if freeze and self.device.type == "cpu" and dtype in (None, "fp32") and isinstance(model, (Transformer, TransformerLM)):
+            self.search_model = freeze_model(self.model)
 
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None,
-             quantize: Optional[str] = None, dtype: Optional[str] = None):
+             quantize: Optional[str] = None, dtype: Optional[str] = None, freeze: bool = True):
         """From a run directory or checkpoint directory (its config's ``decode`` section is the default).
         ``quantize="int8"`` runs the Linear layers in int8 on the CPU (``transformer.model.quantize``);
         ``dtype="bf16"`` (or ``"fp16"``) casts the model for inference, the fast path on a GPU (on a CPU
@@ -115,7 +122,7 @@ class _InferenceModel:
                 the other kind of model, or the quantisation is unknown or asked for on a GPU.
         """
         model, cfg, tokenizer = _load(path, device, cls.arch)
-        return cls(model, tokenizer, decode_cfg or cfg.decode, device, quantize=quantize, dtype=dtype)
+        return cls(model, tokenizer, decode_cfg or cfg.decode, device, quantize=quantize, dtype=dtype, freeze=freeze)
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -157,6 +164,9 @@ class Translator(_InferenceModel):
         device: where to run (default: where the model's parameters are).
         quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
         dtype: ``"bf16"`` or ``"fp16"`` casts the model (the GPU's fast path); default: as stored, float32.
+        freeze: on the CPU, search on a copy of the model frozen for decoding (``transformer.model.frozen``:
+            the same outputs, faster). It is taken once, here: pass ``False`` to decode a model that is still
+            being trained.
     Raises:
         TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``, or ``quantize`` is
             unknown or asked for on a GPU.
@@ -166,9 +176,9 @@ class Translator(_InferenceModel):
 
     def __init__(
         self, model: Any, tokenizer: Any, decode_cfg: Optional[DecodeConfig] = None, device: Union[str, torch.device, None] = None,
-        quantize: Optional[str] = None, dtype: Optional[str] = None,
+        quantize: Optional[str] = None, dtype: Optional[str] = None, freeze: bool = True,
     ) -> None:
-        super().__init__(model, tokenizer, decode_cfg, device, quantize, dtype)
+        super().__init__(model, tokenizer, decode_cfg, device, quantize, dtype, freeze)
         if self.cfg.long_input not in _LONG_INPUT:
             raise TransformerError(f"config field decode.long_input: {self.cfg.long_input!r} is not one of truncate, error")
 
@@ -277,9 +287,9 @@ class Translator(_InferenceModel):
             indices = [todo[j] for j in batch]
             src = _pad([encoded[i] for i in indices], self.device)  # (B,S)
             if beam == 1:
-                hyps = [[h] for h in greedy_search(self.model, src, max_len_a, max_len_b)]
+                hyps = [[h] for h in greedy_search(self.search_model, src, max_len_a, max_len_b)]
             else:
-                hyps = beam_search(self.model, src, beam, alpha, max_len_a, max_len_b, nbest)
+                hyps = beam_search(self.search_model, src, beam, alpha, max_len_a, max_len_b, nbest)
             for i, sent_hyps in zip(indices, hyps):
                 results[i] = [
                     Translation(
@@ -423,6 +433,7 @@ class LanguageModel(_InferenceModel):
         decode_cfg: default sampling settings (temperature, top_k, top_p, max_new_tokens).
         device: where to run (default: where the model's parameters are).
         quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
+        freeze: on the CPU, sample from a copy frozen for decoding (see :class:`Translator`).
     """
 
     arch = "lm"
@@ -473,7 +484,7 @@ class LanguageModel(_InferenceModel):
         new_ids: list[int] = []
         text = ""
         stops = [s for s in stop or () if s]
-        for token in sample(self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
+        for token in sample(self.search_model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
             new_ids.append(token)
             # Decode with the prompt so that word boundaries at the seam come out right.
             full = self.tokenizer.decode_src(prompt_ids + new_ids)

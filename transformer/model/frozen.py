@@ -1,0 +1,294 @@
+"""A trained model frozen for fast decoding: the same maths, laid out for one decoder step at a time.
+
+``freeze(model)`` turns a :class:`~transformer.model.Transformer` or :class:`~transformer.model.TransformerLM`
+in eval mode (float, or int8 from :func:`transformer.model.quantize.quantize`) into an inference-only object
+with the protocol the searches use (``encode`` / ``new_cache`` / ``decode``, and ``cfg``), so greedy, beam
+search and sampling run on it unchanged. It computes what the model computes (tested against it); what
+changes is how a decoder step is carried out, which at small batches is dominated by per-call overhead
+and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time goes"):
+
+* The step is a flat sequence of ``torch`` calls on (rows, D) matrices: no ``nn.Module`` dispatch, no
+  dropout or mode checks, no reshapes beyond the head split that attention needs.
+* Each Linear's weight is transposed once to a contiguous (in, out) matrix for ``addmm``; self-attention's
+  q, k and v projections are one (D, 3D) product per layer and step instead of three; cross-attention's
+  keys and values of *all* layers are one (D, L*2D) product over the source, once per sentence.
+* The output projection (the largest product of a step) uses the layout that is fastest for the number of
+  rows: the (D, V) transposed weight at one row, and oneDNN's pre-packed weight (``mkldnn`` linear, as
+  inductor's freezing does) from two rows on, where it is 1.3-2.8x faster than MKL on this CPU
+  (``benchmarks/bench_micro.py --parts frozen``).
+* An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
+  fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
+  exactly what quantising the fused float matrix per channel would give.
+
+The encoder is the model's own (it runs once per sentence). The KV cache is the model's
+:class:`~transformer.model.DecoderCache`, so searches reorder it as before.
+
+Shapes: B batch, T new target positions, S source length, D model width, H heads, Dh = D / H, V vocabulary,
+N = B*T rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.errors import TransformerError
+from transformer.model.layers import LayerCache
+from transformer.model.transformer import (
+    DecoderCache, EncoderOut, Transformer, TransformerLM, _causal_mask,
+)
+
+
+# --- linear maps in the layout that decoding wants ----------------------------------------------------
+
+
+def _is_int8(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn.quantized")
+
+
+def _onednn_available(weight: Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class _Dense:
+    """``x @ W^T + b`` for x (N, in): MKL's ``addmm`` by the contiguous (in, out) transpose of ``W`` below
+    ``packed_from`` rows, oneDNN's linear by its pre-packed ``W`` from there on (CPU, float32).
+
+    Measured on the benchmark CPU (``benchmarks/bench_micro.py --parts frozen``): at one row MKL wins (oneDNN
+    has a fixed cost of about 70 us a call); from a few rows on oneDNN is as fast or faster, up to 2.8x for
+    the (D, V) output projection, where MKL's kernel is slow.
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], packed_from: Optional[int] = None) -> None:
+        weight = weight.detach()  # (out, in)
+        self.weight_t = weight.t().contiguous()  # (in, out)
+        self.bias = bias.detach() if bias is not None else None
+        self.packed_from = packed_from if packed_from is not None and _onednn_available(weight) else None
+        if self.packed_from is not None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # oneDNN's blocked layout
+
+    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
+        if self.packed_from is not None and x.size(0) >= self.packed_from:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.bias is None:
+            return torch.mm(x, self.weight_t)
+        return torch.addmm(self.bias, x, self.weight_t)
+
+
+class _Int8:
+    """PyTorch's dynamic int8 product (what ``torch.ao.nn.quantized.dynamic.Linear`` calls)."""
+
+    def __init__(self, weight_q: Tensor, bias: Optional[Tensor]) -> None:  # weight_q (out, in) qint8 per channel
+        self.packed = torch.ops.quantized.linear_prepack(weight_q, bias)
+
+    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+
+
+def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor], bool]:
+    """The weights of ``linears`` (each (out_i, in)) stacked along the output dim, and their biases;
+    int8 modules give a per-channel qint8 weight. Returns (weight, bias or None, is_int8)."""
+    int8 = [_is_int8(m) for m in linears]
+    if any(int8) and not all(int8):
+        raise TransformerError("cannot freeze a model whose Linear layers are partly quantised")
+    biases = [m.bias() if int8[0] else m.bias for m in linears]
+    bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+    if not int8[0]:
+        return torch.cat([m.weight.detach() for m in linears]), bias, False
+    weights = [m.weight() for m in linears]  # qint8
+    if len(weights) == 1:
+        return weights[0], bias, True
+    if any(w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) for w in weights):
+        raise TransformerError("freezing an int8 model needs per-channel weight scales (transformer.model.quantize)")
+    weight = torch._make_per_channel_quantized_tensor(
+        torch.cat([w.int_repr() for w in weights]),
+        torch.cat([w.q_per_channel_scales() for w in weights]).double(),
+        torch.cat([w.q_per_channel_zero_points() for w in weights]).long(),
+        0,
+    )
+    return weight, bias, True
+
+
+# Rows from which the products switch from MKL to oneDNN (see _Dense): the layers' products, the output's.
+PACKED_FROM_ROWS = 16
+OUTPUT_PACKED_FROM_ROWS = 2
+
+
+def _linear(*linears: nn.Module, packed_from: int = PACKED_FROM_ROWS) -> Any:
+    """One map computing ``linears`` side by side: x (N, in) -> (N, sum of their outputs)."""
+    weight, bias, int8 = _weight_and_bias(list(linears))
+    return _Int8(weight, bias) if int8 else _Dense(weight, bias, packed_from)
+
+
+def _layer_norm(norm: nn.LayerNorm) -> tuple:
+    return (norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps)
+
+
+# --- the decoder step ---------------------------------------------------------------------------------
+
+
+class _FrozenLayer:
+    """One decoder layer's weights: fused self-attention q/k/v, cross-attention q and output, the FFN."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        sa = layer.self_attn
+        self.qkv = _linear(sa.q_proj, sa.k_proj, sa.v_proj)  # (N,D) -> (N,3D)
+        self.self_out = _linear(sa.out_proj)
+        self.self_norm = _layer_norm(layer.self_attn_norm)
+        self.cross = layer.cross_attn is not None
+        if self.cross:
+            self.cross_q = _linear(layer.cross_attn.q_proj)
+            self.cross_out = _linear(layer.cross_attn.out_proj)
+            self.cross_norm = _layer_norm(layer.cross_attn_norm)
+        self.fc1 = _linear(layer.ffn.fc1)
+        self.fc2 = _linear(layer.ffn.fc2)
+        self.activation = layer.ffn.activation
+        self.ffn_norm = _layer_norm(layer.ffn_norm)
+
+
+class _FrozenDecoder:
+    """The decoder stack and output layer of ``model`` for incremental decoding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.cfg
+        dec = model.decoder
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.d_model = cfg.d_model
+        self.norm_first = cfg.norm_first
+        self.embed = dec.embed_tokens.weight.detach()  # (V,D)
+        self.embed_scale = dec.embed_tokens.scale
+        self.positions = dec.embed_positions.weight.detach()  # (P,D)
+        self.max_positions = dec.embed_positions.max_positions
+        self.layers = [_FrozenLayer(layer) for layer in dec.layers]
+        self.final_norm = _layer_norm(dec.final_norm) if dec.final_norm is not None else None
+        if any(layer.cross for layer in self.layers):  # every layer's cross k/v in one product
+            self.cross_kv = _linear(*[m for layer in dec.layers for m in (layer.cross_attn.k_proj,
+                                                                         layer.cross_attn.v_proj)])
+        self.output = _linear(model.output.lm_head, packed_from=OUTPUT_PACKED_FROM_ROWS)
+        bias = model.output.final_logits_bias
+        self.final_logits_bias = bias.detach() if bias is not None else None
+
+    def project_memory(self, memory: Tensor, cache: DecoderCache) -> None:
+        """Every layer's cross-attention keys and values of ``memory`` (B,S,D), into the cache."""
+        b, s, d = memory.shape
+        h, dh, n_layers = self.n_heads, d // self.n_heads, len(self.layers)
+        kv = self.cross_kv(memory.reshape(b * s, d))  # (B*S, L*2*D)
+        kv = kv.view(b, s, n_layers, 2, h, dh).permute(2, 3, 0, 4, 1, 5).contiguous()  # (L,2,B,H,S,Dh)
+        for i, layer_cache in enumerate(cache.layers):
+            layer_cache.cross_kv = (kv[i, 0], kv[i, 1])
+
+    def step(self, tokens: Tensor, cache: DecoderCache, memory: Optional[Tensor] = None,
+             memory_mask: Optional[Tensor] = None) -> Tensor:
+        """tokens (B,T): the new positions -> logits (B,T,V), appending their keys/values to ``cache``."""
+        b, t = tokens.shape
+        d, h = self.d_model, self.n_heads
+        dh = d // h
+        if not cache.layers:
+            cache.layers.extend(LayerCache() for _ in self.layers)
+        past = cache.length
+        if past + t > self.max_positions:
+            raise TransformerError(
+                f"sequence of {past + t} tokens is longer than the model's maximum of {self.max_positions} "
+                "positions (model.max_positions); shorten the input"
+            )
+        if memory is not None and cache.layers[0].cross_kv is None:
+            self.project_memory(memory, cache)
+        # the same operations as TokenEmbedding + PositionalEncoding, in the same order
+        x = F.embedding(tokens, self.embed) * self.embed_scale + self.positions[past : past + t]  # (B,T,D)
+        x = x.view(b * t, d)  # (N,D)
+        if past == 0:
+            is_causal, self_mask = t > 1, None
+        elif t == 1:
+            is_causal, self_mask = False, None
+        else:
+            is_causal, self_mask = False, _causal_mask(t, past + t, tokens.device)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            # self-attention
+            y = F.layer_norm(x, *layer.self_norm) if self.norm_first else x
+            q, k, v = layer.qkv(y).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B,H,T,Dh)
+            k, v = layer_cache.self_attn.update(k, v)  # (B,H,past+T,Dh)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=is_causal)  # (B,H,T,Dh)
+            y = layer.self_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
+            x = x + y if self.norm_first else F.layer_norm(x + y, *layer.self_norm)
+            # cross-attention
+            if layer.cross:
+                y = F.layer_norm(x, *layer.cross_norm) if self.norm_first else x
+                q = layer.cross_q(y).view(b, t, h, dh).transpose(1, 2)  # (B,H,T,Dh)
+                a = F.scaled_dot_product_attention(q, *layer_cache.cross_kv, attn_mask=memory_mask)
+                y = layer.cross_out(a.transpose(1, 2).reshape(b * t, d))
+                x = x + y if self.norm_first else F.layer_norm(x + y, *layer.cross_norm)
+            # feed-forward
+            y = F.layer_norm(x, *layer.ffn_norm) if self.norm_first else x
+            y = layer.fc2(layer.activation(layer.fc1(y)))
+            x = x + y if self.norm_first else F.layer_norm(x + y, *layer.ffn_norm)
+        if self.final_norm is not None:
+            x = F.layer_norm(x, *self.final_norm)
+        logits = self.output(x)  # (N,V)
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        return logits.view(b, t, -1)
+
+
+# --- the two model kinds ------------------------------------------------------------------------------
+
+
+class FrozenTransformer:
+    """An encoder-decoder :class:`Transformer` frozen for decoding (see the module docstring)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.cfg = model.cfg
+        self.encoder = model.encoder
+        self.decoder = _FrozenDecoder(model)
+
+    def encode(self, src_tokens: Tensor) -> EncoderOut:
+        """src_tokens (B,S) -> EncoderOut, by the model's own encoder."""
+        with torch.no_grad():
+            return self.encoder(src_tokens)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache()
+
+    def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut, cache: Optional[DecoderCache] = None) -> Tensor:
+        """Logits (B,T,V) of the new ``tgt_tokens`` (B,T); without a cache, ``tgt_tokens`` is the whole prefix."""
+        with torch.no_grad():
+            return self.decoder.step(tgt_tokens, cache if cache is not None else DecoderCache(),
+                                     encoder_out.memory, encoder_out.attn_mask())
+
+
+class FrozenLM:
+    """A decoder-only :class:`TransformerLM` frozen for generation (see the module docstring)."""
+
+    def __init__(self, model: TransformerLM) -> None:
+        self.cfg = model.cfg
+        self.decoder = _FrozenDecoder(model)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache()
+
+    def decode(self, tokens: Tensor, cache: Optional[DecoderCache] = None) -> Tensor:
+        """Logits (B,T,V) of the new ``tokens`` (B,T); without a cache, ``tokens`` is the whole sequence."""
+        with torch.no_grad():
+            return self.decoder.step(tokens, cache if cache is not None else DecoderCache())
+
+
+def freeze(model: nn.Module) -> Any:
+    """An inference-only :class:`FrozenTransformer` or :class:`FrozenLM` of ``model`` (float or int8).
+
+    The frozen object shares the model's encoder and copies the decoder's weights into its own layouts
+    (about one more copy of the decoder and output weights); later changes to ``model`` do not reach it.
+
+    Raises:
+        TransformerError: ``model`` is neither a ``Transformer`` nor a ``TransformerLM``, or is in training mode.
+    """
+    if model.training:
+        raise TransformerError("freeze() takes a model in eval mode (call model.eval() first)")
+    if isinstance(model, Transformer):
+        return FrozenTransformer(model)
+    if isinstance(model, TransformerLM):
+        return FrozenLM(model)
+    raise TransformerError(f"cannot freeze a {type(model).__name__}; freeze a Transformer or a TransformerLM")
