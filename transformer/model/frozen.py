@@ -14,7 +14,7 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   keys and values of *all* layers are one (D, L*2D) product over the source, once per sentence.
 * The output projection (the largest product of a step) uses the layout that is fastest for the number of
   rows: the (D, V) transposed weight at one row, and oneDNN's pre-packed weight (``mkldnn`` linear, as
-  inductor's freezing does) from two rows on, where it is 1.3-2.8x faster than MKL on this CPU
+  inductor's freezing does) from two rows on, where it is 1.2-4.2x faster than MKL on the benchmark CPU
   (``benchmarks/bench_micro.py --parts frozen``).
 * An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
@@ -55,25 +55,36 @@ def _onednn_available(weight: Tensor) -> bool:
 
 
 class _Dense:
-    """``x @ W^T + b`` for x (N, in): MKL's ``addmm`` by the contiguous (in, out) transpose of ``W`` below
-    ``packed_from`` rows, oneDNN's linear by its pre-packed ``W`` from there on (CPU, float32).
+    """``x @ W^T + b`` for x (N, in) -> (N, out), by the product that is fastest for N on the CPU:
 
-    Measured on the benchmark CPU (``benchmarks/bench_micro.py --parts frozen``): at one row MKL wins (oneDNN
-    has a fixed cost of about 70 us a call); from a few rows on oneDNN is as fast or faster, up to 2.8x for
-    the (D, V) output projection, where MKL's kernel is slow.
+    * one row, or more than ``COLUMN_ROWS``: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out) transpose;
+    * 2 to ``COLUMN_ROWS`` rows: the transposed product ``(W x^T + b)^T`` by the contiguous (out, in) ``W``;
+      MKL runs this shape 1.3-1.8x faster than ``x W_t`` at 4 rows (it returns a transposed view);
+    * from ``packed_from`` rows (float32 on a CPU with oneDNN, used for the output projection): oneDNN's
+      linear by its pre-packed ``W``; it costs about 60 us a call whatever the size, so it only pays for the
+      (D, V) output projection, 1.2-4.2x faster than MKL from two rows.
+
+    Measured in ``benchmarks/bench_micro.py --parts frozen``. The two MKL layouts are two copies of ``W``.
     """
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], packed_from: Optional[int] = None) -> None:
         weight = weight.detach()  # (out, in)
+        self.weight = weight.contiguous()  # (out, in)
         self.weight_t = weight.t().contiguous()  # (in, out)
-        self.bias = bias.detach() if bias is not None else None
+        self.bias = bias.detach() if bias is not None else None  # (out,)
+        self.bias_col = self.bias[:, None] if self.bias is not None else None  # (out, 1)
         self.packed_from = packed_from if packed_from is not None and _onednn_available(weight) else None
         if self.packed_from is not None:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # oneDNN's blocked layout
 
-    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
-        if self.packed_from is not None and x.size(0) >= self.packed_from:
+    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out), possibly a transposed view
+        rows = x.size(0)
+        if self.packed_from is not None and rows >= self.packed_from:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if 2 <= rows <= COLUMN_ROWS:
+            if self.bias is None:
+                return torch.mm(self.weight, x.t()).t()
+            return torch.addmm(self.bias_col, self.weight, x.t()).t()  # (out, N) -> (N, out)
         if self.bias is None:
             return torch.mm(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
@@ -113,12 +124,14 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
     return weight, bias, True
 
 
-# Rows from which the products switch from MKL to oneDNN (see _Dense): the layers' products, the output's.
-PACKED_FROM_ROWS = 16
+# See _Dense: from this many rows the output projection runs in oneDNN (the layers' products stay in MKL,
+# which is as fast or faster for them at every row count measured); up to COLUMN_ROWS rows MKL computes
+# the transposed product.
 OUTPUT_PACKED_FROM_ROWS = 2
+COLUMN_ROWS = 16
 
 
-def _linear(*linears: nn.Module, packed_from: int = PACKED_FROM_ROWS) -> Any:
+def _linear(*linears: nn.Module, packed_from: Optional[int] = None) -> Any:
     """One map computing ``linears`` side by side: x (N, in) -> (N, sum of their outputs)."""
     weight, bias, int8 = _weight_and_bias(list(linears))
     return _Int8(weight, bias) if int8 else _Dense(weight, bias, packed_from)
@@ -178,7 +191,7 @@ class _FrozenDecoder:
         b, s, d = memory.shape
         h, dh, n_layers = self.n_heads, d // self.n_heads, len(self.layers)
         kv = self.cross_kv(memory.reshape(b * s, d))  # (B*S, L*2*D)
-        kv = kv.view(b, s, n_layers, 2, h, dh).permute(2, 3, 0, 4, 1, 5).contiguous()  # (L,2,B,H,S,Dh)
+        kv = kv.reshape(b, s, n_layers, 2, h, dh).permute(2, 3, 0, 4, 1, 5).contiguous()  # (L,2,B,H,S,Dh)
         for i, layer_cache in enumerate(cache.layers):
             layer_cache.cross_kv = (kv[i, 0], kv[i, 1])
 
@@ -210,7 +223,7 @@ class _FrozenDecoder:
         for layer, layer_cache in zip(self.layers, cache.layers):
             # self-attention
             y = F.layer_norm(x, *layer.self_norm) if self.norm_first else x
-            q, k, v = layer.qkv(y).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B,H,T,Dh)
+            q, k, v = layer.qkv(y).reshape(b, t, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B,H,T,Dh)
             k, v = layer_cache.self_attn.update(k, v)  # (B,H,past+T,Dh)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=is_causal)  # (B,H,T,Dh)
             y = layer.self_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
@@ -218,7 +231,7 @@ class _FrozenDecoder:
             # cross-attention
             if layer.cross:
                 y = F.layer_norm(x, *layer.cross_norm) if self.norm_first else x
-                q = layer.cross_q(y).view(b, t, h, dh).transpose(1, 2)  # (B,H,T,Dh)
+                q = layer.cross_q(y).reshape(b, t, h, dh).transpose(1, 2)  # (B,H,T,Dh)
                 a = F.scaled_dot_product_attention(q, *layer_cache.cross_kv, attn_mask=memory_mask)
                 y = layer.cross_out(a.transpose(1, 2).reshape(b * t, d))
                 x = x + y if self.norm_first else F.layer_norm(x + y, *layer.cross_norm)
@@ -231,7 +244,7 @@ class _FrozenDecoder:
         logits = self.output(x)  # (N,V)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
-        return logits.view(b, t, -1)
+        return logits.reshape(b, t, -1)
 
 
 # --- the two model kinds ------------------------------------------------------------------------------
