@@ -20,7 +20,7 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
 
-The encoder is the model's own (it runs once per sentence). The KV cache is the model's
+The encoder is frozen the same way (it runs once per sentence). The KV cache is the model's
 :class:`~transformer.model.DecoderCache`, so searches reorder it as before.
 
 Shapes: B batch, T new target positions, S source length, D model width, H heads, Dh = D / H, V vocabulary,
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.data.vocab import PAD_ID
 from transformer.errors import TransformerError
+from transformer.model.attention import KVCache
 from transformer.model.layers import LayerCache
 from transformer.model.transformer import (
     DecoderCache, EncoderOut, Transformer, TransformerLM, _causal_mask,
@@ -145,14 +147,17 @@ def _layer_norm(norm: nn.LayerNorm) -> tuple:
 
 
 class _FrozenLayer:
-    """One decoder layer's weights: fused self-attention q/k/v, cross-attention q and output, the FFN."""
+    """One encoder or decoder layer: fused self-attention q/k/v, cross-attention q and output (decoder),
+    the feed-forward network, and the three sub-layers with their residuals and LayerNorms."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, cfg: Any) -> None:
+        self.norm_first = cfg.norm_first
+        self.head_dim = cfg.d_model // cfg.n_heads
         sa = layer.self_attn
         self.qkv = _linear(sa.q_proj, sa.k_proj, sa.v_proj)  # (N,D) -> (N,3D)
         self.self_out = _linear(sa.out_proj)
         self.self_norm = _layer_norm(layer.self_attn_norm)
-        self.cross = layer.cross_attn is not None
+        self.cross = getattr(layer, "cross_attn", None) is not None
         if self.cross:
             self.cross_q = _linear(layer.cross_attn.q_proj)
             self.cross_out = _linear(layer.cross_attn.out_proj)
@@ -162,26 +167,93 @@ class _FrozenLayer:
         self.activation = layer.ffn.activation
         self.ffn_norm = _layer_norm(layer.ffn_norm)
 
+    def _residual(self, x: Tensor, norm: tuple, sublayer: Any, *args: Any) -> Tensor:
+        """``norm(x + sublayer(x))`` (the paper), or ``x + sublayer(norm(x))`` with ``norm_first``."""
+        if self.norm_first:
+            return x + sublayer(F.layer_norm(x, *norm), *args)
+        return F.layer_norm(x + sublayer(x, *args), *norm)
 
-class _FrozenDecoder:
+    def _self_attention(self, y: Tensor, b: int, t: int, cache: Optional[KVCache], mask: Optional[Tensor],
+                        is_causal: bool) -> Tensor:
+        d = y.size(1)
+        h = d // self.head_dim
+        q, k, v = self.qkv(y).reshape(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,Dh)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B,H,past+T,Dh)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B,H,T,Dh)
+        return self.self_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
+
+    def _cross_attention(self, y: Tensor, b: int, t: int, kv: tuple[Tensor, Tensor], mask: Optional[Tensor]) -> Tensor:
+        d = y.size(1)
+        q = self.cross_q(y).reshape(b, t, d // self.head_dim, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
+        a = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)  # (B,H,T,Dh)
+        return self.cross_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
+
+    def _feed_forward(self, y: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(y)))  # (N,D) -> (N,F) -> (N,D)
+
+    def __call__(self, x: Tensor, b: int, t: int, cache: Optional[LayerCache] = None,
+                 self_mask: Optional[Tensor] = None, is_causal: bool = False,
+                 memory_mask: Optional[Tensor] = None) -> Tensor:
+        """x (N,D) with N = B*T rows -> (N,D). A decoder layer appends its keys/values to ``cache``."""
+        x = self._residual(x, self.self_norm, self._self_attention, b, t,
+                           cache.self_attn if cache is not None else None, self_mask, is_causal)
+        if self.cross:
+            x = self._residual(x, self.cross_norm, self._cross_attention, b, t, cache.cross_kv, memory_mask)
+        return self._residual(x, self.ffn_norm, self._feed_forward)
+
+
+class _FrozenStack:
+    """Token embedding, positions, the layers and the final LayerNorm (pre-LN) of an encoder or decoder."""
+
+    def __init__(self, stack: nn.Module, cfg: Any) -> None:
+        self.d_model = cfg.d_model
+        self.embed = stack.embed_tokens.weight.detach()  # (V,D)
+        self.embed_scale = stack.embed_tokens.scale
+        self.positions = stack.embed_positions.weight.detach()  # (P,D)
+        self.max_positions = stack.embed_positions.max_positions
+        self.layers = [_FrozenLayer(layer, cfg) for layer in stack.layers]
+        self.final_norm = _layer_norm(stack.final_norm) if stack.final_norm is not None else None
+
+    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        """tokens (B,T) at positions offset.. -> x (B*T,D): TokenEmbedding + PositionalEncoding, same ops."""
+        b, t = tokens.shape
+        if offset + t > self.max_positions:
+            raise TransformerError(
+                f"sequence of {offset + t} tokens is longer than the model's maximum of {self.max_positions} "
+                "positions (model.max_positions); shorten the input"
+            )
+        x = F.embedding(tokens, self.embed) * self.embed_scale + self.positions[offset : offset + t]  # (B,T,D)
+        return x.view(b * t, self.d_model)
+
+    def finish(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, *self.final_norm) if self.final_norm is not None else x
+
+
+class _FrozenEncoder(_FrozenStack):
+    """The encoder: what :class:`~transformer.model.transformer.Encoder` computes, in the frozen layout."""
+
+    def __call__(self, src_tokens: Tensor) -> EncoderOut:
+        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
+        b, s = src_tokens.shape
+        src_mask = src_tokens.ne(PAD_ID)  # (B,S)
+        padded = not bool(src_mask.all())
+        attn_mask = src_mask[:, None, None, :] if padded else None  # (B,1,1,S)
+        x = self.embed_tokens(src_tokens)  # (B*S,D)
+        for layer in self.layers:
+            x = layer(x, b, s, self_mask=attn_mask)
+        return EncoderOut(self.finish(x).view(b, s, self.d_model), src_mask, padded)
+
+
+class _FrozenDecoder(_FrozenStack):
     """The decoder stack and output layer of ``model`` for incremental decoding."""
 
     def __init__(self, model: nn.Module) -> None:
-        cfg = model.cfg
-        dec = model.decoder
-        self.cfg = cfg
-        self.n_heads = cfg.n_heads
-        self.d_model = cfg.d_model
-        self.norm_first = cfg.norm_first
-        self.embed = dec.embed_tokens.weight.detach()  # (V,D)
-        self.embed_scale = dec.embed_tokens.scale
-        self.positions = dec.embed_positions.weight.detach()  # (P,D)
-        self.max_positions = dec.embed_positions.max_positions
-        self.layers = [_FrozenLayer(layer) for layer in dec.layers]
-        self.final_norm = _layer_norm(dec.final_norm) if dec.final_norm is not None else None
+        super().__init__(model.decoder, model.cfg)
+        self.n_heads = model.cfg.n_heads
         if any(layer.cross for layer in self.layers):  # every layer's cross k/v in one product
-            self.cross_kv = _linear(*[m for layer in dec.layers for m in (layer.cross_attn.k_proj,
-                                                                         layer.cross_attn.v_proj)])
+            self.cross_kv = _linear(*[m for layer in model.decoder.layers
+                                      for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)])
         self.output = _linear(model.output.lm_head, packed_from=OUTPUT_PACKED_FROM_ROWS)
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
@@ -199,21 +271,12 @@ class _FrozenDecoder:
              memory_mask: Optional[Tensor] = None) -> Tensor:
         """tokens (B,T): the new positions -> logits (B,T,V), appending their keys/values to ``cache``."""
         b, t = tokens.shape
-        d, h = self.d_model, self.n_heads
-        dh = d // h
         if not cache.layers:
             cache.layers.extend(LayerCache() for _ in self.layers)
         past = cache.length
-        if past + t > self.max_positions:
-            raise TransformerError(
-                f"sequence of {past + t} tokens is longer than the model's maximum of {self.max_positions} "
-                "positions (model.max_positions); shorten the input"
-            )
+        x = self.embed_tokens(tokens, offset=past)  # (N,D)
         if memory is not None and cache.layers[0].cross_kv is None:
             self.project_memory(memory, cache)
-        # the same operations as TokenEmbedding + PositionalEncoding, in the same order
-        x = F.embedding(tokens, self.embed) * self.embed_scale + self.positions[past : past + t]  # (B,T,D)
-        x = x.view(b * t, d)  # (N,D)
         if past == 0:
             is_causal, self_mask = t > 1, None
         elif t == 1:
@@ -221,27 +284,8 @@ class _FrozenDecoder:
         else:
             is_causal, self_mask = False, _causal_mask(t, past + t, tokens.device)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            # self-attention
-            y = F.layer_norm(x, *layer.self_norm) if self.norm_first else x
-            q, k, v = layer.qkv(y).reshape(b, t, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B,H,T,Dh)
-            k, v = layer_cache.self_attn.update(k, v)  # (B,H,past+T,Dh)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=is_causal)  # (B,H,T,Dh)
-            y = layer.self_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
-            x = x + y if self.norm_first else F.layer_norm(x + y, *layer.self_norm)
-            # cross-attention
-            if layer.cross:
-                y = F.layer_norm(x, *layer.cross_norm) if self.norm_first else x
-                q = layer.cross_q(y).reshape(b, t, h, dh).transpose(1, 2)  # (B,H,T,Dh)
-                a = F.scaled_dot_product_attention(q, *layer_cache.cross_kv, attn_mask=memory_mask)
-                y = layer.cross_out(a.transpose(1, 2).reshape(b * t, d))
-                x = x + y if self.norm_first else F.layer_norm(x + y, *layer.cross_norm)
-            # feed-forward
-            y = F.layer_norm(x, *layer.ffn_norm) if self.norm_first else x
-            y = layer.fc2(layer.activation(layer.fc1(y)))
-            x = x + y if self.norm_first else F.layer_norm(x + y, *layer.ffn_norm)
-        if self.final_norm is not None:
-            x = F.layer_norm(x, *self.final_norm)
-        logits = self.output(x)  # (N,V)
+            x = layer(x, b, t, layer_cache, self_mask, is_causal, memory_mask)
+        logits = self.output(self.finish(x))  # (N,V)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
         return logits.reshape(b, t, -1)
@@ -255,11 +299,11 @@ class FrozenTransformer:
 
     def __init__(self, model: Transformer) -> None:
         self.cfg = model.cfg
-        self.encoder = model.encoder
+        self.encoder = _FrozenEncoder(model.encoder, model.cfg)
         self.decoder = _FrozenDecoder(model)
 
     def encode(self, src_tokens: Tensor) -> EncoderOut:
-        """src_tokens (B,S) -> EncoderOut, by the model's own encoder."""
+        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
         with torch.no_grad():
             return self.encoder(src_tokens)
 
@@ -292,8 +336,8 @@ class FrozenLM:
 def freeze(model: nn.Module) -> Any:
     """An inference-only :class:`FrozenTransformer` or :class:`FrozenLM` of ``model`` (float or int8).
 
-    The frozen object shares the model's encoder and copies the decoder's weights into its own layouts
-    (about one more copy of the decoder and output weights); later changes to ``model`` do not reach it.
+    The frozen object copies the weights into its own layouts (about two more copies of the model's
+    Linear weights, and one of the output projection for oneDNN); later changes to ``model`` do not reach it.
 
     Raises:
         TransformerError: ``model`` is neither a ``Transformer`` nor a ``TransformerLM``, or is in training mode.
