@@ -152,3 +152,22 @@ def test_frozen_model_checks_the_position_limit():
     frozen.decode(_tokens(1, 60), cache)
     with pytest.raises(TransformerError, match="maximum of 64 positions"):
         frozen.decode(_tokens(1, 5), cache)
+
+
+@torch.no_grad()
+def test_one_row_products_split_across_threads_equal_the_model():
+    """Frozen with several threads, a one-row product runs as a batched product of row blocks of W."""
+    model = _transformer(norm_first=True, final_logits_bias=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        frozen = freeze(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert frozen.decoder.layers[0].qkv.blocks is not None and frozen.decoder.output.blocks is None
+    tgt = _tokens(1, 6)
+    enc, frozen_enc = model.encode(SRC[:1]), frozen.encode(SRC[:1])
+    cache, frozen_cache = model.new_cache(), frozen.new_cache()
+    for t in range(tgt.size(1)):
+        torch.testing.assert_close(frozen.decode(tgt[:, t : t + 1], frozen_enc, frozen_cache),
+                                   model.decode(tgt[:, t : t + 1], enc, cache), atol=2e-5, rtol=1e-5)

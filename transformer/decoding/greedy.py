@@ -32,10 +32,12 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
     logprob = torch.zeros(batch_size, dtype=torch.float32, device=src_tokens.device)
     # (B, max_len): the output of each original row, EOS-filled past its end
     out_tokens = torch.full((batch_size, int(max_len.max())), EOS_ID, dtype=torch.long, device=src_tokens.device)
+    first_limit = int(max_len.min())  # no active row reaches its length limit before this step
     for step in range(int(max_len.max())):
         logprobs = next_token_logprobs(model.decode(last, enc, cache)[:, -1])  # (n,V)
-        at_limit = step + 1 >= max_len[active]  # (n,)
-        if bool(at_limit.any()):
+        at_limit = None
+        if step + 1 >= first_limit:
+            at_limit = step + 1 >= max_len[active]  # (n,)
             # The last allowed position: only EOS may follow.
             eos_only = torch.full_like(logprobs, NEG_INF)
             eos_only[:, EOS_ID] = logprobs[:, EOS_ID]
@@ -43,14 +45,16 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
         best_logprob, best = logprobs.max(dim=-1)  # (n,), (n,)
         out_tokens[active, step] = best
         logprob[active] += best_logprob
-        done = best.eq(EOS_ID) | at_limit  # (n,)
-        if bool(done.all()):
+        done = best.eq(EOS_ID) if at_limit is None else best.eq(EOS_ID) | at_limit  # (n,)
+        n_done = int(done.sum())  # one host read per step
+        if n_done == done.numel():
             break
-        if bool(done.any()):
+        if n_done:
             keep = (~done).nonzero().squeeze(1)  # (n',)
             cache.reorder(keep)
             enc = enc.reorder(keep)
             active, best = active[keep], best[keep]
+            first_limit = int(max_len[active].min())
         last = best[:, None]  # (n,) -> (n,1)
     hyps = []
     for i, row in enumerate(out_tokens.tolist()):

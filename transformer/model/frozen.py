@@ -59,7 +59,11 @@ def _onednn_available(weight: Tensor) -> bool:
 class _Dense:
     """``x @ W^T + b`` for x (N, in) -> (N, out), by the product that is fastest for N on the CPU:
 
-    * one row, or more than ``COLUMN_ROWS``: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out) transpose;
+    * one row, with several threads (the layers' products): ``W x^T + b`` as a batched product of ``threads``
+      row blocks of ``W`` (``baddbmm``), which runs the blocks in parallel where MKL runs a one-row product on
+      one thread: 1.1-1.3x faster decoder steps at batch 1 on 2 threads (reading the weights is the cost);
+    * one row otherwise, or more than ``COLUMN_ROWS``: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out)
+      transpose;
     * 2 to ``COLUMN_ROWS`` rows: the transposed product ``(W x^T + b)^T`` by the contiguous (out, in) ``W``;
       MKL runs this shape 1.3-1.8x faster than ``x W_t`` at 4 rows (it returns a transposed view);
     * from ``packed_from`` rows (float32 on a CPU with oneDNN, used for the output projection): oneDNN's
@@ -78,9 +82,18 @@ class _Dense:
         self.packed_from = packed_from if packed_from is not None and _onednn_available(weight) else None
         if self.packed_from is not None:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # oneDNN's blocked layout
+        out, d_in = weight.shape
+        blocks = torch.get_num_threads()  # the threads at freezing time
+        self.blocks = None
+        if packed_from is None and blocks > 1 and out % blocks == 0:
+            self.blocks = (self.weight.view(blocks, out // blocks, d_in),  # views of W and b, no copies
+                           (self.bias if self.bias is not None else weight.new_zeros(out)).view(blocks, -1, 1))
 
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out), possibly a transposed view
         rows = x.size(0)
+        if rows == 1 and self.blocks is not None:
+            weight, bias = self.blocks  # (P, out/P, in), (P, out/P, 1)
+            return torch.baddbmm(bias, weight, x.t().expand(weight.size(0), -1, 1)).view(1, -1)  # (P,out/P,1) -> (1,out)
         if self.packed_from is not None and rows >= self.packed_from:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if 2 <= rows <= COLUMN_ROWS:
