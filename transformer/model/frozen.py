@@ -20,8 +20,10 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
 
-The encoder is frozen the same way (it runs once per sentence). The KV cache is the model's
-:class:`~transformer.model.DecoderCache`, so searches reorder it as before.
+The encoder is frozen the same way and, like CTranslate2's, skips padding in its position-wise parts;
+``encode`` also computes every decoder layer's cross-attention keys and values, once per source (beam
+search then copies them to the beams instead of projecting the source once per beam). The KV cache is the
+model's :class:`~transformer.model.DecoderCache`, so searches reorder it as before.
 
 Shapes: B batch, T new target positions, S source length, D model width, H heads, Dh = D / H, V vocabulary,
 N = B*T rows.
@@ -29,6 +31,7 @@ N = B*T rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -187,14 +190,18 @@ class _FrozenLayer:
         return F.layer_norm(x + sublayer(x, *args), *norm)
 
     def _self_attention(self, y: Tensor, b: int, t: int, cache: Optional[KVCache], mask: Optional[Tensor],
-                        is_causal: bool) -> Tensor:
+                        is_causal: bool, rows: Optional[Tensor]) -> Tensor:
         d = y.size(1)
         h = d // self.head_dim
-        q, k, v = self.qkv(y).reshape(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,Dh)
+        qkv = self.qkv(y)  # (N,3D)
+        if rows is not None:  # y holds the real tokens only: put them back in their (B*T) places for attention
+            qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, rows, qkv)
+        q, k, v = qkv.reshape(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,Dh)
         if cache is not None:
             k, v = cache.update(k, v)  # (B,H,past+T,Dh)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B,H,T,Dh)
-        return self.self_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
+        a = a.transpose(1, 2).reshape(b * t, d)  # (B*T,D)
+        return self.self_out(a if rows is None else a.index_select(0, rows))  # (N,D)
 
     def _cross_attention(self, y: Tensor, b: int, t: int, kv: tuple[Tensor, Tensor], mask: Optional[Tensor]) -> Tensor:
         d = y.size(1)
@@ -207,12 +214,15 @@ class _FrozenLayer:
 
     def __call__(self, x: Tensor, b: int, t: int, cache: Optional[LayerCache] = None,
                  self_mask: Optional[Tensor] = None, is_causal: bool = False,
-                 memory_mask: Optional[Tensor] = None) -> Tensor:
-        """x (N,D) with N = B*T rows -> (N,D). A decoder layer appends its keys/values to ``cache``."""
+                 cross_kv: Optional[tuple[Tensor, Tensor]] = None, memory_mask: Optional[Tensor] = None,
+                 rows: Optional[Tensor] = None) -> Tensor:
+        """x (N,D) -> (N,D): N = B*T rows, or with ``rows`` (N,) only the rows of real tokens among the B*T
+        (an encoder skipping its padding). A decoder layer appends its keys/values to ``cache`` and attends
+        to the source's ``cross_kv`` (each (B,H,S,Dh))."""
         x = self._residual(x, self.self_norm, self._self_attention, b, t,
-                           cache.self_attn if cache is not None else None, self_mask, is_causal)
+                           cache.self_attn if cache is not None else None, self_mask, is_causal, rows)
         if self.cross:
-            x = self._residual(x, self.cross_norm, self._cross_attention, b, t, cache.cross_kv, memory_mask)
+            x = self._residual(x, self.cross_norm, self._cross_attention, b, t, cross_kv, memory_mask)
         return self._residual(x, self.ffn_norm, self._feed_forward)
 
 
@@ -243,19 +253,43 @@ class _FrozenStack:
         return F.layer_norm(x, *self.final_norm) if self.final_norm is not None else x
 
 
-class _FrozenEncoder(_FrozenStack):
-    """The encoder: what :class:`~transformer.model.transformer.Encoder` computes, in the frozen layout."""
+@dataclass
+class FrozenEncoderOut(EncoderOut):
+    """What the frozen decoder needs from the source: :class:`EncoderOut` plus every decoder layer's
+    cross-attention keys and values, computed once per source; reordered with the rest."""
 
-    def __call__(self, src_tokens: Tensor) -> EncoderOut:
-        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
+    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, each (B,H,S,Dh)
+
+    def reorder(self, new_order: Tensor) -> "FrozenEncoderOut":
+        return FrozenEncoderOut(
+            self.memory.index_select(0, new_order), self.src_mask.index_select(0, new_order), self.padded,
+            [(k.index_select(0, new_order), v.index_select(0, new_order)) for k, v in self.cross_kv],
+        )
+
+
+class _FrozenEncoder(_FrozenStack):
+    """The encoder: what :class:`~transformer.model.transformer.Encoder` computes, in the frozen layout.
+
+    Like CTranslate2, it skips padding: the position-wise parts (projections, feed-forward, LayerNorms) run on
+    the real tokens only, and only attention sees the padded (B,S) layout. Padding positions of the memory
+    are zeros (the model leaves other values there; attention masks them out either way).
+    """
+
+    def __call__(self, src_tokens: Tensor) -> tuple[EncoderOut, Optional[Tensor]]:
+        """src_tokens (B,S) -> (EncoderOut(memory (B,S,D), src_mask (B,S)), the real rows of B*S or None)."""
         b, s = src_tokens.shape
         src_mask = src_tokens.ne(PAD_ID)  # (B,S)
         padded = not bool(src_mask.all())
         attn_mask = src_mask[:, None, None, :] if padded else None  # (B,1,1,S)
         x = self.embed_tokens(src_tokens)  # (B*S,D)
+        rows = src_mask.view(-1).nonzero().squeeze(1) if padded else None  # (N,) real tokens
+        if rows is not None:
+            x = x.index_select(0, rows)  # (N,D)
         for layer in self.layers:
-            x = layer(x, b, s, self_mask=attn_mask)
-        return EncoderOut(self.finish(x).view(b, s, self.d_model), src_mask, padded)
+            x = layer(x, b, s, self_mask=attn_mask, rows=rows)
+        x = self.finish(x)
+        memory = x if rows is None else x.new_zeros(b * s, self.d_model).index_copy_(0, rows, x)
+        return EncoderOut(memory.view(b, s, self.d_model), src_mask, padded), rows
 
 
 class _FrozenDecoder(_FrozenStack):
@@ -271,33 +305,35 @@ class _FrozenDecoder(_FrozenStack):
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
 
-    def project_memory(self, memory: Tensor, cache: DecoderCache) -> None:
-        """Every layer's cross-attention keys and values of ``memory`` (B,S,D), into the cache."""
+    def project_memory(self, memory: Tensor, rows: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's cross-attention keys and values (each (B,H,S,Dh)) of ``memory`` (B,S,D), in one
+        product; with ``rows``, of those rows of B*S only (the rest, padding, get zeros)."""
         b, s, d = memory.shape
         h, dh, n_layers = self.n_heads, d // self.n_heads, len(self.layers)
-        kv = self.cross_kv(memory.reshape(b * s, d))  # (B*S, L*2*D)
+        x = memory.reshape(b * s, d)
+        kv = self.cross_kv(x if rows is None else x.index_select(0, rows))  # (N, L*2*D)
+        if rows is not None:
+            kv = kv.new_zeros(b * s, kv.size(1)).index_copy_(0, rows, kv)  # (B*S, L*2*D)
         kv = kv.reshape(b, s, n_layers, 2, h, dh).permute(2, 3, 0, 4, 1, 5).contiguous()  # (L,2,B,H,S,Dh)
-        for i, layer_cache in enumerate(cache.layers):
-            layer_cache.cross_kv = (kv[i, 0], kv[i, 1])
+        return [(kv[i, 0], kv[i, 1]) for i in range(n_layers)]
 
-    def step(self, tokens: Tensor, cache: DecoderCache, memory: Optional[Tensor] = None,
+    def step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]] = None,
              memory_mask: Optional[Tensor] = None) -> Tensor:
-        """tokens (B,T): the new positions -> logits (B,T,V), appending their keys/values to ``cache``."""
+        """tokens (B,T): the new positions -> logits (B,T,V), appending their keys/values to ``cache``;
+        ``cross_kv``: the source's keys and values for each layer (encoder-decoder)."""
         b, t = tokens.shape
         if not cache.layers:
             cache.layers.extend(LayerCache() for _ in self.layers)
         past = cache.length
         x = self.embed_tokens(tokens, offset=past)  # (N,D)
-        if memory is not None and cache.layers[0].cross_kv is None:
-            self.project_memory(memory, cache)
         if past == 0:
             is_causal, self_mask = t > 1, None
         elif t == 1:
             is_causal, self_mask = False, None
         else:
             is_causal, self_mask = False, _causal_mask(t, past + t, tokens.device)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer(x, b, t, layer_cache, self_mask, is_causal, memory_mask)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask)
         logits = self.output(self.finish(x))  # (N,V)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
@@ -315,19 +351,22 @@ class FrozenTransformer:
         self.encoder = _FrozenEncoder(model.encoder, model.cfg)
         self.decoder = _FrozenDecoder(model)
 
-    def encode(self, src_tokens: Tensor) -> EncoderOut:
-        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
+    def encode(self, src_tokens: Tensor) -> FrozenEncoderOut:
+        """src_tokens (B,S) -> memory (B,S,D), src_mask (B,S) and the decoder's cross-attention keys/values."""
         with torch.no_grad():
-            return self.encoder(src_tokens)
+            out, rows = self.encoder(src_tokens)
+            return FrozenEncoderOut(out.memory, out.src_mask, out.padded, self.decoder.project_memory(out.memory, rows))
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache()
 
     def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut, cache: Optional[DecoderCache] = None) -> Tensor:
-        """Logits (B,T,V) of the new ``tgt_tokens`` (B,T); without a cache, ``tgt_tokens`` is the whole prefix."""
+        """Logits (B,T,V) of the new ``tgt_tokens`` (B,T); without a cache, ``tgt_tokens`` is the whole prefix.
+        ``encoder_out`` comes from :meth:`encode` (a plain :class:`EncoderOut` works too, projected here)."""
         with torch.no_grad():
-            return self.decoder.step(tgt_tokens, cache if cache is not None else DecoderCache(),
-                                     encoder_out.memory, encoder_out.attn_mask())
+            cross_kv = getattr(encoder_out, "cross_kv", None) or self.decoder.project_memory(encoder_out.memory)
+            return self.decoder.step(tgt_tokens, cache if cache is not None else DecoderCache(), cross_kv,
+                                     encoder_out.attn_mask())
 
 
 class FrozenLM:
