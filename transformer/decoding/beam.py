@@ -90,26 +90,30 @@ def beam_search(
     batch_size = src_tokens.size(0)
     max_len = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model))  # (B,)
     beam_offsets = torch.arange(beam, device=device)  # (K,)
+    cand_order = torch.arange(2 * beam, device=device)  # (2K,)
+    first_rows = torch.arange(0, batch_size * beam, beam, device=device)[:, None]  # (B,1): row of beam 0
 
     # Each source repeated once per beam: rows b*K .. b*K+K-1 belong to sentence b.
     enc = model.encode(src_tokens).reorder(torch.arange(batch_size, device=device).repeat_interleave(beam))
     cache = model.new_cache()
-    sent_ids = torch.arange(batch_size, device=device)  # (n,) original index of each active sentence
+    # Per active sentence, on the host: its original index and length limit (bookkeeping without device reads).
+    sent_ids = list(range(batch_size))
+    limits = max_len.tolist()
     scores = torch.full((batch_size, beam), NEG_INF, device=device)  # (n,K)
     scores[:, 0] = 0.0
     tokens = torch.full((batch_size, beam, 1), BOS_ID, dtype=torch.long, device=device)  # (n,K,t): BOS + output
     finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
 
-    for step in range(int(max_len.max())):
-        n = sent_ids.numel()
+    for step in range(max(limits)):
+        n = len(sent_ids)
         logits = model.decode(tokens[:, :, -1].reshape(n * beam, 1), enc, cache)  # (n*K,1) -> (n*K,1,V)
         logprobs = next_token_logprobs(logits[:, -1]).view(n, beam, -1)  # (n*K,V) -> (n,K,V)
-        at_limit = step + 1 >= max_len[sent_ids]  # (n,)
-        if bool(at_limit.any()):
+        at_limit = [step + 1 >= limits[s] for s in sent_ids]  # (n,)
+        if any(at_limit):
             # The last allowed position: only EOS may follow.
             eos_only = torch.full_like(logprobs, NEG_INF)
             eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
-            logprobs = torch.where(at_limit[:, None, None], eos_only, logprobs)
+            logprobs = torch.where(torch.tensor(at_limit, device=device)[:, None, None], eos_only, logprobs)
 
         cand_scores, cand_beams, cand_tokens = beam_step(scores, logprobs, 2 * beam)  # each (n,2K)
         cand_eos = cand_tokens.eq(EOS_ID)  # (n,2K)
@@ -121,32 +125,38 @@ def beam_search(
             rows, cols = to_finish.nonzero(as_tuple=True)
             prefixes = tokens[rows, cand_beams[rows, cols], 1:].tolist()  # without BOS
             for i, prefix, logprob in zip(rows.tolist(), prefixes, cand_scores[rows, cols].tolist()):
-                done_list = finished[int(sent_ids[i])]
+                done_list = finished[sent_ids[i]]
                 if len(done_list) < beam:
                     done_list.append(Hypothesis(prefix, logprob / lp, logprob))
 
-        n_finished = torch.tensor([len(finished[s]) for s in sent_ids.tolist()], device=device)  # (n,)
-        keep = (~(at_limit | n_finished.ge(beam))).nonzero().squeeze(1)  # (n',) sentences still searching
-        if keep.numel() == 0:
+        # Sentences still searching: not at their limit and fewer than K finished hypotheses.
+        kept = [i for i, s in enumerate(sent_ids) if not at_limit[i] and len(finished[s]) < beam]
+        if not kept:
             break
+        pruned = len(kept) < n
+        if pruned:
+            keep = torch.tensor(kept, device=device)  # (n',)
+            cand_scores, cand_beams, cand_tokens, cand_eos = (
+                t.index_select(0, keep) for t in (cand_scores, cand_beams, cand_tokens, cand_eos))
 
         # The K best non-EOS candidates continue: sort EOS candidates after all others, keep rank order.
-        rank = cand_eos.long() * (2 * beam) + torch.arange(cand_eos.size(1), device=device)  # (n,2K)
-        chosen = rank.topk(beam, dim=1, largest=False).indices[keep]  # (n',K) candidate positions
-        next_beams = cand_beams[keep].gather(1, chosen)  # (n',K)
-        next_tokens = cand_tokens[keep].gather(1, chosen)  # (n',K)
-        scores = cand_scores[keep].gather(1, chosen)  # (n',K)
+        rank = cand_eos.long() * (2 * beam) + cand_order  # (n',2K)
+        chosen = rank.topk(beam, dim=1, largest=False).indices  # (n',K) candidate positions
+        next_beams = cand_beams.gather(1, chosen)  # (n',K)
+        next_tokens = cand_tokens.gather(1, chosen)  # (n',K)
+        scores = cand_scores.gather(1, chosen)  # (n',K)
 
         # Flat rows (of the n*K batch) that the new beams extend, in their new order.
-        rows = (keep[:, None] * beam + next_beams).view(-1)  # (n',K) -> (n'*K,)
-        if keep.numel() < n:
+        if pruned:
+            rows = (keep[:, None] * beam + next_beams).view(-1)  # (n',K) -> (n'*K,)
             cache.reorder(rows)
             # The encoder output is the same for all beams of a sentence: only pruning changes it.
             enc = enc.reorder((keep[:, None] * beam + beam_offsets).view(-1))  # (n'*K,)
+            sent_ids = [sent_ids[i] for i in kept]
         else:
+            rows = (first_rows[:n] + next_beams).view(-1)  # (n,K) -> (n*K,)
             cache.reorder_beams(rows)
-        prefix = tokens.view(n * beam, -1).index_select(0, rows).view(keep.numel(), beam, -1)  # (n',K,t)
+        prefix = tokens.view(n * beam, -1).index_select(0, rows).view(len(kept), beam, -1)  # (n',K,t)
         tokens = torch.cat([prefix, next_tokens.unsqueeze(2)], dim=2)  # (n',K,t+1)
-        sent_ids = sent_ids[keep]
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -193,7 +193,7 @@ class _FrozenLayer:
                         is_causal: bool, rows: Optional[Tensor]) -> Tensor:
         d = y.size(1)
         h = d // self.head_dim
-        qkv = self.qkv(y)  # (N,3D)
+        qkv = self.qkv(y).contiguous()  # (N,3D); SDPA's fused CPU kernel wants unit-stride heads
         if rows is not None:  # y holds the real tokens only: put them back in their (B*T) places for attention
             qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, rows, qkv)
         q, k, v = qkv.reshape(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,Dh)
@@ -205,7 +205,7 @@ class _FrozenLayer:
 
     def _cross_attention(self, y: Tensor, b: int, t: int, kv: tuple[Tensor, Tensor], mask: Optional[Tensor]) -> Tensor:
         d = y.size(1)
-        q = self.cross_q(y).reshape(b, t, d // self.head_dim, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
+        q = self.cross_q(y).contiguous().view(b, t, d // self.head_dim, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
         a = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)  # (B,H,T,Dh)
         return self.cross_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
 
