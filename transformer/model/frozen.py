@@ -9,13 +9,14 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
 
 * The step is a flat sequence of ``torch`` calls on (rows, D) matrices: no ``nn.Module`` dispatch, no
   dropout or mode checks, no reshapes beyond the head split that attention needs.
-* Each Linear's weight is transposed once to a contiguous (in, out) matrix for ``addmm``; self-attention's
-  q, k and v projections are one (D, 3D) product per layer and step instead of three; cross-attention's
-  keys and values of *all* layers are one (D, L*2D) product over the source, once per sentence.
-* The output projection (the largest product of a step) uses the layout that is fastest for the number of
-  rows: the (D, V) transposed weight at one row, and oneDNN's pre-packed weight (``mkldnn`` linear, as
-  inductor's freezing does) from two rows on, where it is 1.2-4.2x faster than MKL on the benchmark CPU
-  (``benchmarks/bench_micro.py --parts frozen``).
+* Self-attention's q, k and v projections are one (D, 3D) product per layer and step instead of three;
+  cross-attention's keys and values of *all* layers are one (D, L*2D) product over the source, once per
+  sentence.
+* Each product takes the form that is fastest for its number of rows (see :class:`_Dense`): at one row, row
+  blocks of the weight multiplied in parallel (MKL runs a one-row product on one thread); from 2 to 16 rows,
+  MKL's transposed product; above, ``addmm`` by a pre-transposed weight; and for the output projection, the
+  largest product of a step, oneDNN's pre-packed weight (``mkldnn`` linear, as inductor's freezing does) from
+  two rows on, 1.2-4.2x faster than MKL on the benchmark CPU (``benchmarks/bench_micro.py --parts frozen``).
 * An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
