@@ -10,8 +10,11 @@
    (in, out) transposed weight against oneDNN's linear with its pre-packed weight, at 1 to 128 rows, for
    the decoder's shapes (256 -> 768 is the fused q/k/v); (b) one decoder step of a ``small`` model (random
    weights, 16 source tokens, 20 target positions already cached), the ``nn.Module`` against its frozen copy.
+4. ``overhead``: the Python cost of a frozen decoder step at one row: the same step (position 20, batch 1)
+   run from Python against a ``torch.jit.trace`` of it, which replays the ATen calls without the
+   interpreter (a diagnostic only: tracing fixes the position and batch, so decoding cannot use it).
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -107,6 +110,46 @@ def run_frozen() -> None:
         print(f"| {rows} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.2f}x |")
 
 
+@torch.inference_mode()
+def run_overhead() -> None:
+    import warnings
+
+    from transformer.config import preset
+    from transformer.model import Transformer
+    from transformer.model.frozen import freeze
+
+    torch.manual_seed(0)
+    cfg = preset("small")
+    frozen = freeze(Transformer(cfg, 8000, 8000).eval())
+    dec, pos, heads, d = frozen.decoder, 20, cfg.n_heads, cfg.d_model
+    cross_kv = frozen.encode(torch.randint(4, 8000, (1, 16))).cross_kv
+    caches = [torch.zeros(1, heads, 32, d // heads) for _ in range(2 * len(dec.layers))]
+
+    def step(tokens, *kv):  # the frozen step at a fixed position, its cache buffers as inputs
+        x = dec.embed_tokens(tokens, offset=pos)
+        for i, layer in enumerate(dec.layers):
+            def self_attention(y, k_cache=kv[2 * i], v_cache=kv[2 * i + 1], layer=layer):
+                q, k, v = layer.qkv(y).contiguous().view(1, 1, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+                k_cache[:, :, pos : pos + 1] = k
+                v_cache[:, :, pos : pos + 1] = v
+                a = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+                return layer.self_out(a.transpose(1, 2).reshape(1, d))
+            x = layer._residual(x, layer.self_norm, self_attention)
+            x = layer._residual(x, layer.cross_norm, layer._cross_attention, 1, 1, cross_kv[i], None)
+            x = layer._residual(x, layer.ffn_norm, layer._feed_forward)
+        return dec.output(dec.finish(x))
+
+    inputs = (torch.full((1, 1), 5), *caches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice and tracer warnings
+        traced = torch.jit.trace(step, inputs, check_trace=False)
+    torch.testing.assert_close(traced(*inputs), step(*inputs))
+    python, replay = best_seconds(lambda: step(*inputs), 100), best_seconds(lambda: traced(*inputs), 100)
+    print("\n== one frozen decoder step at one row (`small`, random weights, position 20) ==")
+    print(f"from Python: {python * 1e3:.2f} ms; traced (no interpreter): {replay * 1e3:.2f} ms; "
+          f"Python's share: {(python - replay) * 1e3:.2f} ms ({(python - replay) / python:.0%})")
+
+
 def run_collate(args) -> None:
     from transformer.data.batching import sampler_for
     from transformer.data.cache import TokenArray
@@ -132,7 +175,7 @@ def run_collate(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
-    parser.add_argument("--parts", default="projection,collate,frozen")
+    parser.add_argument("--parts", default="projection,collate,frozen,overhead")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     args = parser.parse_args()
@@ -145,6 +188,8 @@ def main() -> None:
         run_collate(args)
     if "frozen" in parts:
         run_frozen()
+    if "overhead" in parts:
+        run_overhead()
 
 
 if __name__ == "__main__":
