@@ -76,6 +76,14 @@ def test_frozen_steps_equal_the_models_steps(variant, rows):
     model.decode(tgt[:, :3], enc, ref_cache), frozen.decode(tgt[:, :3], frozen_enc, frozen_cache)
     torch.testing.assert_close(frozen.decode(tgt[:, 3:7], frozen_enc, frozen_cache),
                                model.decode(tgt[:, 3:7], enc, ref_cache), atol=2e-5, rtol=1e-5)
+    # step by step on the model's EncoderOut: its memory is projected once, into the cache
+    ref_cache, frozen_cache = model.new_cache(), frozen.new_cache()
+    for t in range(3):
+        torch.testing.assert_close(frozen.decode(tgt[:, t : t + 1], enc, frozen_cache),
+                                   model.decode(tgt[:, t : t + 1], enc, ref_cache), atol=2e-5, rtol=1e-5)
+        kv = frozen_cache.layers[0].cross_kv
+        assert kv is not None and (t == 0 or kv is first_kv)  # projected once, then reused
+        first_kv = kv
 
 
 @torch.no_grad()

@@ -364,10 +364,17 @@ class FrozenTransformer:
     def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut, cache: Optional[DecoderCache] = None) -> Tensor:
         """Logits (B,T,V) of the new ``tgt_tokens`` (B,T); without a cache, ``tgt_tokens`` is the whole prefix.
         ``encoder_out`` comes from :meth:`encode` (a plain :class:`EncoderOut` works too, projected here)."""
+        cache = cache if cache is not None else DecoderCache()
         with torch.no_grad():
-            cross_kv = getattr(encoder_out, "cross_kv", None) or self.decoder.project_memory(encoder_out.memory)
-            return self.decoder.step(tgt_tokens, cache if cache is not None else DecoderCache(), cross_kv,
-                                     encoder_out.attn_mask())
+            cross_kv = getattr(encoder_out, "cross_kv", None)
+            if cross_kv is None:  # the model's own EncoderOut: project the memory once, kept (and reordered) in the cache
+                if not cache.layers:
+                    cache.layers.extend(LayerCache() for _ in self.decoder.layers)
+                if cache.layers[0].cross_kv is None:
+                    for layer_cache, kv in zip(cache.layers, self.decoder.project_memory(encoder_out.memory)):
+                        layer_cache.cross_kv = kv
+                cross_kv = [layer_cache.cross_kv for layer_cache in cache.layers]
+            return self.decoder.step(tgt_tokens, cache, cross_kv, encoder_out.attn_mask())
 
 
 class FrozenLM:
