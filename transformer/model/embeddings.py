@@ -20,6 +20,15 @@ def sinusoidal_table(n_positions: int, d_model: int) -> Tensor:
     return table.float()
 
 
+def check_positions(n: int, max_positions: int) -> None:
+    """Raise a clear error when a sequence of ``n`` positions does not fit the model's positions."""
+    if n > max_positions:
+        raise TransformerError(
+            f"sequence of {n} tokens is longer than the model's maximum of {max_positions} "
+            "positions (model.max_positions); shorten the input"
+        )
+
+
 class TokenEmbedding(nn.Embedding):
     """Embedding lookup multiplied by ``scale`` (sqrt(d_model) in the paper)."""
 
@@ -48,9 +57,5 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         t = x.size(1)
-        if offset + t > self.max_positions:
-            raise TransformerError(
-                f"sequence of {offset + t} tokens is longer than the model's maximum of {self.max_positions} "
-                "positions (model.max_positions); shorten the input"
-            )
+        check_positions(offset + t, self.max_positions)
         return x + self.weight[offset : offset + t]  # (B,T,D) + (T,D)

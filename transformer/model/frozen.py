@@ -42,9 +42,10 @@ from torch import Tensor, nn
 from transformer.data.vocab import PAD_ID
 from transformer.errors import TransformerError
 from transformer.model.attention import KVCache
+from transformer.model.embeddings import check_positions
 from transformer.model.layers import LayerCache
 from transformer.model.transformer import (
-    DecoderCache, EncoderOut, Transformer, TransformerLM, _causal_mask,
+    DecoderCache, EncoderOut, Transformer, TransformerLM, self_attention_mask,
 )
 
 
@@ -242,11 +243,7 @@ class _FrozenStack:
     def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
         """tokens (B,T) at positions offset.. -> x (B*T,D): TokenEmbedding + PositionalEncoding, same ops."""
         b, t = tokens.shape
-        if offset + t > self.max_positions:
-            raise TransformerError(
-                f"sequence of {offset + t} tokens is longer than the model's maximum of {self.max_positions} "
-                "positions (model.max_positions); shorten the input"
-            )
+        check_positions(offset + t, self.max_positions)
         x = F.embedding(tokens, self.embed) * self.embed_scale + self.positions[offset : offset + t]  # (B,T,D)
         return x.view(b * t, self.d_model)
 
@@ -327,12 +324,7 @@ class _FrozenDecoder(_FrozenStack):
             cache.layers.extend(LayerCache() for _ in self.layers)
         past = cache.length
         x = self.embed_tokens(tokens, offset=past)  # (N,D)
-        if past == 0:
-            is_causal, self_mask = t > 1, None
-        elif t == 1:
-            is_causal, self_mask = False, None
-        else:
-            is_causal, self_mask = False, _causal_mask(t, past + t, tokens.device)
+        is_causal, self_mask = self_attention_mask(t, past, tokens.device)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask)
         logits = self.output(self.finish(x))  # (N,V)

@@ -63,6 +63,20 @@ class DecoderCache:
             layer.reorder(new_order, sources_changed=False)
 
 
+def self_attention_mask(t_new: int, past: int, device: torch.device) -> tuple[bool, Optional[Tensor]]:
+    """``(is_causal, attn_mask)`` for the decoder's self-attention over ``past`` cached and ``t_new`` new positions.
+
+    Right padding means a real query never sees a pad key under the causal mask, so there is no padding mask.
+    Without a past, SDPA's ``is_causal`` (also right for one position; never a SymBool under compile); one new
+    position sees everything; several new positions after a past need an explicit mask.
+    """
+    if past == 0:
+        return True, None
+    if t_new == 1:
+        return False, None
+    return False, _causal_mask(t_new, past + t_new, device)
+
+
 def _causal_mask(t_new: int, t_total: int, device: torch.device) -> Tensor:
     """(1,1,T_new,T_total) bool: query i (at absolute position t_total - t_new + i) sees keys up to itself."""
     q_pos = torch.arange(t_total - t_new, t_total, device=device)[:, None]
@@ -95,13 +109,7 @@ class Decoder(nn.Module):
             cache.layers.extend(LayerCache() for _ in self.layers)
         t = tokens.size(1)
         x = self.dropout(self.embed_positions(self.embed_tokens(tokens), offset=past))  # (B,T,D)
-        # Right padding means a real query never sees a pad key under the causal mask, so no padding mask.
-        if past == 0:
-            is_causal, self_attn_mask = True, None  # (also right for t == 1; never a SymBool under compile)
-        elif t == 1:
-            is_causal, self_attn_mask = False, None
-        else:
-            is_causal, self_attn_mask = False, _causal_mask(t, past + t, tokens.device)
+        is_causal, self_attn_mask = self_attention_mask(t, past, tokens.device)
         for i, layer in enumerate(self.layers):
             x = layer(
                 x, memory, memory_mask, self_attn_mask, is_causal, cache.layers[i] if cache is not None else None
