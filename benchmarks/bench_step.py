@@ -15,26 +15,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import convert_ct2, pad_batch  # noqa: E402
-from common import describe_machine, machine_info, read_lines, setup_device  # noqa: E402
+from common import describe_machine, machine_info, read_lines, setup_device, time_call  # noqa: E402
 
 from transformer.data.vocab import BOS_ID, EOS_ID  # noqa: E402
 
 
 def best_of(fn, repeats: int = 5) -> float:
+    """Best of ``repeats`` timed calls after one untimed call."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(time_call(fn, "cpu") for _ in range(repeats))
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from transformer.decoding.common import length_penalty as gnmt_length_penalty
 from transformer.decoding.common import max_positions
 from transformer.errors import TransformerError
 from transformer.model import Transformer, TransformerLM
-from transformer.model.frozen import freeze as freeze_model
+from transformer.model import freeze as freeze_model  # a name free for the ``freeze`` arguments below
 
 log = logging.getLogger(__name__)
 
