@@ -6,9 +6,10 @@
 2. ``collate``: building every training batch of one Multi30k epoch (token buckets of ``--max-tokens``)
    from the token cache, per-example (``collate([ds[i] for i in ids])``) against ``collate_indices``;
    the two must give the same tensors.
-3. ``frozen`` (session 4, ``transformer/model/frozen.py``): (a) a product by MKL's ``addmm`` with the
-   (in, out) transposed weight against oneDNN's linear with its pre-packed weight, at 1 to 128 rows, for
-   the decoder's shapes (256 -> 768 is the fused q/k/v); (b) one decoder step of a ``small`` model (random
+3. ``frozen`` (session 4, ``transformer/model/frozen.py``): (a) the product forms of ``frozen._Dense``
+   at 1 to 128 rows, for the decoder's shapes (256 -> 768 is the fused q/k/v): MKL's ``addmm`` by the (in, out)
+   transposed weight, MKL's transposed product by the (out, in) weight, at one row the weight as two row
+   blocks in one ``baddbmm`` (two threads), and oneDNN's linear with its pre-packed weight; (b) one decoder step of a ``small`` model (random
    weights, 16 source tokens, 20 target positions already cached), the ``nn.Module`` against its frozen copy.
 4. ``overhead``: the Python cost of a frozen decoder step at one row: the same step (position 20, batch 1)
    run from Python against a ``torch.jit.trace`` of it, which replays the ATen calls without the
@@ -67,36 +68,53 @@ def run_projection() -> None:
 
 @torch.no_grad()
 def run_frozen() -> None:
-    print("\n== products: MKL addmm(b, x, W (in,out)) against oneDNN linear(x, packed W) ==")
-    print("| layer | rows | MKL us | oneDNN us | oneDNN speed-up |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n== products (us): MKL addmm(b, x, W_t) by the (in,out) transpose; MKL (W x^T + b)^T by the (out,in) W; "
+          "at one row, W as 2 row blocks in one baddbmm; oneDNN linear(x, packed W) ==")
+    print("| layer | rows | MKL x W_t | MKL W x^T | row blocks | oneDNN | best / MKL x W_t |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
     for d_in, d_out in ((256, 8000), (256, 768), (256, 256), (256, 1024), (1024, 256)):
         w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
         wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, 32)
+        w_blocks, b_blocks = w.view(2, d_out // 2, d_in), b.view(2, -1, 1)
         for rows in (1, 2, 4, 16, 32, 128):
             x = torch.randn(rows, d_in)
-            mkl = lambda: torch.addmm(b, x, wt)  # noqa: E731
-            onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")  # noqa: E731
-            torch.testing.assert_close(mkl(), onednn(), rtol=1e-4, atol=1e-4)
+            forms = {
+                "x W_t": lambda: torch.addmm(b, x, wt),
+                "W x^T": lambda: torch.addmm(b[:, None], w, x.t()).t(),
+                "row blocks": (lambda: torch.baddbmm(b_blocks, w_blocks, x.t().expand(2, -1, 1)).view(1, -1))
+                if rows == 1 else None,
+                "oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""),
+            }
             inner = max(10, int(2000 / rows))
-            a, c = best_seconds(mkl, inner), best_seconds(onednn, inner)
-            print(f"| {d_in} -> {d_out} | {rows} | {a * 1e6:.1f} | {c * 1e6:.1f} | {a / c:.2f}x |")
+            us = {}
+            for name, fn in forms.items():
+                if fn is not None:
+                    torch.testing.assert_close(fn(), forms["x W_t"](), rtol=1e-4, atol=1e-4)
+                    us[name] = best_seconds(fn, inner) * 1e6
+            cells = " | ".join(f"{us[n]:.1f}" if n in us else "-" for n in forms)
+            print(f"| {d_in} -> {d_out} | {rows} | {cells} | {us['x W_t'] / min(us.values()):.2f}x |")
 
     from transformer.config import preset
-    from transformer.model import Transformer
+    from transformer.model import Transformer, frozen as frozen_module
     from transformer.model.frozen import freeze
 
     model = Transformer(preset("small"), 8000, 8000).eval()
     frozen = freeze(model)
-    print("\n== one decoder step, `small` (D=256, 3 decoder layers, V=8000), 20 positions cached ==")
-    print("| rows | nn.Module ms | frozen ms | speed-up |")
-    print("|---|---:|---:|---:|")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # row blocks are chosen at freezing time, by the thread count
+    frozen_no_blocks = freeze(model)
+    torch.set_num_threads(threads)
+    print("\n== one decoder step, `small` (D=256, 3 decoder layers, V=8000), 20 positions cached; the frozen step "
+          "also without its row blocks (1 row) and without MKL's transposed product (2-16 rows) ==")
+    print("| rows | nn.Module ms | frozen ms | speed-up | frozen, no row blocks ms | frozen, x W_t only ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    column_rows = frozen_module.COLUMN_ROWS
     for rows in (1, 4, 32, 128):
         src, prefix = torch.randint(4, 8000, (rows, 16)), torch.randint(4, 8000, (rows, 20))
         token = torch.randint(4, 8000, (rows, 1))
         times = []
-        for m in (model, frozen):
+        for m, column in ((model, column_rows), (frozen, column_rows), (frozen_no_blocks, column_rows), (frozen, 0)):
             enc = m.encode(src)
             cache = m.new_cache()
             m.decode(prefix, enc, cache)
@@ -106,8 +124,13 @@ def run_frozen() -> None:
                 for layer in cache.layers:  # back to 20 positions: every timed step is the same step
                     layer.self_attn.length = 20
 
-            times.append(best_seconds(step, max(5, int(200 / rows))))
-        print(f"| {rows} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.2f}x |")
+            frozen_module.COLUMN_ROWS = column
+            try:
+                times.append(best_seconds(step, max(5, int(200 / rows))))
+            finally:
+                frozen_module.COLUMN_ROWS = column_rows
+        print(f"| {rows} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.2f}x "
+              f"| {times[2] * 1e3:.2f} | {times[3] * 1e3:.2f} |")
 
 
 @torch.inference_mode()

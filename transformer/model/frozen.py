@@ -16,7 +16,7 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   blocks of the weight multiplied in parallel (MKL runs a one-row product on one thread); from 2 to 16 rows,
   MKL's transposed product; above, ``addmm`` by a pre-transposed weight; and for the output projection, the
   largest product of a step, oneDNN's pre-packed weight (``mkldnn`` linear, as inductor's freezing does) from
-  two rows on, 1.2-4.2x faster than MKL on the benchmark CPU (``benchmarks/bench_micro.py --parts frozen``).
+  two rows on, 1.2-3.7x faster than MKL on the benchmark CPU (``benchmarks/bench_micro.py --parts frozen``).
 * An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
@@ -66,14 +66,15 @@ class _Dense:
 
     * one row, with several threads (the layers' products): ``W x^T + b`` as a batched product of ``threads``
       row blocks of ``W`` (``baddbmm``), which runs the blocks in parallel where MKL runs a one-row product on
-      one thread: 1.1-1.3x faster decoder steps at batch 1 on 2 threads (reading the weights is the cost);
+      one thread: a 1.08x faster decoder step at one row on 2 threads (reading the weights is the cost);
     * one row otherwise, or more than ``COLUMN_ROWS``: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out)
       transpose;
     * 2 to ``COLUMN_ROWS`` rows: the transposed product ``(W x^T + b)^T`` by the contiguous (out, in) ``W``;
-      MKL runs this shape 1.3-1.8x faster than ``x W_t`` at 4 rows (it returns a transposed view);
+      MKL runs this shape faster than ``x W_t`` at 4 rows (0.8-1.4x by product, a 1.28x faster decoder step;
+      it returns a transposed view);
     * from ``packed_from`` rows (float32 on a CPU with oneDNN, used for the output projection): oneDNN's
-      linear by its pre-packed ``W``; it costs about 60 us a call whatever the size, so it only pays for the
-      (D, V) output projection, 1.2-4.2x faster than MKL from two rows.
+      linear by its pre-packed ``W``; it costs 60-80 us a call whatever the size, and it paid reliably only for
+      the (D, V) output projection, 1.2-3.7x faster than MKL from two rows.
 
     Measured in ``benchmarks/bench_micro.py --parts frozen``. The two MKL layouts are two copies of ``W``.
     """
@@ -144,9 +145,9 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
     return weight, bias, True
 
 
-# See _Dense: from this many rows the output projection runs in oneDNN (the layers' products stay in MKL,
-# which is as fast or faster for them at every row count measured); up to COLUMN_ROWS rows MKL computes
-# the transposed product.
+# See _Dense: from this many rows the output projection runs in oneDNN (the layers' products stay in MKL:
+# oneDNN's fixed cost loses at the few rows decoding uses most, and from 16 rows on it was mixed across runs,
+# 0.5-1.6x of MKL); up to COLUMN_ROWS rows MKL computes the transposed product.
 OUTPUT_PACKED_FROM_ROWS = 2
 COLUMN_ROWS = 16
 
