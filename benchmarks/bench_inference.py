@@ -42,8 +42,9 @@ from transformer.config import preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
-SYSTEMS = ("ours", "ours_eager", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
-NAMES = {"ours": "ours (decoding/)", "ours_eager": "ours, not frozen", "ours_int8": "ours int8", "hf": "HF generate",
+SYSTEMS = ("ours", "ours_nograph", "ours_eager", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
+NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs", "ours_eager": "ours, not frozen",
+         "ours_int8": "ours int8", "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 
 
@@ -194,12 +195,15 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
                                                   max_len_b=limit)]
         return [h.tokens for h in hyps]
 
-    if device.type == "cpu" and not args.no_freeze:  # what Translator runs on the CPU
+    if not args.no_freeze:  # what Translator runs: frozen; on CUDA with its decoder step as CUDA graphs
         from transformer.model.frozen import freeze
 
         frozen = freeze(model)
         systems["ours"] = lambda batch, beam: ours(batch, beam, model=frozen)
         if args.eager:
+            if device.type == "cuda":
+                plain = freeze(model, graphs=False)  # the frozen layout, launched from Python
+                systems["ours_nograph"] = lambda batch, beam: ours(batch, beam, model=plain)
             systems["ours_eager"] = ours  # the nn.Module itself, as training's validation decodes it
     else:
         systems["ours"] = ours
@@ -246,7 +250,7 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
                 return [[piece_id[p] for p in r.hypotheses[0]] for r in results]
 
             systems[name] = ct2_translate
-    return systems
+    return systems, frozen if not args.no_freeze else None
 
 
 # --- measuring --------------------------------------------------------------------------------------
@@ -298,8 +302,9 @@ def main() -> None:
     parser.add_argument("--skip-ct2", action="store_true")
     parser.add_argument("--skip-int8", action="store_true", help="leave out our int8 path")
     parser.add_argument("--no-freeze", action="store_true",
-                        help="ours runs the nn.Module on the CPU too, not its frozen copy (transformer.model.frozen)")
-    parser.add_argument("--eager", action="store_true", help="add our nn.Module beside its frozen copy (CPU)")
+                        help="ours runs the nn.Module, not its frozen copy (transformer.model.frozen)")
+    parser.add_argument("--eager", action="store_true",
+                        help="add our nn.Module beside its frozen copy (and on CUDA the frozen copy without graphs)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--json", default="")
@@ -318,14 +323,14 @@ def main() -> None:
     print(f"weights: {weights}; D={cfg.d_model} L={cfg.n_encoder_layers}+{cfg.n_decoder_layers} V={v}")
     sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[: args.sentences])]
     with tempfile.TemporaryDirectory(dir=args.work_dir if os.path.isdir(args.work_dir) else None) as work:
-        systems = make_systems(args, model, tok, device, work)
+        systems, frozen = make_systems(args, model, tok, device, work)
         results = {"machine": info, "weights": weights, "gemm_peak_gflops": peak, "bandwidth_gbs": bandwidth,
                    "cases": {}}
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha}; systems round-robin batch by batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
-              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen |")
-        print("|---|---:|" + "---:|" * (len(systems) + 4))
+              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs |")
+        print("|---|---:|" + "---:|" * (len(systems) + 5))
         references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
@@ -337,7 +342,7 @@ def main() -> None:
 
             print(f"| {search} | {batch_size} | " + " | ".join(f"{rate[n]:.0f}" for n in systems)
                   + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} "
-                  f"| {ratio('ours', 'ours_eager')} |",
+                  f"| {ratio('ours', 'ours_eager')} | {ratio('ours', 'ours_nograph')} |",
                   flush=True)
             bleu = {n: sacrebleu.corpus_bleu([tok.decode_tgt(o) for o in s["outputs"]], [references]).score
                     for n, s in stats.items()}
@@ -354,6 +359,9 @@ def main() -> None:
                     print(f"    greedy batch {batch_size}: {NAMES[name]} identical to ours token for token: "
                           f"{same}/{len(ref)}")
                     stats[name]["identical_to_ours"] = same
+            if frozen is not None and getattr(frozen, "static", None) is not None:
+                print(f"    CUDA graphs recorded so far (row bucket, source and target blocks): "
+                      f"{frozen.static.recorded}, capacity {frozen.static.capacity}")
             mean_len = statistics.mean(len(o) for o in stats["ours"]["outputs"])
             print(f"    mean output length (ours) {mean_len:.1f} tokens; "
                   f"at the limit: {sum(len(o) >= args.max_len - 1 for o in stats['ours']['outputs'])}")

@@ -104,10 +104,14 @@ class _InferenceModel:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _model_device(model)
         # What the searches run: on the CPU (float32 or int8) a copy frozen for decoding, the same outputs
-        # in fewer, larger calls (transformer.model.frozen); elsewhere, or with freeze=False, the model.
+        # in fewer, larger calls (transformer.model.frozen); on a CUDA GPU an encoder-decoder frozen with a
+        # static KV cache whose step is replayed as CUDA graphs (transformer.model.static); elsewhere, or with
+        # freeze=False, the model.
         self.search_model = self.model
         if freeze and self.device.type == "cpu" and dtype in (None, "fp32") and isinstance(model, (Transformer, TransformerLM)):
             self.search_model = freeze_model(self.model)
+        elif freeze and self.device.type == "cuda" and isinstance(model, Transformer):
+            self.search_model = freeze_model(self.model, graphs=True)
 
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None,
@@ -164,9 +168,10 @@ class Translator(_InferenceModel):
         device: where to run (default: where the model's parameters are).
         quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
         dtype: ``"bf16"`` or ``"fp16"`` casts the model (the GPU's fast path); default: as stored, float32.
-        freeze: on the CPU, search on a copy of the model frozen for decoding (``transformer.model.frozen``:
-            the same outputs, faster). It is taken once, here: pass ``False`` to decode a model that is still
-            being trained.
+        freeze: search on a copy of the model frozen for decoding (``transformer.model.frozen``: the same
+            outputs, faster): on the CPU, and on a CUDA GPU with its decoder step replayed as CUDA graphs
+            (``transformer.model.static``; one search at a time per Translator). It is taken once, here: pass
+            ``False`` to decode a model that is still being trained.
     Raises:
         TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``, or ``quantize`` is
             unknown or asked for on a GPU.

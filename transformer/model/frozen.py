@@ -33,7 +33,7 @@ N = B*T rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from transformer.errors import TransformerError
 from transformer.model.attention import KVCache
 from transformer.model.embeddings import check_positions
 from transformer.model.layers import LayerCache
+from transformer.model.static import StaticCache, StaticDecoder
 from transformer.model.transformer import (
     DecoderCache, EncoderOut, Transformer, TransformerLM, self_attention_mask,
 )
@@ -82,8 +83,11 @@ class _Dense:
     def __init__(self, weight: Tensor, bias: Optional[Tensor], packed_from: Optional[int] = None) -> None:
         weight = weight.detach()  # (out, in)
         self.weight = weight.contiguous()  # (out, in)
-        self.weight_t = weight.t().contiguous()  # (in, out)
         self.bias = bias.detach() if bias is not None else None  # (out,)
+        self.cpu = weight.device.type == "cpu"
+        if not self.cpu:  # a GPU: F.linear (cuBLAS) by the model's own weight, no copies
+            return
+        self.weight_t = weight.t().contiguous()  # (in, out)
         self.bias_col = self.bias[:, None] if self.bias is not None else None  # (out, 1)
         self.packed_from = packed_from if packed_from is not None and _onednn_available(weight) else None
         if self.packed_from is not None:
@@ -96,6 +100,8 @@ class _Dense:
                            (self.bias if self.bias is not None else weight.new_zeros(out)).view(blocks, -1, 1))
 
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out), possibly a transposed view
+        if not self.cpu:
+            return F.linear(x, self.weight, self.bias)
         rows = x.size(0)
         if rows == 1 and self.blocks is not None:
             weight, bias = self.blocks  # (P, out/P, in), (P, out/P, 1)
@@ -340,10 +346,18 @@ class _FrozenDecoder(_FrozenStack):
 class FrozenTransformer:
     """An encoder-decoder :class:`Transformer` frozen for decoding (see the module docstring)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, graphs: Optional[bool] = None) -> None:
         self.cfg = model.cfg
         self.encoder = _FrozenEncoder(model.encoder, model.cfg)
         self.decoder = _FrozenDecoder(model)
+        cuda = self.decoder.embed.device.type == "cuda"
+        # Static-cache decoding (transformer.model.static): CUDA graphs on a GPU; ``graphs=True`` on the CPU runs
+        # the same static step eagerly (what the CPU tests check).
+        self.static = None
+        if graphs if graphs is not None else cuda:
+            if _is_int8_model(model):
+                raise TransformerError("static-cache decoding (CUDA graphs) takes a float model, not an int8 one")
+            self.static = StaticDecoder(self.decoder, model.cfg.n_heads, graphs=cuda)
 
     def encode(self, src_tokens: Tensor) -> FrozenEncoderOut:
         """src_tokens (B,S) -> memory (B,S,D), src_mask (B,S) and the decoder's cross-attention keys/values."""
@@ -351,14 +365,23 @@ class FrozenTransformer:
             out, rows = self.encoder(src_tokens)
             return FrozenEncoderOut(out.memory, out.src_mask, out.padded, self.decoder.project_memory(out.memory, rows))
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache()
+    def new_cache(self) -> Union[DecoderCache, StaticCache]:
+        """A growing :class:`DecoderCache`, or with static-cache decoding a handle on the model's buffers
+        (one search at a time: see :mod:`transformer.model.static`)."""
+        return self.static.new_cache() if self.static is not None else DecoderCache()
 
-    def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut, cache: Optional[DecoderCache] = None) -> Tensor:
+    def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut,
+               cache: Optional[Union[DecoderCache, StaticCache]] = None) -> Tensor:
         """Logits (B,T,V) of the new ``tgt_tokens`` (B,T); without a cache, ``tgt_tokens`` is the whole prefix.
-        ``encoder_out`` comes from :meth:`encode` (a plain :class:`EncoderOut` works too, projected here)."""
+        ``encoder_out`` comes from :meth:`encode` (a plain :class:`EncoderOut` works too, projected here).
+        A :class:`StaticCache` takes one new position per step and reads ``encoder_out`` at its first step only."""
         cache = cache if cache is not None else DecoderCache()
         with torch.no_grad():
+            if isinstance(cache, StaticCache):
+                cross_kv = None
+                if cache.rows == 0:
+                    cross_kv = getattr(encoder_out, "cross_kv", None) or self.decoder.project_memory(encoder_out.memory)
+                return self.static.decode(tgt_tokens, cross_kv, encoder_out.src_mask, cache)
             cross_kv = getattr(encoder_out, "cross_kv", None)
             if cross_kv is None:  # the model's own EncoderOut: project the memory once, kept (and reordered) in the cache
                 if not cache.layers:
@@ -386,11 +409,20 @@ class FrozenLM:
             return self.decoder.step(tokens, cache if cache is not None else DecoderCache())
 
 
-def freeze(model: nn.Module) -> Any:
+def _is_int8_model(model: nn.Module) -> bool:
+    return any(_is_int8(m) for m in model.modules())
+
+
+def freeze(model: nn.Module, graphs: Optional[bool] = None) -> Any:
     """An inference-only :class:`FrozenTransformer` or :class:`FrozenLM` of ``model`` (float or int8).
 
-    The frozen object copies the weights into its own layouts (about two more copies of the model's
-    Linear weights, and one of the output projection for oneDNN); later changes to ``model`` do not reach it.
+    The frozen object copies the weights into its own layouts (on the CPU about two more copies of the
+    model's Linear weights, and one of the output projection for oneDNN; on a GPU, one of the fused q/k/v and
+    cross-attention k/v weights); later changes to ``model`` do not reach it.
+
+    ``graphs``: an encoder-decoder decodes with a static KV cache whose step is replayed as CUDA graphs
+    (:mod:`transformer.model.static`); the default is on for a model on a CUDA device. ``graphs=True`` on the
+    CPU runs the same static step without graphs.
 
     Raises:
         TransformerError: ``model`` is neither a ``Transformer`` nor a ``TransformerLM``, or is in training mode.
@@ -398,7 +430,7 @@ def freeze(model: nn.Module) -> Any:
     if model.training:
         raise TransformerError("freeze() takes a model in eval mode (call model.eval() first)")
     if isinstance(model, Transformer):
-        return FrozenTransformer(model)
+        return FrozenTransformer(model, graphs)
     if isinstance(model, TransformerLM):
         return FrozenLM(model)
     raise TransformerError(f"cannot freeze a {type(model).__name__}; freeze a Transformer or a TransformerLM")
