@@ -46,7 +46,8 @@ from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
 
 PEERS = ("ours", "hf", "torch")
 PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer",
-              "ours_compiled": "ours + torch.compile"}
+              "ours_compiled": "ours + torch.compile", "ours_compiled_dynamic": "ours + torch.compile(dynamic=True)",
+              "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)"}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 # On a GPU those would measure kernel-launch latency, not the model: 16k tokens a side per step there
@@ -110,7 +111,10 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, torch.compile(model)
-    if name == "hf":
+    if name == "ours_compiled_dynamic":  # what the trainer runs with train.compile=true (token buckets change shapes)
+        model = Transformer(cfg, vocab, vocab).to(device).train()
+        return model, torch.compile(model, dynamic=True)
+    if name in ("hf", "hf_compiled_dynamic"):
         from transformers import MarianMTModel
 
         from transformer.model.convert import marian_config
@@ -118,10 +122,11 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
         hf_cfg = marian_config(cfg, vocab, vocab, shared=True, tied=True)
         hf_cfg._attn_implementation = "sdpa"
         model = MarianMTModel(hf_cfg).to(device).train()
+        call = torch.compile(model, dynamic=True) if name == "hf_compiled_dynamic" else model
 
         def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
             # As HF users call it: an attention mask for the source, decoder inputs given.
-            return model(input_ids=src, attention_mask=src.ne(PAD_ID), decoder_input_ids=tgt_in).logits
+            return call(input_ids=src, attention_mask=src.ne(PAD_ID), decoder_input_ids=tgt_in).logits
 
         return model, forward
     if name == "torch":
@@ -326,6 +331,9 @@ def run_real(args, device: torch.device, results: dict) -> None:
         "hf": ("hf", hf_batches(src, tgt, hf_bs, seed=1)),
         "ours_hf_batches": ("ours", hf_batches(src, tgt, hf_bs, seed=1)),
     }
+    if args.compile:  # both compiled for changing shapes, as the trainer's train.compile=true does for ours
+        streams["ours_compiled"] = ("ours_compiled_dynamic", ours_batches(src, tgt, args.max_tokens, seed=1))
+        streams["hf_compiled"] = ("hf_compiled_dynamic", hf_batches(src, tgt, hf_bs, seed=1))
     steps = {}
     for key, (peer, _) in streams.items():
         model, forward = build_peer(peer, cfg, vocab, device)
@@ -345,14 +353,19 @@ def run_real(args, device: torch.device, results: dict) -> None:
             s["src_tokens"] += int(b.src_tokens.ne(PAD_ID).sum())
             s["src_padded"] += b.src_tokens.numel()
 
-    for _ in range(args.warmup):  # warm-up
-        for key in streams:
+    names = {"ours": "ours + token buckets", "hf": "HF Marian + sentence batches",
+             "ours_hf_batches": "ours + HF's sentence batches",
+             "ours_compiled": "ours + token buckets + torch.compile(dynamic=True)",
+             "hf_compiled": "HF Marian + sentence batches + torch.compile(dynamic=True)"}
+    for key in streams:  # warm-up; compiled streams longer, so that recompiles for new shapes stay outside the timing
+        started = time.perf_counter()
+        for _ in range(max(args.warmup, 20) if "compiled" in key else args.warmup):
             one(key, timed=False)
+        if "compiled" in key:
+            print(f"{names[key]}: warm-up (compiling) took {time.perf_counter() - started:.0f} s")
     while min(s["time"] for s in stats.values()) < args.real_seconds:
         for key in streams:
             one(key, timed=True)
-    names = {"ours": "ours + token buckets", "hf": "HF Marian + sentence batches",
-             "ours_hf_batches": "ours + HF's sentence batches"}
     print("| peer and batching | steps | tgt tokens/step | target padding | source padding | "
           "non-pad target tok/s | ours (buckets) speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -366,6 +379,14 @@ def run_real(args, device: torch.device, results: dict) -> None:
     print(f"goal: >= 1.3x HF; ours {rate['ours'] / rate['hf']:.2f}x "
           f"(batching alone: {rate['ours'] / rate['ours_hf_batches']:.2f}x, "
           f"model alone on the same batches: {rate['ours_hf_batches'] / rate['hf']:.2f}x)")
+    if args.compile:
+        from torch._dynamo.utils import counters  # dynamo's own tally (internal, informative only)
+
+        print(f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled in all (both models, "
+              f"training and any recompiles)")
+        print(f"both compiled: ours {rate['ours_compiled'] / rate['hf_compiled']:.2f}x HF; ours compiled / ours "
+              f"eager {rate['ours_compiled'] / rate['ours']:.2f}x; ours compiled / HF eager "
+              f"{rate['ours_compiled'] / rate['hf']:.2f}x")
     results["real"] = {"preset": args.real_preset, "vocab": vocab, "max_tokens": args.max_tokens,
                        "hf_batch_size": hf_bs, "streams": stats}
 

@@ -138,6 +138,7 @@ class StaticDecoder:
                 self.t_range = torch.arange(self.decoder.max_positions, device=self.device)
         self.capacity = (rows, src_len, tgt_len)
         self.graphs.clear()
+        self.pool = None  # the graphs' memory pool goes with them (PyTorch frees a pool no graph uses)
 
     def _start(self, cache: StaticCache, cross_kv: list[tuple[Tensor, Tensor]], src_mask: Tensor) -> None:
         """The first step of a search: claim the buffers and copy the source's keys/values in."""
