@@ -114,6 +114,20 @@ def test_cuda_searches_replay_cuda_graphs_with_the_models_outputs(dtype):
     assert graphed.search_model.static.recorded > 0
 
 
+def test_threads_take_turns_on_a_static_cache_model():
+    # A static-cache (CUDA graph) model holds one set of buffers: concurrent translate calls must take turns.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformer.model import freeze
+
+    shared = Translator(tiny_model(), WordTokenizer(), DecodeConfig(beam=2, max_len_b=10), freeze=False)
+    reference = [shared.translate(sentences(6, seed=s), max_tokens=20) for s in range(8)]
+    shared.search_model = freeze(shared.model, graphs=True)  # the static step, eager on the CPU
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda s: shared.translate(sentences(6, seed=s), max_tokens=20), range(8)))
+    assert results == reference
+
+
 def test_nbest(translator):
     src = sentences(4, seed=2)
     nbest = translator.translate_nbest(src, nbest=3)

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -108,6 +109,7 @@ class _InferenceModel:
         # static KV cache whose step is replayed as CUDA graphs (transformer.model.static); elsewhere, or with
         # freeze=False, the model.
         self.search_model = self.model
+        self._search_lock = threading.Lock()  # searches from several threads take turns (one set of static buffers)
         if freeze and self.device.type == "cpu" and dtype in (None, "fp32") and isinstance(model, (Transformer, TransformerLM)):
             self.search_model = freeze_model(self.model)
         elif freeze and self.device.type == "cuda" and isinstance(model, Transformer):
@@ -170,7 +172,7 @@ class Translator(_InferenceModel):
         dtype: ``"bf16"`` or ``"fp16"`` casts the model (the GPU's fast path); default: as stored, float32.
         freeze: search on a copy of the model frozen for decoding (``transformer.model.frozen``: the same
             outputs, faster): on the CPU, and on a CUDA GPU with its decoder step replayed as CUDA graphs
-            (``transformer.model.static``; one search at a time per Translator). It is taken once, here: pass
+            (``transformer.model.static``; calls from several threads take turns). It is taken once, here: pass
             ``False`` to decode a model that is still being trained.
     Raises:
         TransformerError: ``decode_cfg.long_input`` is not ``"truncate"`` or ``"error"``, or ``quantize`` is
@@ -291,10 +293,11 @@ class Translator(_InferenceModel):
         for batch in token_batches([len(encoded[i]) for i in todo], max_tokens):
             indices = [todo[j] for j in batch]
             src = _pad([encoded[i] for i in indices], self.device)  # (B,S)
-            if beam == 1:
-                hyps = [[h] for h in greedy_search(self.search_model, src, max_len_a, max_len_b)]
-            else:
-                hyps = beam_search(self.search_model, src, beam, alpha, max_len_a, max_len_b, nbest)
+            with self._search_lock:  # a graphed (static-cache) model decodes one search at a time
+                if beam == 1:
+                    hyps = [[h] for h in greedy_search(self.search_model, src, max_len_a, max_len_b)]
+                else:
+                    hyps = beam_search(self.search_model, src, beam, alpha, max_len_a, max_len_b, nbest)
             for i, sent_hyps in zip(indices, hyps):
                 results[i] = [
                     Translation(
