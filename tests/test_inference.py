@@ -114,6 +114,18 @@ def test_cuda_searches_replay_cuda_graphs_with_the_models_outputs(dtype):
     assert graphed.search_model.static.recorded > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generation_replays_cuda_graphs_with_the_models_outputs():
+    from transformer.model.frozen import FrozenLM
+
+    graphed = LanguageModel(tiny_model(LM_CFG), WordTokenizer(), DecodeConfig(max_new_tokens=15), device="cuda")
+    assert isinstance(graphed.search_model, FrozenLM) and graphed.search_model.static is not None
+    live = LanguageModel(graphed.model, WordTokenizer(), graphed.cfg, freeze=False)
+    for seed in range(3):
+        assert graphed.generate("the cat", seed=seed) == live.generate("the cat", seed=seed)
+    assert graphed.generate("the cat", temperature=0.0) == live.generate("the cat", temperature=0.0)
+
+
 def test_threads_take_turns_on_a_static_cache_model():
     # A static-cache (CUDA graph) model holds one set of buffers: concurrent translate calls must take turns.
     from concurrent.futures import ThreadPoolExecutor

@@ -105,14 +105,14 @@ class _InferenceModel:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _model_device(model)
         # What the searches run: on the CPU (float32 or int8) a copy frozen for decoding, the same outputs
-        # in fewer, larger calls (transformer.model.frozen); on a CUDA GPU an encoder-decoder frozen with a
+        # in fewer, larger calls (transformer.model.frozen); on a CUDA GPU the model frozen with a
         # static KV cache whose step is replayed as CUDA graphs (transformer.model.static); elsewhere, or with
         # freeze=False, the model.
         self.search_model = self.model
         self._search_lock = threading.Lock()  # searches from several threads take turns (one set of static buffers)
         if freeze and self.device.type == "cpu" and dtype in (None, "fp32") and isinstance(model, (Transformer, TransformerLM)):
             self.search_model = freeze_model(self.model)
-        elif freeze and self.device.type == "cuda" and isinstance(model, Transformer):
+        elif freeze and self.device.type == "cuda" and isinstance(model, (Transformer, TransformerLM)):
             self.search_model = freeze_model(self.model, graphs=True)
 
     @classmethod
@@ -441,7 +441,8 @@ class LanguageModel(_InferenceModel):
         decode_cfg: default sampling settings (temperature, top_k, top_p, max_new_tokens).
         device: where to run (default: where the model's parameters are).
         quantize: ``"int8"`` runs an int8 copy of the model's Linear layers (CPU only).
-        freeze: on the CPU, sample from a copy frozen for decoding (see :class:`Translator`).
+        freeze: sample from a copy frozen for decoding, on a CUDA GPU with its step replayed as CUDA graphs
+            (see :class:`Translator`).
     """
 
     arch = "lm"
@@ -492,14 +493,15 @@ class LanguageModel(_InferenceModel):
         new_ids: list[int] = []
         text = ""
         stops = [s for s in stop or () if s]
-        for token in sample(self.search_model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
-            new_ids.append(token)
-            # Decode with the prompt so that word boundaries at the seam come out right.
-            full = self.tokenizer.decode_src(prompt_ids + new_ids)
-            text = full[len(prefix) :] if full.startswith(prefix) else self.tokenizer.decode_src(new_ids)
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if hits:
-                return text[: min(hits)]
+        with self._search_lock:  # a graphed (static-cache) model generates one text at a time
+            for token in sample(self.search_model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
+                new_ids.append(token)
+                # Decode with the prompt so that word boundaries at the seam come out right.
+                full = self.tokenizer.decode_src(prompt_ids + new_ids)
+                text = full[len(prefix) :] if full.startswith(prefix) else self.tokenizer.decode_src(new_ids)
+                hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+                if hits:
+                    return text[: min(hits)]
         return text
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """Static-cache decoding (transformer.model.static): the static step computes what the model computes, step
-by step, through row buckets, source padding, output growth past a block, reorders and pruning; searches on
-it give the model's outputs. On the CPU the static step runs eagerly; on a CUDA device the same tests replay
+by step, through row buckets, source padding, output growth past a block, reorders and pruning; searches and
+language-model sampling on it give the model's outputs. On the CPU the static step runs eagerly; on a CUDA device the same tests replay
 it as CUDA graphs (skipped without a GPU)."""
 
 from dataclasses import replace
@@ -10,9 +10,9 @@ import torch
 
 from transformer.config import ModelConfig
 from transformer.data.vocab import EOS_ID, PAD_ID
-from transformer.decoding import beam_search, greedy_search
+from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
-from transformer.model import Transformer, freeze
+from transformer.model import Transformer, TransformerLM, freeze
 from transformer.model.quantize import quantize
 from transformer.model.static import S_BLOCK, T_BLOCK, StaticCache, row_bucket
 
@@ -157,3 +157,27 @@ def test_freeze_defaults_to_graphs_on_cuda_only():
     if torch.cuda.is_available():
         assert freeze(_transformer("cuda")).static is not None
         assert freeze(_transformer("cuda"), graphs=False).static is None
+
+
+def _lm(device: str) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(replace(TINY, arch="lm", norm_first=True), V).eval().to(device)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_lm_steps_and_sampling_equal_the_models(device):
+    model = _lm(device)
+    frozen = freeze(model, graphs=True)
+    assert frozen.static is not None and frozen.device == torch.device(device)
+    tokens = torch.randint(4, V, (2, T_BLOCK + 8), device=device)
+    cache, static = model.new_cache(), frozen.new_cache()
+    # a prompt of 5 positions (fed one step at a time), then one position per step past a 64-position block
+    torch.testing.assert_close(frozen.decode(tokens[:, :5], static), model.decode(tokens[:, :5], cache), **_tol(device))
+    for t in range(5, tokens.size(1)):
+        torch.testing.assert_close(frozen.decode(tokens[:, t : t + 1], static),
+                                   model.decode(tokens[:, t : t + 1], cache), **_tol(device), msg=f"step {t}")
+    prompt = [2, 7, 8, 9]
+    for _ in range(2):
+        ours = list(sample(frozen, prompt, 40, temperature=0.0))
+        assert ours == list(sample(model, prompt, 40, temperature=0.0)) and len(ours) > 0

@@ -92,7 +92,9 @@ def sample(
     Returns:
         an iterator of token ids (EOS not included).
     """
-    device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = getattr(model, "device", None)  # a frozen model says where it is
+    if device is None:
+        device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
     cache = model.new_cache()
     x = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # (1,T)
     for _ in range(max_new_tokens):

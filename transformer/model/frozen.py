@@ -343,6 +343,17 @@ class _FrozenDecoder(_FrozenStack):
 # --- the two model kinds ------------------------------------------------------------------------------
 
 
+def _static_decoder(model: nn.Module, decoder: _FrozenDecoder, graphs: Optional[bool]) -> Optional[StaticDecoder]:
+    """Static-cache decoding (transformer.model.static) where asked, by default on a CUDA device: CUDA graphs
+    there; ``graphs=True`` on the CPU runs the same static step eagerly (what the CPU tests check)."""
+    cuda = decoder.embed.device.type == "cuda"
+    if not (graphs if graphs is not None else cuda):
+        return None
+    if _is_int8_model(model):
+        raise TransformerError("static-cache decoding (CUDA graphs) takes a float model, not an int8 one")
+    return StaticDecoder(decoder, model.cfg.n_heads, graphs=cuda)
+
+
 class FrozenTransformer:
     """An encoder-decoder :class:`Transformer` frozen for decoding (see the module docstring)."""
 
@@ -350,14 +361,8 @@ class FrozenTransformer:
         self.cfg = model.cfg
         self.encoder = _FrozenEncoder(model.encoder, model.cfg)
         self.decoder = _FrozenDecoder(model)
-        cuda = self.decoder.embed.device.type == "cuda"
-        # Static-cache decoding (transformer.model.static): CUDA graphs on a GPU; ``graphs=True`` on the CPU runs
-        # the same static step eagerly (what the CPU tests check).
-        self.static = None
-        if graphs if graphs is not None else cuda:
-            if _is_int8_model(model):
-                raise TransformerError("static-cache decoding (CUDA graphs) takes a float model, not an int8 one")
-            self.static = StaticDecoder(self.decoder, model.cfg.n_heads, graphs=cuda)
+        self.device = self.decoder.embed.device
+        self.static = _static_decoder(model, self.decoder, graphs)
 
     def encode(self, src_tokens: Tensor) -> FrozenEncoderOut:
         """src_tokens (B,S) -> memory (B,S,D), src_mask (B,S) and the decoder's cross-attention keys/values."""
@@ -396,16 +401,23 @@ class FrozenTransformer:
 class FrozenLM:
     """A decoder-only :class:`TransformerLM` frozen for generation (see the module docstring)."""
 
-    def __init__(self, model: TransformerLM) -> None:
+    def __init__(self, model: TransformerLM, graphs: Optional[bool] = None) -> None:
         self.cfg = model.cfg
         self.decoder = _FrozenDecoder(model)
+        self.device = self.decoder.embed.device
+        self.static = _static_decoder(model, self.decoder, graphs)
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache()
+    def new_cache(self) -> Union[DecoderCache, StaticCache]:
+        """A growing :class:`DecoderCache`, or with static-cache decoding a handle on the model's buffers."""
+        return self.static.new_cache() if self.static is not None else DecoderCache()
 
-    def decode(self, tokens: Tensor, cache: Optional[DecoderCache] = None) -> Tensor:
-        """Logits (B,T,V) of the new ``tokens`` (B,T); without a cache, ``tokens`` is the whole sequence."""
+    def decode(self, tokens: Tensor, cache: Optional[Union[DecoderCache, StaticCache]] = None) -> Tensor:
+        """Logits (B,T,V) of the new ``tokens`` (B,T); without a cache, ``tokens`` is the whole sequence.
+        A :class:`StaticCache` takes the T positions one step (one graph replay) at a time."""
         with torch.no_grad():
+            if isinstance(cache, StaticCache):
+                return torch.cat([self.static.decode(tokens[:, t : t + 1], None, None, cache)
+                                  for t in range(tokens.size(1))], dim=1)
             return self.decoder.step(tokens, cache if cache is not None else DecoderCache())
 
 
@@ -420,7 +432,7 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None) -> Any:
     model's Linear weights, and one of the output projection for oneDNN; on a GPU, one of the fused q/k/v and
     cross-attention k/v weights); later changes to ``model`` do not reach it.
 
-    ``graphs``: an encoder-decoder decodes with a static KV cache whose step is replayed as CUDA graphs
+    ``graphs``: decode with a static KV cache whose step is replayed as CUDA graphs
     (:mod:`transformer.model.static`); the default is on for a model on a CUDA device. ``graphs=True`` on the
     CPU runs the same static step without graphs.
 
@@ -432,5 +444,5 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None) -> Any:
     if isinstance(model, Transformer):
         return FrozenTransformer(model, graphs)
     if isinstance(model, TransformerLM):
-        return FrozenLM(model)
+        return FrozenLM(model, graphs)
     raise TransformerError(f"cannot freeze a {type(model).__name__}; freeze a Transformer or a TransformerLM")

@@ -24,6 +24,9 @@ length in place, mid-search) and records the graphs again.
 One search at a time: the buffers are the model's, so a cache from :meth:`StaticDecoder.new_cache` is
 superseded by the next one's first step, and using it afterwards raises a :class:`TransformerError`.
 
+A decoder-only language model works the same way without the source buffers; its prompt goes through the
+step one position at a time (:class:`~transformer.model.frozen.FrozenLM`).
+
 On the CPU, or with ``graphs=False``, the same static step runs eagerly (what the CPU tests check against the
 growing :class:`~transformer.model.DecoderCache`).
 
@@ -101,6 +104,7 @@ class StaticDecoder:
     def __init__(self, decoder: Any, n_heads: int, graphs: bool) -> None:
         self.decoder = decoder
         self.n_layers = len(decoder.layers)
+        self.cross = any(layer.cross for layer in decoder.layers)  # encoder-decoder; False for a language model
         self.n_heads = n_heads
         self.head_dim = decoder.d_model // n_heads
         weight = decoder.embed
@@ -128,7 +132,7 @@ class StaticDecoder:
             if keep:
                 kv[:keep, :, :, :, : old[2]] = self.kv[:keep]
             self.kv = kv  # (rows,L,2,H,T,Dh): self-attention keys and values
-            if src_len > old[1] or rows > old[0]:
+            if self.cross and (src_len > old[1] or rows > old[0]):
                 self.cross_kv = torch.zeros(rows, n, 2, h, src_len, dh, device=self.device, dtype=self.dtype)
                 self.memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=self.device)
             if rows > old[0]:
@@ -140,15 +144,18 @@ class StaticDecoder:
         self.graphs.clear()
         self.pool = None  # the graphs' memory pool goes with them (PyTorch frees a pool no graph uses)
 
-    def _start(self, cache: StaticCache, cross_kv: list[tuple[Tensor, Tensor]], src_mask: Tensor) -> None:
-        """The first step of a search: claim the buffers and copy the source's keys/values in."""
-        n, _, s, _ = cross_kv[0][0].shape  # (n,H,S,Dh)
+    def _start(self, cache: StaticCache, n: int, cross_kv: Optional[list[tuple[Tensor, Tensor]]],
+               src_mask: Optional[Tensor]) -> None:
+        """The first step of a search over ``n`` rows: claim the buffers and copy the source's keys/values in."""
+        s = cross_kv[0][0].size(2) if self.cross else 0  # (n,H,S,Dh)
         s_bucket = _round_up(s, S_BLOCK)
         rows, src_cap, tgt_cap = self.capacity
         if n > rows or s_bucket > src_cap or tgt_cap == 0:
             self._allocate(row_bucket(n), s_bucket, min(T_BLOCK, self.decoder.max_positions))
         self.owner = cache
         cache.rows, cache.s_bucket = n, s_bucket
+        if not self.cross:
+            return
         # (n,L,2,H,S,Dh) <- per layer (n,H,S,Dh) keys and values
         self.cross_kv[:n, :, :, :, :s] = torch.stack([torch.stack(kv, dim=1) for kv in cross_kv], dim=1)
         self.memory_mask[:n, 0, 0, :s] = src_mask
@@ -167,10 +174,12 @@ class StaticDecoder:
         x = F.embedding(self.tokens[:b, 0], dec.embed) * dec.embed_scale  # (b,D)
         x = x + dec.positions.index_select(0, self.position)  # + (1,D)
         self_mask = (self.t_range[:t_bucket] <= self.position).view(1, 1, 1, t_bucket)  # keys decoded so far
-        memory_mask = self.memory_mask[:b, :, :, :s_bucket]  # (b,1,1,S)
+        memory_mask = self.memory_mask[:b, :, :, :s_bucket] if self.cross else None  # (b,1,1,S)
         for i, layer in enumerate(dec.layers):
             history = _StaticKV(self.kv[:b, i, 0, :, :t_bucket], self.kv[:b, i, 1, :, :t_bucket], self.position)
-            cross = (self.cross_kv[:b, i, 0, :, :s_bucket], self.cross_kv[:b, i, 1, :, :s_bucket])  # (b,H,S,Dh)
+            cross = None
+            if self.cross:
+                cross = (self.cross_kv[:b, i, 0, :, :s_bucket], self.cross_kv[:b, i, 1, :, :s_bucket])  # (b,H,S,Dh)
             x = layer(x, b, 1, LayerCache(self_attn=history), self_mask, False, cross, memory_mask)
         logits = dec.output(dec.finish(x))  # (b,V)
         if dec.final_logits_bias is not None:
@@ -196,17 +205,17 @@ class StaticDecoder:
         graph.replay()
         return logits
 
-    def decode(self, tokens: Tensor, cross_kv: list[tuple[Tensor, Tensor]], src_mask: Tensor,
+    def decode(self, tokens: Tensor, cross_kv: Optional[list[tuple[Tensor, Tensor]]], src_mask: Optional[Tensor],
                cache: StaticCache) -> Tensor:
         """tokens (n,1) -> logits (n,1,V) of the next position, appending its keys/values to the buffers.
 
         ``cross_kv`` (per layer, each (n,H,S,Dh)) and ``src_mask`` (n,S) are read at the first step only;
-        afterwards the buffers hold them (and ``cache.reorder`` moves them).
+        afterwards the buffers hold them (and ``cache.reorder`` moves them). A language model passes None.
         """
         if tokens.size(1) != 1:
             raise TransformerError("a static-cache decoder takes one new position per step")
         if cache.rows == 0:
-            self._start(cache, cross_kv, src_mask)
+            self._start(cache, tokens.size(0), cross_kv, src_mask)
         self._check(cache)
         n, t = cache.rows, cache.length
         if tokens.size(0) != n:
@@ -231,7 +240,7 @@ class StaticDecoder:
             raise TransformerError(f"a static cache of {self.capacity[0]} rows cannot be reordered to {n} rows")
         t = cache.length  # only the positions decoded so far
         self.kv[:n, :, :, :, :t] = self.kv[:, :, :, :, :t].index_select(0, new_order)
-        if sources_changed:
+        if sources_changed and self.cross:
             self.cross_kv[:n] = self.cross_kv.index_select(0, new_order)
             self.memory_mask[:n] = self.memory_mask.index_select(0, new_order)
         cache.rows = n
