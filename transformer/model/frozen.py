@@ -21,6 +21,10 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
 
+On a GPU the products are cuBLAS's ``F.linear`` by the (fused) weights, and by default the decoder step runs on
+a static KV cache replayed as CUDA graphs (:mod:`transformer.model.static`; ``freeze(model, graphs=False)``
+launches it from Python instead).
+
 The encoder is frozen the same way and, like CTranslate2's, skips padding in its position-wise parts;
 ``encode`` also computes every decoder layer's cross-attention keys and values, once per source (beam
 search then copies them to the beams instead of projecting the source once per beam). The KV cache is the
