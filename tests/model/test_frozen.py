@@ -15,6 +15,8 @@ from transformer.model import Transformer, TransformerLM
 from transformer.model.frozen import FrozenLM, FrozenTransformer, freeze
 from transformer.model.quantize import quantize
 
+from .helpers import biased_transformer
+
 V = 50
 TINY = ModelConfig(
     d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=3, dropout=0.1, max_positions=64
@@ -29,13 +31,7 @@ SRC = torch.tensor([[5, 6, 7, 8, 9, EOS_ID], [10, 11, EOS_ID, PAD_ID, PAD_ID, PA
 
 
 def _transformer(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(replace(TINY, **overrides), V, V).eval()
-    with torch.no_grad():  # non-zero biases everywhere, so that a dropped or misplaced bias shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
+    return biased_transformer(replace(TINY, **overrides), V)
 
 
 def _lm(**overrides) -> TransformerLM:

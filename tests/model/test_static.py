@@ -16,6 +16,8 @@ from transformer.model import Transformer, TransformerLM, freeze
 from transformer.model.quantize import quantize
 from transformer.model.static import S_BLOCK, T_BLOCK, StaticCache, row_bucket
 
+from .helpers import biased_transformer
+
 V = 50
 TINY = ModelConfig(
     d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=3, dropout=0.1, max_positions=160
@@ -29,13 +31,7 @@ SRC = torch.tensor([[5, 6, 7, 8, 9, EOS_ID], [10, 11, EOS_ID, PAD_ID, PAD_ID, PA
 
 
 def _transformer(device: str, **overrides) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(replace(TINY, **overrides), V, V).eval()
-    with torch.no_grad():  # non-zero biases everywhere, so that a dropped or misplaced bias shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model.to(device)
+    return biased_transformer(replace(TINY, **overrides), V, device)
 
 
 def _tol(device: str) -> dict:
