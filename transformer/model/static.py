@@ -96,7 +96,7 @@ class StaticDecoder:
     replayed as CUDA graphs where ``graphs`` is true (see the module docstring).
 
     Args:
-        decoder: the frozen decoder stack and output layer (with cross-attention).
+        decoder: the frozen decoder stack and output layer (with cross-attention, or without: a language model).
         n_heads: attention heads H.
         graphs: record and replay CUDA graphs (needs the weights on a CUDA device); otherwise run eagerly.
     """
