@@ -324,6 +324,20 @@ def test_translate_missing_model(tmp_path, capsys, no_input):
                   "nope does not exist", "run directory")
 
 
+def test_translate_no_freeze_decodes_the_module_with_the_same_output(run, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("short line\nabc def ghi\n\nlast one\n")
+    for flags, name in (([], "frozen.txt"), (["--no-freeze"], "module.txt")):
+        assert main(["translate", "--model", str(run), "--input", str(src), "--output", str(tmp_path / name)] + flags) == 0
+    assert (tmp_path / "frozen.txt").read_text() == (tmp_path / "module.txt").read_text()
+    from transformer.cli import build_parser
+
+    for command in ("translate", "generate", "evaluate"):
+        assert build_parser().parse_args([command, "--model", "m", "--no-freeze"] + (
+            ["--prompt", "p"] if command == "generate" else ["--src", "s", "--ref", "r"] if command == "evaluate" else [])
+        ).freeze is False
+
+
 def test_input_longer_than_max_positions_is_truncated(run, tmp_path, caplog):
     src, out = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_text("short line\n" + " ".join(["abcdefgh"] * 200) + "\n\nlast\n")

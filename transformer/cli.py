@@ -73,7 +73,8 @@ def _average(args: argparse.Namespace) -> None:
 def _translate(args: argparse.Namespace) -> None:
     from transformer.inference import Translator, translate_file
 
-    translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype)
+    translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype,
+                                 freeze=args.freeze)
     translate_file(
         translator,
         args.input,
@@ -88,7 +89,8 @@ def _translate(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from transformer.inference import LanguageModel
 
-    lm = LanguageModel.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype)
+    lm = LanguageModel.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype,
+                            freeze=args.freeze)
     text = lm.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -105,7 +107,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from transformer.inference import Translator
     from transformer.evaluation import evaluate, format_scores
 
-    translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype)
+    translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype,
+                                 freeze=args.freeze)
     scores = evaluate(translator, args.src, args.ref, beam=args.beam, length_penalty=args.length_penalty,
                       output=args.output)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
@@ -131,6 +134,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
+    p.add_argument("--no-freeze", dest="freeze", action="store_false",
+                   help="decode with the nn.Module as it is: no frozen copy for decoding, no CUDA graphs on a GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
