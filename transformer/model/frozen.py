@@ -251,11 +251,17 @@ class _FrozenStack:
         self.layers = [_FrozenLayer(layer, cfg) for layer in stack.layers]
         self.final_norm = _layer_norm(stack.final_norm) if stack.final_norm is not None else None
 
-    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        """tokens (B,T) at positions offset.. -> x (B*T,D): TokenEmbedding + PositionalEncoding, same ops."""
+    def embed_tokens(self, tokens: Tensor, offset: int = 0, position: Optional[Tensor] = None) -> Tensor:
+        """tokens (B,T) at positions offset.. -> x (B*T,D): TokenEmbedding + PositionalEncoding, same ops.
+        ``position`` (1,): one new position (T = 1) held on the device instead (a static-cache step, whose
+        caller checks the limit; no host read)."""
         b, t = tokens.shape
-        check_positions(offset + t, self.max_positions)
-        x = F.embedding(tokens, self.embed) * self.embed_scale + self.positions[offset : offset + t]  # (B,T,D)
+        if position is None:
+            check_positions(offset + t, self.max_positions)
+            positions = self.positions[offset : offset + t]  # (T,D)
+        else:
+            positions = self.positions.index_select(0, position)  # (1,D)
+        x = F.embedding(tokens, self.embed) * self.embed_scale + positions  # (B,T,D)
         return x.view(b * t, self.d_model)
 
     def finish(self, x: Tensor) -> Tensor:
@@ -307,7 +313,8 @@ class _FrozenDecoder(_FrozenStack):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model.decoder, model.cfg)
         self.n_heads = model.cfg.n_heads
-        if any(layer.cross for layer in self.layers):  # every layer's cross k/v in one product
+        self.cross = any(layer.cross for layer in self.layers)  # encoder-decoder; False for a language model
+        if self.cross:  # every layer's cross k/v in one product
             self.cross_kv = _linear(*[m for layer in model.decoder.layers
                                       for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)])
         self.output = _linear(model.output.lm_head, packed_from=OUTPUT_PACKED_FROM_ROWS)
@@ -338,10 +345,14 @@ class _FrozenDecoder(_FrozenStack):
         is_causal, self_mask = self_attention_mask(t, past, tokens.device)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask)
+        return self.logits(x).reshape(b, t, -1)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The last layer's output x (N,D) -> logits (N,V): final LayerNorm (pre-LN), output projection, bias."""
         logits = self.output(self.finish(x))  # (N,V)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
-        return logits.reshape(b, t, -1)
+        return logits
 
 
 # --- the two model kinds ------------------------------------------------------------------------------

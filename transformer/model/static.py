@@ -38,7 +38,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from transformer.errors import TransformerError
@@ -104,7 +103,7 @@ class StaticDecoder:
     def __init__(self, decoder: Any, n_heads: int, graphs: bool) -> None:
         self.decoder = decoder
         self.n_layers = len(decoder.layers)
-        self.cross = any(layer.cross for layer in decoder.layers)  # encoder-decoder; False for a language model
+        self.cross = decoder.cross  # encoder-decoder; False for a language model
         self.n_heads = n_heads
         self.head_dim = decoder.d_model // n_heads
         weight = decoder.embed
@@ -171,8 +170,7 @@ class StaticDecoder:
     def _step(self, b: int, s_bucket: int, t_bucket: int) -> Tensor:
         """The decoder step on the first ``b`` rows of the buffers -> logits (b,V); no host reads."""
         dec = self.decoder
-        x = F.embedding(self.tokens[:b, 0], dec.embed) * dec.embed_scale  # (b,D)
-        x = x + dec.positions.index_select(0, self.position)  # + (1,D)
+        x = dec.embed_tokens(self.tokens[:b], position=self.position)  # (b,D)
         self_mask = (self.t_range[:t_bucket] <= self.position).view(1, 1, 1, t_bucket)  # keys decoded so far
         memory_mask = self.memory_mask[:b, :, :, :s_bucket] if self.cross else None  # (b,1,1,S)
         for i, layer in enumerate(dec.layers):
@@ -181,10 +179,7 @@ class StaticDecoder:
             if self.cross:
                 cross = (self.cross_kv[:b, i, 0, :, :s_bucket], self.cross_kv[:b, i, 1, :, :s_bucket])  # (b,H,S,Dh)
             x = layer(x, b, 1, LayerCache(self_attn=history), self_mask, False, cross, memory_mask)
-        logits = dec.output(dec.finish(x))  # (b,V)
-        if dec.final_logits_bias is not None:
-            logits = logits + dec.final_logits_bias
-        return logits
+        return dec.logits(x)  # (b,V)
 
     def _replay(self, key: tuple[int, int, int]) -> Tensor:
         entry = self.graphs.get(key)
