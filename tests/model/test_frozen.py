@@ -12,7 +12,7 @@ from transformer.data.vocab import EOS_ID, PAD_ID
 from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
 from transformer.model import Transformer, TransformerLM
-from transformer.model.frozen import FrozenLM, FrozenTransformer, freeze
+from transformer.model.frozen import FrozenLM, FrozenTransformer, _Int8, freeze
 from transformer.model.quantize import quantize
 
 from .helpers import biased_transformer
@@ -45,13 +45,13 @@ def _tokens(b: int, t: int) -> torch.Tensor:
 
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("rows", [1, 3, 17])  # the three product forms of _Dense
+@pytest.mark.parametrize("rows", [1, 3, 70])  # the decoder's three product forms in _Dense (1, 2-63, 64+ rows)
 def test_frozen_steps_equal_the_models_steps(variant, rows):
     model = _transformer(**variant)
     frozen = freeze(model)
     assert isinstance(frozen, FrozenTransformer)
-    assert frozen.decoder.output.packed_from == (2 if torch.backends.mkldnn.is_available() else None)
-    src, tgt = SRC.repeat(6, 1)[:rows], _tokens(rows, 20)  # 20 > the cache's first allocation (16): it grows
+    assert (frozen.decoder.output.packed is not None) == torch.backends.mkldnn.is_available()  # oneDNN's weight
+    src, tgt = SRC.repeat(24, 1)[:rows], _tokens(rows, 20)  # 20 > the cache's first allocation (16): it grows
     enc, frozen_enc = model.encode(src), frozen.encode(src)
     real = enc.src_mask  # (B,S): the frozen encoder skips padding and leaves zeros there
     torch.testing.assert_close(frozen_enc.memory[real], enc.memory[real], atol=2e-5, rtol=1e-5)
@@ -137,7 +137,7 @@ def test_frozen_int8_model_equals_the_int8_model(rows):
     of its products, so with padding the two differ a little, as int8 results differ between batches.)"""
     q = quantize(_transformer())
     frozen = freeze(q)
-    assert frozen.decoder.layers[0].qkv.packed is not None  # int8 products, not float
+    assert isinstance(frozen.decoder.layers[0].qkv, _Int8)  # int8 products, not float
     src = torch.cat([_tokens(rows, 5), torch.full((rows, 1), EOS_ID)], dim=1)  # (B,6), no padding
     tgt = _tokens(rows, 8)
     enc, frozen_enc = q.encode(src), frozen.encode(src)

@@ -13,10 +13,11 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   cross-attention's keys and values of *all* layers are one (D, L*2D) product over the source, once per
   sentence.
 * Each product takes the form that is fastest for its number of rows (see :class:`_Dense`): at one row, row
-  blocks of the weight multiplied in parallel (MKL runs a one-row product on one thread); from 2 to 16 rows,
-  MKL's transposed product; above, ``addmm`` by a pre-transposed weight; and for the output projection, the
-  largest product of a step, oneDNN's pre-packed weight (``mkldnn`` linear, as inductor's freezing does) from
-  two rows on, 1.2-3.7x faster than MKL on the benchmark CPU (``benchmarks/bench_micro.py --parts frozen``).
+  blocks of the weight multiplied in parallel (MKL runs a one-row product on one thread); in a decoder step
+  from 2 to 63 rows, MKL's transposed product; and oneDNN's pre-packed weight (``mkldnn`` linear, as
+  inductor's freezing does) for the output projection (the largest product of a step) from two rows on,
+  1.2-3.7x faster than MKL on the benchmark CPU, for the encoder from two rows, and for the decoder from 64
+  (``benchmarks/bench_micro.py --parts frozen``).
 * An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
@@ -72,34 +73,39 @@ class _Dense:
     * one row, with several threads (the layers' products): ``W x^T + b`` as a batched product of ``threads``
       row blocks of ``W`` (``baddbmm``), which runs the blocks in parallel where MKL runs a one-row product on
       one thread: a 1.08x faster decoder step at one row on 2 threads (reading the weights is the cost);
-    * one row otherwise, or more than ``COLUMN_ROWS``: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out)
-      transpose;
-    * 2 to ``COLUMN_ROWS`` rows: the transposed product ``(W x^T + b)^T`` by the contiguous (out, in) ``W``;
-      MKL runs this shape faster than ``x W_t`` at 4 rows (0.8-1.4x by product, a 1.28x faster decoder step;
+    * one row otherwise: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out) transpose;
+    * 2 to ``COLUMN_ROWS[role]`` rows: the transposed product ``(W x^T + b)^T`` by the contiguous (out, in)
+      ``W``; MKL runs this shape faster than ``x W_t`` (a 1.28x faster decoder step at 4 rows, 1.14x at 32;
       it returns a transposed view);
-    * from ``packed_from`` rows (float32 on a CPU with oneDNN, used for the output projection): oneDNN's
-      linear by its pre-packed ``W``; it costs 60-80 us a call whatever the size, and it paid reliably only for
-      the (D, V) output projection, 1.2-3.7x faster than MKL from two rows.
+    * from ``PACKED_FROM_ROWS[role]`` rows (float32 on a CPU with oneDNN): oneDNN's linear by its pre-packed
+      ``W``. It costs 60-80 us a call whatever the size, so it pays for the (D, V) output projection from two
+      rows (1.2-3.7x faster than MKL), for the encoder's products, which run on all of a batch's source
+      tokens at once (a 1.07-1.2x faster encoder from 1 to 128 sentences), and for the decoder's products
+      from 64 rows (beam search over many sentences), but not for a decoder step's few rows.
+    * otherwise (no oneDNN), ``addmm(b, x, W_t)``.
 
-    Measured in ``benchmarks/bench_micro.py --parts frozen``. The two MKL layouts are two copies of ``W``.
+    ``role`` ("encoder", "decoder" or "output") picks the thresholds; they were measured on the benchmark
+    CPU in ``benchmarks/bench_micro.py --parts frozen`` and ``benchmarks/bench_step.py``. The two MKL
+    layouts and oneDNN's are three copies of ``W``.
     """
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], packed_from: Optional[int] = None) -> None:
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], role: str = "decoder") -> None:
         weight = weight.detach()  # (out, in)
         self.weight = weight.contiguous()  # (out, in)
         self.bias = bias.detach() if bias is not None else None  # (out,)
         self.cpu = weight.device.type == "cpu"
         if not self.cpu:  # a GPU: F.linear (cuBLAS) by the model's own weight, no copies
             return
+        self.role = role
         self.weight_t = weight.t().contiguous()  # (in, out)
         self.bias_col = self.bias[:, None] if self.bias is not None else None  # (out, 1)
-        self.packed_from = packed_from if packed_from is not None and _onednn_available(weight) else None
-        if self.packed_from is not None:
+        self.packed = None
+        if _onednn_available(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # oneDNN's blocked layout
         out, d_in = weight.shape
         blocks = torch.get_num_threads()  # the threads at freezing time
         self.blocks = None
-        if packed_from is None and blocks > 1 and out % blocks == 0:
+        if role != "output" and blocks > 1 and out % blocks == 0:
             self.blocks = (self.weight.view(blocks, out // blocks, d_in),  # views of W and b, no copies
                            (self.bias if self.bias is not None else weight.new_zeros(out)).view(blocks, -1, 1))
 
@@ -110,9 +116,9 @@ class _Dense:
         if rows == 1 and self.blocks is not None:
             weight, bias = self.blocks  # (P, out/P, in), (P, out/P, 1)
             return torch.baddbmm(bias, weight, x.t().expand(weight.size(0), -1, 1)).view(1, -1)  # (P,out/P,1) -> (1,out)
-        if self.packed_from is not None and rows >= self.packed_from:
+        if self.packed is not None and rows >= PACKED_FROM_ROWS[self.role]:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if 2 <= rows <= COLUMN_ROWS:
+        if 2 <= rows <= COLUMN_ROWS[self.role]:
             if self.bias is None:
                 return torch.mm(self.weight, x.t()).t()
             return torch.addmm(self.bias_col, self.weight, x.t()).t()  # (out, N) -> (N, out)
@@ -155,17 +161,18 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
     return weight, bias, True
 
 
-# See _Dense: from this many rows the output projection runs in oneDNN (the layers' products stay in MKL:
-# oneDNN's fixed cost loses at the few rows decoding uses most, and from 16 rows on it was mixed across runs,
-# 0.5-1.6x of MKL); up to COLUMN_ROWS rows MKL computes the transposed product.
-OUTPUT_PACKED_FROM_ROWS = 2
-COLUMN_ROWS = 16
+# See _Dense, by role: from PACKED_FROM_ROWS rows a product runs in oneDNN (a decoder step's products stay in
+# MKL below 64 rows: oneDNN's fixed cost loses at the few rows decoding uses most); from 2 to COLUMN_ROWS rows
+# MKL computes the transposed product.
+PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
+COLUMN_ROWS = {"output": 1, "encoder": 1, "decoder": 63}
 
 
-def _linear(*linears: nn.Module, packed_from: Optional[int] = None) -> Any:
-    """One map computing ``linears`` side by side: x (N, in) -> (N, sum of their outputs)."""
+def _linear(*linears: nn.Module, role: str = "decoder") -> Any:
+    """One map computing ``linears`` side by side: x (N, in) -> (N, sum of their outputs); ``role`` picks
+    the product's thresholds (see :class:`_Dense`)."""
     weight, bias, int8 = _weight_and_bias(list(linears))
-    return _Int8(weight, bias) if int8 else _Dense(weight, bias, packed_from)
+    return _Int8(weight, bias) if int8 else _Dense(weight, bias, role)
 
 
 def _layer_norm(norm: nn.LayerNorm) -> tuple:
@@ -179,20 +186,20 @@ class _FrozenLayer:
     """One encoder or decoder layer: fused self-attention q/k/v, cross-attention q and output (decoder),
     the feed-forward network, and the three sub-layers with their residuals and LayerNorms."""
 
-    def __init__(self, layer: nn.Module, cfg: Any) -> None:
+    def __init__(self, layer: nn.Module, cfg: Any, role: str) -> None:
         self.norm_first = cfg.norm_first
         self.head_dim = cfg.d_model // cfg.n_heads
         sa = layer.self_attn
-        self.qkv = _linear(sa.q_proj, sa.k_proj, sa.v_proj)  # (N,D) -> (N,3D)
-        self.self_out = _linear(sa.out_proj)
+        self.qkv = _linear(sa.q_proj, sa.k_proj, sa.v_proj, role=role)  # (N,D) -> (N,3D)
+        self.self_out = _linear(sa.out_proj, role=role)
         self.self_norm = _layer_norm(layer.self_attn_norm)
         self.cross = getattr(layer, "cross_attn", None) is not None
         if self.cross:
-            self.cross_q = _linear(layer.cross_attn.q_proj)
-            self.cross_out = _linear(layer.cross_attn.out_proj)
+            self.cross_q = _linear(layer.cross_attn.q_proj, role=role)
+            self.cross_out = _linear(layer.cross_attn.out_proj, role=role)
             self.cross_norm = _layer_norm(layer.cross_attn_norm)
-        self.fc1 = _linear(layer.ffn.fc1)
-        self.fc2 = _linear(layer.ffn.fc2)
+        self.fc1 = _linear(layer.ffn.fc1, role=role)
+        self.fc2 = _linear(layer.ffn.fc2, role=role)
         self.activation = layer.ffn.activation
         self.ffn_norm = _layer_norm(layer.ffn_norm)
 
@@ -242,13 +249,13 @@ class _FrozenLayer:
 class _FrozenStack:
     """Token embedding, positions, the layers and the final LayerNorm (pre-LN) of an encoder or decoder."""
 
-    def __init__(self, stack: nn.Module, cfg: Any) -> None:
+    def __init__(self, stack: nn.Module, cfg: Any, role: str) -> None:
         self.d_model = cfg.d_model
         self.embed = stack.embed_tokens.weight.detach()  # (V,D)
         self.embed_scale = stack.embed_tokens.scale
         self.positions = stack.embed_positions.weight.detach()  # (P,D)
         self.max_positions = stack.embed_positions.max_positions
-        self.layers = [_FrozenLayer(layer, cfg) for layer in stack.layers]
+        self.layers = [_FrozenLayer(layer, cfg, role) for layer in stack.layers]
         self.final_norm = _layer_norm(stack.final_norm) if stack.final_norm is not None else None
 
     def embed_tokens(self, tokens: Tensor, offset: int = 0, position: Optional[Tensor] = None) -> Tensor:
@@ -311,13 +318,14 @@ class _FrozenDecoder(_FrozenStack):
     """The decoder stack and output layer of ``model`` for incremental decoding."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model.decoder, model.cfg)
+        super().__init__(model.decoder, model.cfg, "decoder")
         self.n_heads = model.cfg.n_heads
         self.cross = any(layer.cross for layer in self.layers)  # encoder-decoder; False for a language model
         if self.cross:  # every layer's cross k/v in one product
             self.cross_kv = _linear(*[m for layer in model.decoder.layers
-                                      for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)])
-        self.output = _linear(model.output.lm_head, packed_from=OUTPUT_PACKED_FROM_ROWS)
+                                      for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
+                                    role="encoder")  # runs over the source's rows, as the encoder does
+        self.output = _linear(model.output.lm_head, role="output")
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
 
@@ -374,7 +382,7 @@ class FrozenTransformer:
 
     def __init__(self, model: Transformer, graphs: Optional[bool] = None) -> None:
         self.cfg = model.cfg
-        self.encoder = _FrozenEncoder(model.encoder, model.cfg)
+        self.encoder = _FrozenEncoder(model.encoder, model.cfg, "encoder")
         self.decoder = _FrozenDecoder(model)
         self.device = self.decoder.embed.device
         self.static = _static_decoder(model, self.decoder, graphs)
