@@ -1,4 +1,4 @@
-"""Micro-benchmarks behind three changes, each old way against the new one in the same process.
+"""Micro-benchmarks behind the decoding and batching changes, each old way against the new one in the same process.
 
 1. ``projection``: a decoding step's products on the CPU, ``F.linear`` by the stored (out, in) weight
    against a matrix product by a contiguous (in, out) copy (what ``_OutputLayer._weight_t`` keeps), at
@@ -14,8 +14,13 @@
 4. ``overhead``: the Python cost of a frozen decoder step at one row: the same step (position 20, batch 1)
    run from Python against a ``torch.jit.trace`` of it, which replays the ATen calls without the
    interpreter (a diagnostic only: tracing fixes the position and batch, so decoding cannot use it).
+5. ``roles`` (session 6): the products' forms by role (``frozen.PACKED_FROM_ROWS`` / ``COLUMN_ROWS``: oneDNN
+   for the encoder and for decoder steps from 64 rows, MKL's transposed product for decoder steps up to 63)
+   against session 4's, for the encoder over the first B Multi30k val sentences and one decoder step.
+6. ``compile``: the static-cache decoder step (``transformer.model.static``) eagerly against
+   ``torch.compile`` of it, on the CPU (a diagnostic: decoding does not compile it).
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -174,6 +179,91 @@ def run_overhead() -> None:
           f"Python's share: {(python - replay) * 1e3:.2f} ms ({(python - replay) / python:.0%})")
 
 
+@torch.inference_mode()
+def run_roles(args) -> None:
+    """Session 6: the product forms by role (frozen.PACKED_FROM_ROWS / COLUMN_ROWS) against session 4's."""
+    from transformer.config import preset
+    from transformer.data.vocab import EOS_ID, PAD_ID
+    from transformer.model import Transformer, frozen as frozen_module
+    from transformer.model.frozen import freeze
+
+    torch.manual_seed(0)
+    tok = multi30k_tokenizer(args.work_dir, 8000)
+    sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[:128])]
+    frozen = freeze(Transformer(preset("small"), tok.src_vocab_size, tok.tgt_vocab_size).eval())
+    now = (dict(frozen_module.PACKED_FROM_ROWS), dict(frozen_module.COLUMN_ROWS))
+    # session 4: oneDNN for the output projection only; MKL's transposed product from 2 to 16 rows, else x W_t
+    before = ({"output": 2, "encoder": 1 << 30, "decoder": 1 << 30}, {"output": 1, "encoder": 16, "decoder": 16})
+
+    def timed(fn, inner):  # (before, now): best of 7 rounds, the two settings alternating within each round
+        best = [float("inf")] * 2
+        try:
+            for _ in range(7):
+                for i, settings in enumerate((before, now)):
+                    frozen_module.PACKED_FROM_ROWS, frozen_module.COLUMN_ROWS = settings
+                    best[i] = min(best[i], best_seconds(fn, inner, repeats=1, warmup=2))
+        finally:
+            frozen_module.PACKED_FROM_ROWS, frozen_module.COLUMN_ROWS = now
+        return best
+
+    print("\n== products by role (random `small` weights), session 4's forms against now: the encoder over the "
+          "first B Multi30k val sentences; one decoder step at B rows (20 positions cached) ==")
+    print("| B | source tokens | encoder before ms | encoder now ms | speed-up | step before ms | step now ms | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for rows in (1, 4, 32, 128):
+        batch = sources[:rows]
+        width = max(len(s) for s in batch)
+        src = torch.tensor([s + [PAD_ID] * (width - len(s)) for s in batch])
+        enc = frozen.encode(src)
+        cache = frozen.new_cache()
+        frozen.decode(torch.randint(4, 8000, (rows, 20)), enc, cache)
+        token = torch.randint(4, 8000, (rows, 1))
+
+        def step():
+            frozen.decode(token, enc, cache)
+            for layer in cache.layers:  # back to 20 positions: every timed step is the same step
+                layer.self_attn.length = 20
+
+        inner = max(3, int(100 / rows))
+        enc_times, step_times = timed(lambda: frozen.encode(src), inner), timed(step, inner)
+        print(f"| {rows} | {sum(len(s) for s in batch)} | {enc_times[0] * 1e3:.2f} | {enc_times[1] * 1e3:.2f} "
+              f"| {enc_times[0] / enc_times[1]:.2f}x | {step_times[0] * 1e3:.2f} | {step_times[1] * 1e3:.2f} "
+              f"| {step_times[0] / step_times[1]:.2f}x |")
+
+
+@torch.inference_mode()
+def run_compile() -> None:
+    """Session 6: the static-cache decoder step (transformer.model.static, run eagerly on the CPU) against the
+    same step compiled by torch.compile (inductor, static shapes, without its own weight packing)."""
+    import torch._inductor.config as inductor_config
+
+    from transformer.config import preset
+    from transformer.decoding import greedy_search
+    from transformer.model import Transformer, frozen as frozen_module
+    from transformer.model.frozen import freeze
+
+    torch.manual_seed(0)
+    inductor_config.cpp.weight_prepack = False  # keep the products in MKL (oneDNN's packing costs per call)
+    # dynamo cannot trace oneDNN's opaque packed weights: both sides run every product in MKL here
+    frozen_module.PACKED_FROM_ROWS = {role: 1 << 30 for role in frozen_module.PACKED_FROM_ROWS}
+    frozen = freeze(Transformer(preset("small"), 8000, 8000).eval(), graphs=True)  # the static step, eager
+    static = frozen.static
+    print("\n== the static-cache decoder step (random `small` weights, 32 source / 64 target buffer positions, "
+          "every product in MKL), eager against torch.compile ==")
+    print("| rows | eager ms | compiled ms | compiled / eager speed | compile s |")
+    print("|---:|---:|---:|---:|---:|")
+    for rows in (1, 32):
+        greedy_search(frozen, torch.randint(4, 8000, (rows, 16)), max_len_a=0.0, max_len_b=8)  # fills the buffers
+        key = (rows, 32, 64)
+        compiled = torch.compile(static._step, dynamic=False, fullgraph=True)
+        start = time.perf_counter()
+        torch.testing.assert_close(compiled(*key), static._step(*key), atol=1e-4, rtol=1e-4)
+        compile_s = time.perf_counter() - start
+        inner = max(5, int(100 / rows))
+        eager, fast = best_seconds(lambda: static._step(*key), inner), best_seconds(lambda: compiled(*key), inner)
+        print(f"| {rows} | {eager * 1e3:.2f} | {fast * 1e3:.2f} | {eager / fast:.2f}x | {compile_s:.0f} |")
+
+
 def run_collate(args) -> None:
     from transformer.data.batching import sampler_for
     from transformer.data.cache import TokenArray
@@ -199,7 +289,7 @@ def run_collate(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
-    parser.add_argument("--parts", default="projection,collate,frozen,overhead")
+    parser.add_argument("--parts", default="projection,collate,frozen,overhead,roles,compile")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     args = parser.parse_args()
@@ -214,6 +304,10 @@ def main() -> None:
         run_frozen()
     if "overhead" in parts:
         run_overhead()
+    if "roles" in parts:
+        run_roles(args)
+    if "compile" in parts:
+        run_compile()
 
 
 if __name__ == "__main__":
