@@ -110,10 +110,11 @@ class _InferenceModel:
         # freeze=False, the model.
         self.search_model = self.model
         self._search_lock = threading.Lock()  # searches from several threads take turns (one set of static buffers)
-        if freeze and self.device.type == "cpu" and dtype in (None, "fp32") and isinstance(model, (Transformer, TransformerLM)):
-            self.search_model = freeze_model(self.model)
-        elif freeze and self.device.type == "cuda" and isinstance(model, (Transformer, TransformerLM)):
-            self.search_model = freeze_model(self.model, graphs=True)
+        if freeze and isinstance(model, (Transformer, TransformerLM)):
+            if self.device.type == "cpu" and dtype in (None, "fp32"):
+                self.search_model = freeze_model(self.model)
+            elif self.device.type == "cuda":
+                self.search_model = freeze_model(self.model, graphs=True)
 
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu", decode_cfg: Optional[DecodeConfig] = None,
