@@ -75,17 +75,17 @@ class _Dense:
       one thread: a 1.08x faster decoder step at one row on 2 threads (reading the weights is the cost);
     * one row otherwise: MKL's ``addmm(b, x, W_t)`` by the contiguous (in, out) transpose;
     * 2 to ``COLUMN_ROWS[role]`` rows: the transposed product ``(W x^T + b)^T`` by the contiguous (out, in)
-      ``W``; MKL runs this shape faster than ``x W_t`` (a 1.28x faster decoder step at 4 rows, 1.14x at 32;
+      ``W``; MKL runs this shape faster than ``x W_t`` (a 1.28x faster decoder step at 4 rows, 1.10x at 32;
       it returns a transposed view);
     * from ``PACKED_FROM_ROWS[role]`` rows (float32 on a CPU with oneDNN): oneDNN's linear by its pre-packed
       ``W``. It costs 60-80 us a call whatever the size, so it pays for the (D, V) output projection from two
       rows (1.2-3.7x faster than MKL), for the encoder's products, which run on all of a batch's source
-      tokens at once (a 1.07-1.2x faster encoder from 1 to 128 sentences), and for the decoder's products
+      tokens at once (a 1.05-1.17x faster encoder from 1 to 128 sentences), and for the decoder's products
       from 64 rows (beam search over many sentences), but not for a decoder step's few rows.
     * otherwise (no oneDNN), ``addmm(b, x, W_t)``.
 
     ``role`` ("encoder", "decoder" or "output") picks the thresholds; they were measured on the benchmark
-    CPU in ``benchmarks/bench_micro.py --parts frozen`` and ``benchmarks/bench_step.py``. The two MKL
+    CPU in ``benchmarks/bench_micro.py --parts frozen,roles``. The two MKL
     layouts and oneDNN's are three copies of ``W``.
     """
 
@@ -163,9 +163,9 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
 
 # See _Dense, by role: from PACKED_FROM_ROWS rows a product runs in oneDNN (a decoder step's products stay in
 # MKL below 64 rows: oneDNN's fixed cost loses at the few rows decoding uses most); from 2 to COLUMN_ROWS rows
-# MKL computes the transposed product.
+# (below PACKED_FROM_ROWS, or on a CPU without oneDNN) MKL computes the transposed product.
 PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
-COLUMN_ROWS = {"output": 1, "encoder": 1, "decoder": 63}
+COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: only without oneDNN
 
 
 def _linear(*linears: nn.Module, role: str = "decoder") -> Any:
