@@ -20,8 +20,10 @@
    against session 4's, for the encoder over the first B Multi30k val sentences and one decoder step.
 6. ``compile``: the static-cache decoder step (``transformer.model.static``) eagerly against
    ``torch.compile`` of it, on the CPU (a diagnostic: decoding does not compile it).
+7. ``int8``: at decoding shapes, the float32 product against PyTorch's dynamic int8 Linear (what our int8
+   path runs) and its weight-only int8 product (``torch._weight_int8pack_mm``).
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -272,6 +274,40 @@ def run_compile() -> None:
         frozen_module.PACKED_FROM_ROWS = packed_from
 
 
+@torch.inference_mode()
+def run_int8() -> None:
+    """Session 6: the int8 products on offer in PyTorch at decoding shapes, against the float32 product."""
+    import warnings
+
+    print("\n== int8 products (us): float32 MKL addmm(b, x, W_t); PyTorch's dynamic int8 Linear (fbgemm, what "
+          "frozen._Int8 calls); weight-only int8 (torch._weight_int8pack_mm) ==")
+    print("| layer | rows | float32 | dynamic int8 | weight-only int8 | dynamic int8 / float32 speed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for d_in, d_out in ((256, 8000), (256, 768), (256, 256), (256, 1024), (1024, 256)):
+        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+        wt = w.t().contiguous()
+        scale = w.abs().amax(1) / 127  # (out,) per-channel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
+            w_q = torch.quantize_per_channel(w, scale.double(), torch.zeros(d_out, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(w_q, b)
+        w_int8 = w_q.int_repr()  # (out, in) int8
+        for rows in (1, 4, 32):
+            x = torch.randn(rows, d_in)
+            forms = {
+                "float32": lambda: torch.addmm(b, x, wt),
+                "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True),
+                "weight-only": lambda: torch._weight_int8pack_mm(x, w_int8, scale) + b,
+            }
+            ref = forms["float32"]()
+            for fn in forms.values():  # within 5% of the output's range: a check of the wiring, not of accuracy
+                torch.testing.assert_close(fn(), ref, rtol=0.0, atol=0.05 * float(ref.abs().max()))
+            us = {name: best_seconds(fn, max(5, int(500 / rows))) * 1e6 for name, fn in forms.items()}
+            print(f"| {d_in} -> {d_out} | {rows} | {us['float32']:.1f} | {us['dynamic']:.1f} | {us['weight-only']:.1f} "
+                  f"| {us['float32'] / us['dynamic']:.2f}x |")
+
+
 def run_collate(args) -> None:
     from transformer.data.batching import sampler_for
     from transformer.data.cache import TokenArray
@@ -297,7 +333,7 @@ def run_collate(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
-    parser.add_argument("--parts", default="projection,collate,frozen,overhead,roles,compile")
+    parser.add_argument("--parts", default="projection,collate,frozen,overhead,roles,compile,int8")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     args = parser.parse_args()
@@ -316,6 +352,8 @@ def main() -> None:
         run_roles(args)
     if "compile" in parts:
         run_compile()
+    if "int8" in parts:
+        run_int8()
 
 
 if __name__ == "__main__":
