@@ -42,8 +42,9 @@ from transformer.config import preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
-SYSTEMS = ("ours", "ours_nograph", "ours_eager", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
-NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs", "ours_eager": "ours, not frozen",
+SYSTEMS = ("ours", "ours_nograph", "ours_pystep", "ours_eager", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
+NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs",
+         "ours_pystep": "ours frozen, Python step", "ours_eager": "ours, not frozen",
          "ours_int8": "ours int8", "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 
@@ -204,6 +205,9 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
             if device.type == "cuda":
                 plain = freeze(model, graphs=False)  # the frozen layout, launched from Python
                 systems["ours_nograph"] = lambda batch, beam: ours(batch, beam, model=plain)
+            elif frozen.decoder.native is not None:  # the compiled step is built: also the Python step
+                pystep = freeze(model, native=False)
+                systems["ours_pystep"] = lambda batch, beam: ours(batch, beam, model=pystep)
             systems["ours_eager"] = ours  # the nn.Module itself, as training's validation decodes it
     else:
         systems["ours"] = ours
@@ -304,7 +308,8 @@ def main() -> None:
     parser.add_argument("--no-freeze", action="store_true",
                         help="ours runs the nn.Module, not its frozen copy (transformer.model.frozen)")
     parser.add_argument("--eager", action="store_true",
-                        help="add our nn.Module beside its frozen copy (and on CUDA the frozen copy without graphs)")
+                        help="add our nn.Module beside its frozen copy, and the frozen copy without CUDA graphs (CUDA) "
+                             "or with the Python decoder step where the compiled one is built (CPU)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--json", default="")
@@ -329,8 +334,8 @@ def main() -> None:
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha}; systems round-robin batch by batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
-              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs |")
-        print("|---|---:|" + "---:|" * (len(systems) + 5))
+              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | ours / Python step |")
+        print("|---|---:|" + "---:|" * (len(systems) + 6))
         references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
@@ -342,7 +347,8 @@ def main() -> None:
 
             print(f"| {search} | {batch_size} | " + " | ".join(f"{rate[n]:.0f}" for n in systems)
                   + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} "
-                  f"| {ratio('ours', 'ours_eager')} | {ratio('ours', 'ours_nograph')} |",
+                  f"| {ratio('ours', 'ours_eager')} | {ratio('ours', 'ours_nograph')} "
+                  f"| {ratio('ours', 'ours_pystep')} |",
                   flush=True)
             bleu = {n: sacrebleu.corpus_bleu([tok.decode_tgt(o) for o in s["outputs"]], [references]).score
                     for n, s in stats.items()}

@@ -128,6 +128,17 @@ def _download(args: argparse.Namespace) -> None:
     print(f"Multi30k is in {path}")
 
 
+def _build_native(args: argparse.Namespace) -> None:
+    import time
+
+    from transformer.model import native
+
+    start = time.perf_counter()
+    print("building the compiled decoder step (about a minute the first time) ...", file=sys.stderr, flush=True)
+    module = native.build(verbose=args.verbose)
+    print(f"compiled decoder step ready: {module.__file__} ({time.perf_counter() - start:.0f} s)")
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Where and in what number format a loaded model runs: shared by translate, generate and evaluate."""
     p.add_argument("--device", default="cpu")
@@ -210,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/quickstart")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the quickstart config")
     p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("build-native", help="compile the C++ decoder step that CPU decoding then uses (optional)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(func=_build_native)
 
     p = sub.add_parser("download-multi30k", help="download Multi30k (needs internet)")
     p.add_argument("dest", help="folder to write train/val/test_2017_flickr.{en,de,fr}")

@@ -28,10 +28,18 @@ class KVCache:
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys/values (B, H, T_new, Dh); return all of them so far (B, H, length, Dh)."""
         t_new = k.size(2)
+        self.reserve(t_new, k)
+        self.k[:, :, self.length : self.length + t_new] = k
+        self.v[:, :, self.length : self.length + t_new] = v
+        self.length += t_new
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def reserve(self, t_new: int, like: Tensor) -> None:
+        """Room for ``t_new`` more positions; ``like`` (B, H, *, Dh) gives a new buffer's shape, dtype and device."""
         if self.k is None:
             capacity = max(16, t_new)
-            self.k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
-            self.v = v.new_empty(v.size(0), v.size(1), capacity, v.size(3))
+            self.k = like.new_empty(like.size(0), like.size(1), capacity, like.size(3))
+            self.v = like.new_empty(self.k.shape)
         elif self.length + t_new > self.k.size(2):
             capacity = max(2 * self.k.size(2), self.length + t_new)
             grown_k = self.k.new_empty(self.k.size(0), self.k.size(1), capacity, self.k.size(3))
@@ -39,10 +47,6 @@ class KVCache:
             grown_k[:, :, : self.length] = self.k[:, :, : self.length]
             grown_v[:, :, : self.length] = self.v[:, :, : self.length]
             self.k, self.v = grown_k, grown_v
-        self.k[:, :, self.length : self.length + t_new] = k
-        self.v[:, :, self.length : self.length + t_new] = v
-        self.length += t_new
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def reorder(self, new_order: Tensor) -> None:
         """Select (and repeat) batch rows: ``new_order`` (B',) indexes the current batch."""

@@ -317,7 +317,7 @@ class _FrozenEncoder(_FrozenStack):
 class _FrozenDecoder(_FrozenStack):
     """The decoder stack and output layer of ``model`` for incremental decoding."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, native: Optional[bool] = None) -> None:
         super().__init__(model.decoder, model.cfg, "decoder")
         self.n_heads = model.cfg.n_heads
         self.cross = any(layer.cross for layer in self.layers)  # encoder-decoder; False for a language model
@@ -328,6 +328,7 @@ class _FrozenDecoder(_FrozenStack):
         self.output = _linear(model.output.lm_head, role="output")
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
+        self.native = _compiled_step(self, model.cfg, native)
 
     def project_memory(self, memory: Tensor, rows: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
         """Every layer's cross-attention keys and values (each (B,H,S,Dh)) of ``memory`` (B,S,D), in one
@@ -348,6 +349,8 @@ class _FrozenDecoder(_FrozenStack):
         b, t = tokens.shape
         if not cache.layers:
             cache.layers.extend(LayerCache() for _ in self.layers)
+        if self.native is not None and t == 1 and b < PACKED_FROM_ROWS["decoder"]:
+            return self._native_step(tokens, cache, cross_kv, memory_mask)
         past = cache.length
         x = self.embed_tokens(tokens, offset=past)  # (N,D)
         is_causal, self_mask = self_attention_mask(t, past, tokens.device)
@@ -355,12 +358,61 @@ class _FrozenDecoder(_FrozenStack):
             x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask)
         return self.logits(x).reshape(b, t, -1)
 
+    def _native_step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]],
+                     memory_mask: Optional[Tensor]) -> Tensor:
+        """:meth:`step` for one new position (T = 1) in the compiled step: the same calls, without Python
+        between them. Python grows the KV buffers; the compiled step writes this position into them."""
+        b = tokens.size(0)
+        past = cache.length
+        x = self.embed_tokens(tokens, offset=past)  # (B,D)
+        shape = x.new_empty(b, self.n_heads, 0, self.d_model // self.n_heads)  # (B,H,0,Dh): the buffers' shape
+        caches = [layer_cache.self_attn for layer_cache in cache.layers]
+        for kv in caches:
+            kv.reserve(1, shape)
+        x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past,
+                                [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()],
+                                memory_mask, COLUMN_ROWS["decoder"])  # (B,D)
+        for kv in caches:
+            kv.length += 1
+        return self.logits(x).reshape(b, 1, -1)
+
     def logits(self, x: Tensor) -> Tensor:
         """The last layer's output x (N,D) -> logits (N,V): final LayerNorm (pre-LN), output projection, bias."""
         logits = self.output(self.finish(x))  # (N,V)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
         return logits
+
+
+def _compiled_step(decoder: _FrozenDecoder, cfg: Any, native: Optional[bool]) -> Any:
+    """The compiled decoder step (:mod:`transformer.model.native`) holding ``decoder``'s weights, or None: it
+    takes a float32 model on the CPU; ``native=None`` uses it if it is built, True builds it if needed
+    (raising if it cannot), False never uses it."""
+    if native is False or decoder.embed.device.type != "cpu" or decoder.embed.dtype != torch.float32:
+        return None
+    if any(isinstance(m, _Int8) for layer in decoder.layers for m in (layer.qkv, layer.fc1)):
+        if native:
+            raise TransformerError("the compiled decoder step takes a float model, not an int8 one")
+        return None
+    from transformer.model import native as native_module
+
+    module = native_module.build() if native else native_module.load()
+    if module is None:
+        return None
+
+    def dense(m: _Dense) -> list[Tensor]:
+        bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
+        return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or ())]
+
+    def norm(n: tuple) -> list[Tensor]:
+        return [n[1], n[2]]
+
+    step = module.DecoderStep(decoder.n_heads, cfg.norm_first, cfg.activation == "gelu")
+    for layer in decoder.layers:
+        maps = [layer.qkv, layer.self_out, layer.fc1, layer.fc2] + ([layer.cross_q, layer.cross_out] if layer.cross else [])
+        norms = [layer.self_norm, layer.ffn_norm] + ([layer.cross_norm] if layer.cross else [])
+        step.add_layer([dense(m) for m in maps], [t for n in norms for t in norm(n)], [n[3] for n in norms])
+    return step
 
 
 # --- the two model kinds ------------------------------------------------------------------------------
@@ -380,10 +432,10 @@ def _static_decoder(model: nn.Module, decoder: _FrozenDecoder, graphs: Optional[
 class FrozenTransformer:
     """An encoder-decoder :class:`Transformer` frozen for decoding (see the module docstring)."""
 
-    def __init__(self, model: Transformer, graphs: Optional[bool] = None) -> None:
+    def __init__(self, model: Transformer, graphs: Optional[bool] = None, native: Optional[bool] = None) -> None:
         self.cfg = model.cfg
         self.encoder = _FrozenEncoder(model.encoder, model.cfg, "encoder")
-        self.decoder = _FrozenDecoder(model)
+        self.decoder = _FrozenDecoder(model, native)
         self.device = self.decoder.embed.device
         self.static = _static_decoder(model, self.decoder, graphs)
 
@@ -424,9 +476,9 @@ class FrozenTransformer:
 class FrozenLM:
     """A decoder-only :class:`TransformerLM` frozen for generation (see the module docstring)."""
 
-    def __init__(self, model: TransformerLM, graphs: Optional[bool] = None) -> None:
+    def __init__(self, model: TransformerLM, graphs: Optional[bool] = None, native: Optional[bool] = None) -> None:
         self.cfg = model.cfg
-        self.decoder = _FrozenDecoder(model)
+        self.decoder = _FrozenDecoder(model, native)
         self.device = self.decoder.embed.device
         self.static = _static_decoder(model, self.decoder, graphs)
 
@@ -448,7 +500,7 @@ def _is_int8_model(model: nn.Module) -> bool:
     return any(_is_int8(m) for m in model.modules())
 
 
-def freeze(model: nn.Module, graphs: Optional[bool] = None) -> Any:
+def freeze(model: nn.Module, graphs: Optional[bool] = None, native: Optional[bool] = None) -> Any:
     """An inference-only :class:`FrozenTransformer` or :class:`FrozenLM` of ``model`` (float or int8).
 
     The frozen object copies the weights into its own layouts (on the CPU about two more copies of the
@@ -465,7 +517,7 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None) -> Any:
     if model.training:
         raise TransformerError("freeze() takes a model in eval mode (call model.eval() first)")
     if isinstance(model, Transformer):
-        return FrozenTransformer(model, graphs)
+        return FrozenTransformer(model, graphs, native)
     if isinstance(model, TransformerLM):
-        return FrozenLM(model, graphs)
+        return FrozenLM(model, graphs, native)
     raise TransformerError(f"cannot freeze a {type(model).__name__}; freeze a Transformer or a TransformerLM")

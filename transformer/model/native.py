@@ -1,0 +1,86 @@
+"""The compiled decoder step (``csrc/decoder_step.cpp``): built once with ``torch.utils.cpp_extension``, then reused.
+
+A frozen model's decoder step at a few rows is mostly Python overhead between small ATen calls (about a
+fifth of a step at one row on the benchmark CPU). The C++ step makes the same calls without the
+interpreter. It is optional: building it needs a C++ compiler and Python's headers and takes about a minute,
+so nothing builds it implicitly. ``transformer build-native`` (run by ``scripts/setup.sh``) builds it into
+a cache folder; from then on :func:`~transformer.model.frozen.freeze` uses it on the CPU, and without it the
+Python step runs (the same maths).
+
+The cache folder is ``$TRANSFORMER_NATIVE_DIR``, else ``~/.cache/transformer/native``, one subfolder per
+torch version, Python version and source hash, so a changed source or another torch builds anew.
+``TRANSFORMER_NATIVE=0`` turns the compiled step off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from transformer.errors import TransformerError
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "decoder_step.cpp"
+_loaded: dict[str, Optional[ModuleType]] = {}
+
+
+def _name_and_dir() -> tuple[str, Path]:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    name = f"transformer_decoder_step_{digest}"
+    root = Path(os.environ.get("TRANSFORMER_NATIVE_DIR") or Path.home() / ".cache" / "transformer" / "native")
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    return name, root / tag / name
+
+
+def enabled() -> bool:
+    """False when ``TRANSFORMER_NATIVE=0`` (or ``false``/``off``) is set."""
+    return os.environ.get("TRANSFORMER_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile the decoder step (about a minute) unless it is already built, and load it.
+
+    Raises:
+        TransformerError: the compiler or Python's headers are missing, or the build fails.
+    """
+    name, folder = _name_and_dir()
+    if name in _loaded and _loaded[name] is not None:
+        return _loaded[name]
+    from torch.utils import cpp_extension
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+                      extra_cflags=["-O3"], verbose=verbose)
+    except Exception as exc:  # the compiler's own message, shortened
+        raise TransformerError(f"could not build the compiled decoder step in {folder}: "
+                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__} "
+                               "(it needs g++ and Python's headers; decoding works without it)") from exc
+    _loaded[name] = module
+    return module
+
+
+def load() -> Optional[ModuleType]:
+    """The compiled decoder step if it was built (by :func:`build`) and is enabled, else None. Never compiles."""
+    if not enabled():
+        return None
+    name, folder = _name_and_dir()
+    if name in _loaded:
+        return _loaded[name]
+    module = None
+    library = folder / f"{name}.so"
+    if library.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location(name, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (ImportError, OSError):  # built against something no longer there: the Python step runs
+            module = None
+    _loaded[name] = module
+    return module
