@@ -14,7 +14,9 @@
    ``nn.Module`` against its frozen copy.
 4. ``overhead``: the Python cost of a frozen decoder step at one row: the same step (position 20, batch 1)
    run from Python against a ``torch.jit.trace`` of it, which replays the ATen calls without the
-   interpreter (a diagnostic only: tracing fixes the position and batch, so decoding cannot use it).
+   interpreter (a diagnostic only: tracing fixes the position and batch, so decoding cannot use it); and
+   (session 7) the whole step with the compiled decoder step (``transformer.model.native``) against the
+   Python step.
 5. ``roles`` (session 6): the products' forms by role (``frozen.PACKED_FROM_ROWS`` / ``COLUMN_ROWS``: oneDNN
    for the encoder and for decoder steps from 64 rows, MKL's transposed product for decoder steps up to 63)
    against session 4's, for the encoder over the first B Multi30k val sentences and one decoder step.
@@ -153,9 +155,11 @@ def run_overhead() -> None:
 
     torch.manual_seed(0)
     cfg = preset("small")
-    frozen = freeze(Transformer(cfg, 8000, 8000).eval())
+    model = Transformer(cfg, 8000, 8000).eval()
+    frozen = freeze(model, native=False)
     dec, pos, heads, d = frozen.decoder, 20, cfg.n_heads, cfg.d_model
-    cross_kv = frozen.encode(torch.randint(4, 8000, (1, 16))).cross_kv
+    src = torch.randint(4, 8000, (1, 16))
+    cross_kv = frozen.encode(src).cross_kv
     caches = [torch.zeros(1, heads, 32, d // heads) for _ in range(2 * len(dec.layers))]
 
     def step(tokens, *kv):  # the frozen step at a fixed position, its cache buffers as inputs
@@ -181,6 +185,37 @@ def run_overhead() -> None:
     print("\n== one frozen decoder step at one row (`small`, random weights, position 20) ==")
     print(f"from Python: {python * 1e3:.2f} ms; traced (no interpreter): {replay * 1e3:.2f} ms; "
           f"Python's share: {(python - replay) * 1e3:.2f} ms ({(python - replay) / python:.0%})")
+    # Session 7: the compiled step (transformer.model.native) against the Python step, each a whole
+    # _FrozenDecoder.step (embedding and output projection included) at position 20, alternating.
+    from transformer.errors import TransformerError
+
+    try:
+        native = freeze(model, native=True)
+    except TransformerError as exc:
+        print(f"compiled step: not built ({exc})")
+        return
+    python_step = freeze(model, native=False)
+    token = torch.full((1, 1), 5)
+
+    def whole_step(m):
+        enc, cache = m.encode(src), m.new_cache()
+        m.decode(torch.full((1, pos), 5), enc, cache)  # 20 positions cached
+
+        def call():
+            for layer_cache in cache.layers:
+                layer_cache.self_attn.length = pos  # back to position 20 each time
+            return m.decode(token, enc, cache)
+        return call
+
+    calls = {"Python": whole_step(python_step), "compiled": whole_step(native)}
+    assert torch.equal(calls["Python"](), calls["compiled"]())
+    times = {k: [] for k in calls}
+    for _ in range(7):
+        for k, call in calls.items():
+            times[k].append(best_seconds(call, 100, repeats=1, warmup=5))
+    py, cc = min(times["Python"]), min(times["compiled"])
+    print(f"whole step (embedding to logits), Python step: {py * 1e3:.2f} ms; compiled step: {cc * 1e3:.2f} ms; "
+          f"speed-up {py / cc:.2f}x")
 
 
 @torch.inference_mode()
