@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -68,10 +69,19 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A test run launched in the background of a
+    non-interactive shell ignores SIGINT, the child would inherit that, and Python then installs no
+    KeyboardInterrupt handler, so the Ctrl-C tests' signal would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
-    """``python -m transformer.cli ARGS`` in the background (stdout and stderr together, as text)."""
+    """``python -m transformer.cli ARGS`` in the background (stdout and stderr together, as text), taking
+    Ctrl-C (SIGINT) as a terminal would deliver it."""
     return subprocess.Popen([sys.executable, "-m", "transformer.cli", *args], cwd=cwd, env=cli_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint if os.name == "posix" else None)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
