@@ -44,6 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, machine_info, multi30k_tokenizer, read_lines, setup_device  # noqa: E402
 
 
+# (in, out) of a `small` decoder step's products: output projection, fused q/k/v, attention out, fc1, fc2
+LAYER_SHAPES = ((256, 8000), (256, 768), (256, 256), (256, 1024), (1024, 256))
+
+
 def best_seconds(fn, inner: int, repeats: int = 7, warmup: int = 20) -> float:
     for _ in range(warmup):
         fn()
@@ -83,7 +87,7 @@ def run_frozen() -> None:
     print("| layer | rows | MKL x W_t | MKL W x^T | row blocks | oneDNN | best / MKL x W_t |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
-    for d_in, d_out in ((256, 8000), (256, 768), (256, 256), (256, 1024), (1024, 256)):
+    for d_in, d_out in LAYER_SHAPES:
         w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
         wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, 32)
         w_blocks, b_blocks = w.view(2, d_out // 2, d_in), b.view(2, -1, 1)
@@ -319,7 +323,7 @@ def run_int8() -> None:
     print("| layer | rows | float32 | dynamic int8 | weight-only int8 | dynamic int8 / float32 speed |")
     print("|---|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
-    for d_in, d_out in ((256, 8000), (256, 768), (256, 256), (256, 1024), (1024, 256)):
+    for d_in, d_out in LAYER_SHAPES:
         w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
         wt = w.t().contiguous()
         scale = w.abs().amax(1) / 127  # (out,) per-channel

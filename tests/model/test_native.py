@@ -105,7 +105,6 @@ def test_not_built_means_the_python_step(monkeypatch, tmp_path):
         native._loaded.clear()
 
 
-
 def test_build_native_command(capsys, monkeypatch, tmp_path):
     from transformer.cli import main
 

@@ -332,7 +332,7 @@ class _FrozenDecoder(_FrozenStack):
         self.output = _linear(model.output.lm_head, role="output")
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
-        self.native = _compiled_step(self, model.cfg, native)
+        self.native = _compiled_step(self, model, native)
 
     def project_memory(self, memory: Tensor, rows: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
         """Every layer's cross-attention keys and values (each (B,H,S,Dh)) of ``memory`` (B,S,D), in one
@@ -388,13 +388,13 @@ class _FrozenDecoder(_FrozenStack):
         return logits
 
 
-def _compiled_step(decoder: _FrozenDecoder, cfg: Any, native: Optional[bool]) -> Any:
-    """The compiled decoder step (:mod:`transformer.model.native`) holding ``decoder``'s weights, or None: it
-    takes a float32 model on the CPU; ``native=None`` uses it if it is built, True builds it if needed
-    (raising if it cannot), False never uses it."""
+def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, native: Optional[bool]) -> Any:
+    """The compiled decoder step (:mod:`transformer.model.native`) holding ``decoder``'s weights (frozen from
+    ``model``), or None: it takes a float32 model on the CPU; ``native=None`` uses it if it is built, True
+    builds it if needed (raising if it cannot), False never uses it."""
     if native is False or decoder.embed.device.type != "cpu" or decoder.embed.dtype != torch.float32:
         return None
-    if any(isinstance(m, _Int8) for layer in decoder.layers for m in (layer.qkv, layer.fc1)):
+    if _is_int8_model(model):
         if native:
             raise TransformerError("the compiled decoder step takes a float model, not an int8 one")
         return None
@@ -408,14 +408,11 @@ def _compiled_step(decoder: _FrozenDecoder, cfg: Any, native: Optional[bool]) ->
         bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
         return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or ())]
 
-    def norm(n: tuple) -> list[Tensor]:
-        return [n[1], n[2]]
-
-    step = module.DecoderStep(decoder.n_heads, cfg.norm_first, cfg.activation == "gelu")
+    step = module.DecoderStep(decoder.n_heads, model.cfg.norm_first, model.cfg.activation == "gelu")
     for layer in decoder.layers:
         maps = [layer.qkv, layer.self_out, layer.fc1, layer.fc2] + ([layer.cross_q, layer.cross_out] if layer.cross else [])
-        norms = [layer.self_norm, layer.ffn_norm] + ([layer.cross_norm] if layer.cross else [])
-        step.add_layer([dense(m) for m in maps], [t for n in norms for t in norm(n)], [n[3] for n in norms])
+        norms = [layer.self_norm, layer.ffn_norm] + ([layer.cross_norm] if layer.cross else [])  # (shape, w, b, eps)
+        step.add_layer([dense(m) for m in maps], [t for n in norms for t in n[1:3]], [n[3] for n in norms])
     return step
 
 

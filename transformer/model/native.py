@@ -39,7 +39,7 @@ def _name_and_dir() -> tuple[str, Path]:
 
 
 def enabled() -> bool:
-    """False when ``TRANSFORMER_NATIVE=0`` (or ``false``/``off``) is set."""
+    """False when ``TRANSFORMER_NATIVE`` is set to ``0``, ``false``, ``off`` or ``no``."""
     return os.environ.get("TRANSFORMER_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
