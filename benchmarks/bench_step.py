@@ -5,7 +5,9 @@ CTranslate2 is forced with ``min_decoding_length = max_decoding_length = L``; ou
 timed at two lengths, L1 and L2, and the cost of a step is the slope ``(t(L2) - t(L1)) / (L2 - L1)``; the
 intercept is the rest (encoder, cross-attention keys/values, setup). Same weights (our model exported to
 Hugging Face Marian and converted, as in ``bench_inference.py``), the first B Multi30k validation sentences,
-float32, best of 5. Timings are printed, never asserted.
+float32, best of 5. Where the compiled extension's ``panel_linear`` runs the step's products (up to
+``frozen.PANEL_ROWS["decoder"]`` rows), the step is also timed with it off (MKL's products, as before session
+8), as "ours, MKL products", with the ratio. Timings are printed, never asserted.
 
     python benchmarks/bench_step.py --run-dir runs/multi30k_en_de
 """
@@ -43,6 +45,7 @@ def main() -> None:
     print(f"machine: {describe_machine(machine_info('cpu'))}; command: {' '.join(sys.argv)}")
     import ctranslate2
 
+    from transformer.model import frozen as frozen_module
     from transformer.model.convert import to_marian
     from transformer.model.frozen import freeze
     from transformer.training.checkpoint import load_model
@@ -57,8 +60,10 @@ def main() -> None:
         ct2 = ctranslate2.Translator(convert_ct2(f"{work}/hf", f"{work}/ct2", pieces, None), device="cpu",
                                      compute_type="float32", intra_threads=torch.get_num_threads(), inter_threads=1)
         sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[:64])]
-        print("| rows | ours ms/step | CT2 ms/step | ours / CT2 step speed | ours rest ms | CT2 rest ms |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        panels = frozen.decoder.layers[0].fc1.panels is not None
+        print("| rows | ours ms/step | CT2 ms/step | ours / CT2 step speed | ours rest ms | CT2 rest ms |"
+              + (" ours, MKL products ms/step | panel_linear speed-up |" if panels else ""))
+        print("|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if panels else ""))
         for rows in (int(b) for b in args.batches.split(",")):
             batch = sources[:rows]
             src = pad_batch(batch, torch.device("cpu"))
@@ -75,12 +80,21 @@ def main() -> None:
                 ct2.translate_batch([[pieces[i] for i in s] for s in batch], beam_size=1, max_decoding_length=steps,
                                     min_decoding_length=steps, max_batch_size=0)
 
-            times = {name: (best_of(lambda: fn(l1)), best_of(lambda: fn(l2))) for name, fn in
-                     (("ours", ours), ("ct2", peer))}
+            def ours_mkl(steps: int) -> None:
+                panel_rows = frozen_module.PANEL_ROWS["decoder"]
+                frozen_module.PANEL_ROWS["decoder"] = 0  # read at each call: MKL's forms
+                try:
+                    ours(steps)
+                finally:
+                    frozen_module.PANEL_ROWS["decoder"] = panel_rows
+
+            systems = [("ours", ours), ("ct2", peer)] + ([("mkl", ours_mkl)] if panels else [])
+            times = {name: (best_of(lambda: fn(l1)), best_of(lambda: fn(l2))) for name, fn in systems}
             step = {n: (t2 - t1) / (l2 - l1) for n, (t1, t2) in times.items()}
             rest = {n: times[n][0] - l1 * step[n] for n in times}
             print(f"| {rows} | {step['ours'] * 1e3:.2f} | {step['ct2'] * 1e3:.2f} | {step['ct2'] / step['ours']:.2f}x "
-                  f"| {rest['ours'] * 1e3:.1f} | {rest['ct2'] * 1e3:.1f} |", flush=True)
+                  f"| {rest['ours'] * 1e3:.1f} | {rest['ct2'] * 1e3:.1f} |"
+                  + (f" {step['mkl'] * 1e3:.2f} | {step['mkl'] / step['ours']:.2f}x |" if panels else ""), flush=True)
 
 
 if __name__ == "__main__":

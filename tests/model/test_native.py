@@ -1,5 +1,7 @@
-"""The compiled decoder step (transformer.model.native) gives the Python step's logits bit for bit: every
-architecture variant, one to many rows, padding, cache growth, beam reorders; it is off where it must be."""
+"""The compiled decoder step (transformer.model.native) gives the Python step's logits bit for bit (the Python
+step on the same products): every architecture variant, one to many rows, padding, cache growth, beam
+reorders; its panel_linear computes F.linear; with both, the frozen model computes what the model computes
+and the searches give the same outputs as without them; it is off where it must be."""
 
 import shutil
 
@@ -9,7 +11,7 @@ import torch
 from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
 from transformer.model import native
-from transformer.model.frozen import freeze
+from transformer.model.frozen import PANEL_ROWS, freeze
 from transformer.model.quantize import quantize
 
 from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
@@ -23,13 +25,21 @@ def built():
     return native.build()  # cached after the first build (about a minute)
 
 
+def _compiled_and_python(model):
+    """The model frozen with the compiled step, and frozen with the same products (panel_linear where it
+    applies) but the Python step."""
+    compiled, python = freeze(model, native=True), freeze(model, native=True)
+    python.decoder.native = None
+    assert compiled.decoder.native is not None
+    return compiled, python
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("rows", [1, 3, 40])  # one row (row blocks), MKL's transposed product, x W_t past 16
+@pytest.mark.parametrize("rows", [1, 3, 17, 40])  # panel_linear up to 16 rows, then MKL's transposed product
 def test_compiled_step_equals_python_step(variant, rows):
     model = _transformer(**variant)
-    compiled, python = freeze(model, native=True), freeze(model, native=False)
-    assert compiled.decoder.native is not None and python.decoder.native is None
+    compiled, python = _compiled_and_python(model)
     src, tgt = SRC.repeat(14, 1)[:rows], _tokens(rows, 20)  # 20 > the cache's first allocation (16): it grows
     enc = compiled.encode(src)
     a, b = compiled.new_cache(), python.new_cache()
@@ -57,12 +67,49 @@ def test_compiled_step_equals_python_step(variant, rows):
 @pytest.mark.parametrize("variant", VARIANTS[:2])
 def test_compiled_step_language_model(variant):
     model = _lm(**variant)
-    compiled, python = freeze(model, native=True), freeze(model, native=False)
+    compiled, python = _compiled_and_python(model)
     tokens = _tokens(2, 12)
     a, b = compiled.new_cache(), python.new_cache()
     assert torch.equal(compiled.decode(tokens[:, :4], a), python.decode(tokens[:, :4], b))  # the prompt: Python
     for t in range(4, 12):
         assert torch.equal(compiled.decode(tokens[:, t : t + 1], a), python.decode(tokens[:, t : t + 1], b))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 13])  # one tile, a partial one, tiles of 6 and a rest
+@pytest.mark.parametrize("out_features,in_features", [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1)])
+def test_panel_linear_computes_linear(rows, out_features, in_features):
+    if not native.build().panels_supported():
+        pytest.skip("panel_linear needs a CPU with AVX2 and FMA")
+    torch.manual_seed(rows * 1000 + out_features)
+    linear = torch.nn.Linear(in_features, out_features)
+    from transformer.model.frozen import _Dense
+
+    dense = _Dense(linear.weight, linear.bias, "decoder", native.build())
+    assert dense.panels.shape == (-(-out_features // 16), in_features, 16)
+    x = torch.randn(rows, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), linear(x), rtol=1e-5, atol=1e-5)
+        no_bias = _Dense(linear.weight, None, "decoder", native.build())
+        torch.testing.assert_close(no_bias(x), x @ linear.weight.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="panel_linear"):
+        native.build().panel_linear(torch.randn(rows, in_features + 1), dense.panels, dense.bias_panels, out_features)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, PANEL_ROWS["decoder"], PANEL_ROWS["decoder"] + 1])
+def test_compiled_products_compute_what_the_model_computes(rows):
+    """With the compiled step and panel_linear, the frozen decoder's logits are the model's (up to the sum
+    order), as they are without them."""
+    model = _transformer(norm_first=True, positional="sinusoidal")
+    compiled, python = freeze(model, native=True), freeze(model, native=False)
+    src, tgt = SRC.repeat(14, 1)[:rows], _tokens(rows, 6)
+    enc_c, enc_p = compiled.encode(src), python.encode(src)
+    a, b = compiled.new_cache(), python.new_cache()
+    full = model(src, tgt)  # (B,T,V)
+    for t in range(tgt.size(1)):
+        out, ref = compiled.decode(tgt[:, t : t + 1], enc_c, a), python.decode(tgt[:, t : t + 1], enc_p, b)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

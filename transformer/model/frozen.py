@@ -86,14 +86,18 @@ class _Dense:
       rows (1.2-3.7x faster than MKL), for the encoder's products, which run on all of a batch's source
       tokens at once (a 1.05-1.17x faster encoder from 1 to 128 sentences), and for the decoder's products
       from 64 rows (beam search over many sentences), but not for a decoder step's few rows.
-    * otherwise (no oneDNN), ``addmm(b, x, W_t)``.
+    * otherwise (no oneDNN), ``addmm(b, x, W_t)``;
+    * but first, from 1 to ``PANEL_ROWS[role]`` rows, when the compiled extension is built
+      (:mod:`transformer.model.native`, a CPU with AVX2 and FMA): its ``panel_linear``, by ``W^T`` cut into
+      column panels of 16 that are each one sequential stream of memory (see ``csrc/decoder_step.cpp``).
 
     ``role`` ("encoder", "decoder" or "output") picks the thresholds; they were measured on the benchmark
-    CPU in ``benchmarks/bench_micro.py --parts frozen,roles``. The two MKL
-    layouts and oneDNN's are three copies of ``W``.
+    CPU in ``benchmarks/bench_micro.py --parts frozen,roles,panels``. The two MKL layouts, oneDNN's and the
+    panels are up to four copies of ``W``. ``native``: the compiled extension's module, or None.
     """
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], role: str = "decoder") -> None:
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], role: str = "decoder",
+                 native: Optional[Any] = None) -> None:
         weight = weight.detach()  # (out, in)
         self.weight = weight.contiguous()  # (out, in)
         self.bias = bias.detach() if bias is not None else None  # (out,)
@@ -112,11 +116,24 @@ class _Dense:
         if role != "output" and blocks > 1 and out % blocks == 0:
             self.blocks = (self.weight.view(blocks, out // blocks, d_in),  # views of W and b, no copies
                            (self.bias if self.bias is not None else weight.new_zeros(out)).view(blocks, -1, 1))
+        self.native = self.panels = self.bias_panels = None
+        if (native is not None and PANEL_ROWS.get(role, 0) > 0 and weight.dtype == torch.float32
+                and native.panels_supported()):
+            n_panels = -(-out // PANEL_WIDTH)
+            panels = weight.new_zeros(d_in, n_panels * PANEL_WIDTH)  # W^T, zeros past `out`
+            panels[:, :out] = weight.t()
+            self.panels = panels.view(d_in, n_panels, PANEL_WIDTH).transpose(0, 1).contiguous()  # (P, in, 16)
+            self.bias_panels = weight.new_zeros(n_panels * PANEL_WIDTH)  # (P*16,)
+            if self.bias is not None:
+                self.bias_panels[:out] = self.bias
+            self.native = native
 
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out), possibly a transposed view
         if not self.cpu:
             return F.linear(x, self.weight, self.bias)
         rows = x.size(0)
+        if self.panels is not None and rows <= PANEL_ROWS[self.role]:
+            return self.native.panel_linear(x, self.panels, self.bias_panels, self.weight.size(0))
         if rows == 1 and self.blocks is not None:
             weight, bias = self.blocks  # (P, out/P, in), (P, out/P, 1)
             return torch.baddbmm(bias, weight, x.t().expand(weight.size(0), -1, 1)).view(1, -1)  # (P,out/P,1) -> (1,out)
@@ -170,13 +187,16 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
 # (below PACKED_FROM_ROWS, or on a CPU without oneDNN) MKL computes the transposed product.
 PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
 COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: only without oneDNN
+# From 1 to PANEL_ROWS rows, a product runs in the compiled extension's panel_linear where it is built.
+PANEL_ROWS = {"output": 0, "encoder": 64, "decoder": 16}
+PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
 
 
-def _linear(*linears: nn.Module, role: str = "decoder") -> Any:
+def _linear(*linears: nn.Module, role: str = "decoder", native: Optional[Any] = None) -> Any:
     """One map computing ``linears`` side by side: x (N, in) -> (N, sum of their outputs); ``role`` picks
-    the product's thresholds (see :class:`_Dense`)."""
+    the product's thresholds and ``native`` is the compiled extension or None (see :class:`_Dense`)."""
     weight, bias, int8 = _weight_and_bias(list(linears))
-    return _Int8(weight, bias) if int8 else _Dense(weight, bias, role)
+    return _Int8(weight, bias) if int8 else _Dense(weight, bias, role, native)
 
 
 def _layer_norm(norm: nn.LayerNorm) -> tuple:
@@ -190,20 +210,20 @@ class _FrozenLayer:
     """One encoder or decoder layer: fused self-attention q/k/v, cross-attention q and output (decoder),
     the feed-forward network, and the three sub-layers with their residuals and LayerNorms."""
 
-    def __init__(self, layer: nn.Module, cfg: Any, role: str) -> None:
+    def __init__(self, layer: nn.Module, cfg: Any, role: str, native: Optional[Any] = None) -> None:
         self.norm_first = cfg.norm_first
         self.head_dim = cfg.d_model // cfg.n_heads
         sa = layer.self_attn
-        self.qkv = _linear(sa.q_proj, sa.k_proj, sa.v_proj, role=role)  # (N,D) -> (N,3D)
-        self.self_out = _linear(sa.out_proj, role=role)
+        self.qkv = _linear(sa.q_proj, sa.k_proj, sa.v_proj, role=role, native=native)  # (N,D) -> (N,3D)
+        self.self_out = _linear(sa.out_proj, role=role, native=native)
         self.self_norm = _layer_norm(layer.self_attn_norm)
         self.cross = getattr(layer, "cross_attn", None) is not None
         if self.cross:
-            self.cross_q = _linear(layer.cross_attn.q_proj, role=role)
-            self.cross_out = _linear(layer.cross_attn.out_proj, role=role)
+            self.cross_q = _linear(layer.cross_attn.q_proj, role=role, native=native)
+            self.cross_out = _linear(layer.cross_attn.out_proj, role=role, native=native)
             self.cross_norm = _layer_norm(layer.cross_attn_norm)
-        self.fc1 = _linear(layer.ffn.fc1, role=role)
-        self.fc2 = _linear(layer.ffn.fc2, role=role)
+        self.fc1 = _linear(layer.ffn.fc1, role=role, native=native)
+        self.fc2 = _linear(layer.ffn.fc2, role=role, native=native)
         self.activation = layer.ffn.activation
         self.ffn_norm = _layer_norm(layer.ffn_norm)
 
@@ -253,13 +273,13 @@ class _FrozenLayer:
 class _FrozenStack:
     """Token embedding, positions, the layers and the final LayerNorm (pre-LN) of an encoder or decoder."""
 
-    def __init__(self, stack: nn.Module, cfg: Any, role: str) -> None:
+    def __init__(self, stack: nn.Module, cfg: Any, role: str, native: Optional[Any] = None) -> None:
         self.d_model = cfg.d_model
         self.embed = stack.embed_tokens.weight.detach()  # (V,D)
         self.embed_scale = stack.embed_tokens.scale
         self.positions = stack.embed_positions.weight.detach()  # (P,D)
         self.max_positions = stack.embed_positions.max_positions
-        self.layers = [_FrozenLayer(layer, cfg, role) for layer in stack.layers]
+        self.layers = [_FrozenLayer(layer, cfg, role, native) for layer in stack.layers]
         self.final_norm = _layer_norm(stack.final_norm) if stack.final_norm is not None else None
 
     def embed_tokens(self, tokens: Tensor, offset: int = 0, position: Optional[Tensor] = None) -> Tensor:
@@ -321,18 +341,19 @@ class _FrozenEncoder(_FrozenStack):
 class _FrozenDecoder(_FrozenStack):
     """The decoder stack and output layer of ``model`` for incremental decoding."""
 
-    def __init__(self, model: nn.Module, native: Optional[bool] = None) -> None:
-        super().__init__(model.decoder, model.cfg, "decoder")
+    def __init__(self, model: nn.Module, module: Optional[Any] = None) -> None:
+        """``module``: the compiled extension (:func:`_native_module`) or None."""
+        super().__init__(model.decoder, model.cfg, "decoder", module)
         self.n_heads = model.cfg.n_heads
         self.cross = any(layer.cross for layer in self.layers)  # encoder-decoder; False for a language model
         if self.cross:  # every layer's cross k/v in one product
             self.cross_kv = _linear(*[m for layer in model.decoder.layers
                                       for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
-                                    role="encoder")  # runs over the source's rows, as the encoder does
+                                    role="encoder", native=module)  # runs over the source's rows, as the encoder does
         self.output = _linear(model.output.lm_head, role="output")
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
-        self.native = _compiled_step(self, model, native)
+        self.native = _compiled_step(self, model, module) if module is not None else None
 
     def project_memory(self, memory: Tensor, rows: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
         """Every layer's cross-attention keys and values (each (B,H,S,Dh)) of ``memory`` (B,S,D), in one
@@ -375,7 +396,7 @@ class _FrozenDecoder(_FrozenStack):
             kv.reserve(1, shape)
         x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past,
                                 [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()],
-                                memory_mask, COLUMN_ROWS["decoder"])  # (B,D)
+                                memory_mask, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
         for kv in caches:
             kv.length += 1
         return self.logits(x).reshape(b, 1, -1)
@@ -388,11 +409,12 @@ class _FrozenDecoder(_FrozenStack):
         return logits
 
 
-def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, native: Optional[bool]) -> Any:
-    """The compiled decoder step (:mod:`transformer.model.native`) holding ``decoder``'s weights (frozen from
-    ``model``), or None: it takes a float32 model on the CPU; ``native=None`` uses it if it is built, True
+def _native_module(model: nn.Module, native: Optional[bool]) -> Any:
+    """The compiled extension (:mod:`transformer.model.native`: the decoder step and ``panel_linear``) for
+    ``model``, or None: it takes a float32 model on the CPU; ``native=None`` uses it if it is built, True
     builds it if needed (raising if it cannot), False never uses it."""
-    if native is False or decoder.embed.device.type != "cpu" or decoder.embed.dtype != torch.float32:
+    weight = model.decoder.embed_tokens.weight
+    if native is False or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
     if _is_int8_model(model):
         if native:
@@ -400,13 +422,17 @@ def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, native: Optional[b
         return None
     from transformer.model import native as native_module
 
-    module = native_module.build() if native else native_module.load()
-    if module is None:
-        return None
+    return native_module.build() if native else native_module.load()
 
+
+def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> Any:
+    """The compiled decoder step of ``module`` (:func:`_native_module`) holding ``decoder``'s weights (frozen
+    from ``model``)."""
     def dense(m: _Dense) -> list[Tensor]:
         bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
-        return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or ())]
+        none = m.weight.new_empty(0)  # the C++ side's "absent"
+        return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or (none, none)),
+                *((m.panels, m.bias_panels) if m.panels is not None else (none, none))]
 
     step = module.DecoderStep(decoder.n_heads, model.cfg.norm_first, model.cfg.activation == "gelu")
     for layer in decoder.layers:
@@ -435,8 +461,9 @@ class FrozenTransformer:
 
     def __init__(self, model: Transformer, graphs: Optional[bool] = None, native: Optional[bool] = None) -> None:
         self.cfg = model.cfg
-        self.encoder = _FrozenEncoder(model.encoder, model.cfg, "encoder")
-        self.decoder = _FrozenDecoder(model, native)
+        module = _native_module(model, native)
+        self.encoder = _FrozenEncoder(model.encoder, model.cfg, "encoder", module)
+        self.decoder = _FrozenDecoder(model, module)
         self.device = self.decoder.embed.device
         self.static = _static_decoder(model, self.decoder, graphs)
 
@@ -479,7 +506,7 @@ class FrozenLM:
 
     def __init__(self, model: TransformerLM, graphs: Optional[bool] = None, native: Optional[bool] = None) -> None:
         self.cfg = model.cfg
-        self.decoder = _FrozenDecoder(model, native)
+        self.decoder = _FrozenDecoder(model, _native_module(model, native))
         self.device = self.decoder.embed.device
         self.static = _static_decoder(model, self.decoder, graphs)
 

@@ -27,11 +27,15 @@ import torch
 from transformer.errors import TransformerError
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decoder_step.cpp"
+# -fopenmp: ATen's parallel_for is OpenMP in its headers (without it, panel_linear runs on one thread); the
+# library it links is the libgomp.so.1 that torch has loaded already. Tuples: cpp_extension extends the lists
+# it is given, which would change the hash below
+CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
 def _name_and_dir() -> tuple[str, Path]:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
     name = f"transformer_decoder_step_{digest}"
     root = Path(os.environ.get("TRANSFORMER_NATIVE_DIR") or Path.home() / ".cache" / "transformer" / "native")
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
@@ -57,7 +61,7 @@ def build(verbose: bool = False) -> ModuleType:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
-                      extra_cflags=["-O3"], verbose=verbose)
+                                    extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=verbose)
     except Exception as exc:  # the compiler's own message, shortened
         raise TransformerError(f"could not build the compiled decoder step in {folder}: "
                                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__} "
