@@ -6,8 +6,8 @@ timed at two lengths, L1 and L2, and the cost of a step is the slope ``(t(L2) - 
 intercept is the rest (encoder, cross-attention keys/values, setup). Same weights (our model exported to
 Hugging Face Marian and converted, as in ``bench_inference.py``), the first B Multi30k validation sentences,
 float32, best of 5. Where the compiled extension's ``panel_linear`` runs the step's products (up to
-``frozen.PANEL_ROWS["decoder"]`` rows), the step is also timed with it off (MKL's products, as before session
-8), as "ours, MKL products", with the ratio. Timings are printed, never asserted.
+``frozen.PANEL_ROWS`` rows), the step is also timed with it off (MKL's and oneDNN's products, as before
+session 8), as "ours, MKL products", with the ratio. Timings are printed, never asserted.
 
     python benchmarks/bench_step.py --run-dir runs/multi30k_en_de
 """
@@ -81,12 +81,12 @@ def main() -> None:
                                     min_decoding_length=steps, max_batch_size=0)
 
             def ours_mkl(steps: int) -> None:
-                panel_rows = frozen_module.PANEL_ROWS["decoder"]
-                frozen_module.PANEL_ROWS["decoder"] = 0  # read at each call: MKL's forms
+                panel_rows = dict(frozen_module.PANEL_ROWS)
+                frozen_module.PANEL_ROWS.update(dict.fromkeys(panel_rows, 0))  # read at each call: MKL's forms
                 try:
                     ours(steps)
                 finally:
-                    frozen_module.PANEL_ROWS["decoder"] = panel_rows
+                    frozen_module.PANEL_ROWS.update(panel_rows)
 
             systems = [("ours", ours), ("ct2", peer)] + ([("mkl", ours_mkl)] if panels else [])
             times = {name: (best_of(lambda: fn(l1)), best_of(lambda: fn(l2))) for name, fn in systems}

@@ -36,7 +36,7 @@ def _compiled_and_python(model):
 
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("rows", [1, 3, 17, 40])  # panel_linear up to 16 rows, then MKL's transposed product
+@pytest.mark.parametrize("rows", [1, 3, 7, 40])  # panel_linear: one tile, part of one, two, seven
 def test_compiled_step_equals_python_step(variant, rows):
     model = _transformer(**variant)
     compiled, python = _compiled_and_python(model)
@@ -102,7 +102,7 @@ def test_compiled_products_compute_what_the_model_computes(rows):
     order), as they are without them."""
     model = _transformer(norm_first=True, positional="sinusoidal")
     compiled, python = freeze(model, native=True), freeze(model, native=False)
-    src, tgt = SRC.repeat(14, 1)[:rows], _tokens(rows, 6)
+    src, tgt = SRC.repeat(rows, 1)[:rows], _tokens(rows, 6)
     enc_c, enc_p = compiled.encode(src), python.encode(src)
     a, b = compiled.new_cache(), python.new_cache()
     full = model(src, tgt)  # (B,T,V)
