@@ -24,8 +24,13 @@
    ``torch.compile`` of it, on the CPU (a diagnostic: decoding does not compile it).
 7. ``int8``: at decoding shapes, the float32 product against PyTorch's dynamic int8 Linear (what our int8
    path runs) and its weight-only int8 product (``torch._weight_int8pack_mm``).
+8. ``panels`` (session 8): the compiled extension's ``panel_linear`` (``frozen.PANEL_ROWS``) against the
+   forms it replaces (MKL's ``x W_t`` and transposed ``W x^T``, oneDNN's pre-packed linear, at one row the
+   row blocks), at 1 to 64 rows of the layers' shapes, warm and with the caches flushed before each call
+   (a step reads 19 MB of weights, more than this CPU's 8 MB L3, so its products read cold weights). Needs
+   ``transformer build-native``.
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -347,6 +352,59 @@ def run_int8() -> None:
                   f"| {us['float32'] / us['dynamic']:.2f}x |")
 
 
+def run_panels() -> None:
+    """Session 8: panel_linear against MKL's and oneDNN's forms at decoding shapes, warm and cold."""
+    from transformer.model import native
+    from transformer.model.frozen import _Dense
+
+    module = native.load()
+    if module is None or not module.panels_supported():
+        print("\n== panels: skipped (the compiled extension is not built, or this CPU lacks AVX2/FMA) ==")
+        return
+    flush = torch.randn(32 * 2**20 // 4)  # 32 MB, read between calls to evict the weights
+    print("\n== panel_linear against the other product forms (us, best of 7; cold: caches flushed before each "
+          "call) ==")
+    print("| layer (in -> out) | rows | x W_t | W x^T | oneDNN | row blocks | panel_linear | best other / panel "
+          "| cold: best other | cold: panel | cold: best other / panel |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for d_in, d_out in LAYER_SHAPES:
+        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+        dense = _Dense(w, b, "decoder", module)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32) if torch.backends.mkldnn.is_available() else None
+        blocks = w.view(2, d_out // 2, d_in), b.view(2, -1, 1)
+        for rows in (1, 2, 4, 8, 16, 32, 64):
+            x = torch.randn(rows, d_in)
+            forms = {
+                "x W_t": lambda: torch.addmm(b, x, dense.weight_t),
+                "W x^T": lambda: torch.addmm(dense.bias_col, w, x.t()).t(),
+                "oneDNN": (lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")) if packed is not None else None,
+                "blocks": (lambda: torch.baddbmm(blocks[1], blocks[0], x.t().expand(2, -1, 1)).view(1, -1)) if rows == 1 else None,
+                "panel": lambda: module.panel_linear(x, dense.panels, dense.bias_panels, d_out),
+            }
+            forms = {k: f for k, f in forms.items() if f is not None}
+            ref = forms["x W_t"]()
+            for fn in forms.values():
+                torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-4)
+            warm = {k: best_seconds(fn, max(5, int(400 / rows))) * 1e6 for k, fn in forms.items()}
+
+            def cold(fn) -> float:
+                best = float("inf")
+                for _ in range(15):
+                    flush.sum()
+                    start = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - start)
+                return best * 1e6
+
+            cold_us = {k: cold(fn) for k, fn in forms.items()}
+            other, other_cold = (min(v for k, v in t.items() if k != "panel") for t in (warm, cold_us))
+            cell = lambda k: f"{warm[k]:.1f}" if k in warm else "-"  # noqa: E731
+            print(f"| {d_in} -> {d_out} | {rows} | {cell('x W_t')} | {cell('W x^T')} | {cell('oneDNN')} | {cell('blocks')} "
+                  f"| {warm['panel']:.1f} | {other / warm['panel']:.2f}x | {other_cold:.1f} | {cold_us['panel']:.1f} "
+                  f"| {other_cold / cold_us['panel']:.2f}x |", flush=True)
+
+
 def run_collate(args) -> None:
     from transformer.data.batching import sampler_for
     from transformer.data.cache import TokenArray
@@ -372,7 +430,7 @@ def run_collate(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
-    parser.add_argument("--parts", default="projection,collate,frozen,overhead,roles,compile,int8")
+    parser.add_argument("--parts", default="projection,collate,frozen,overhead,roles,compile,int8,panels")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     args = parser.parse_args()
@@ -393,6 +451,8 @@ def main() -> None:
         run_compile()
     if "int8" in parts:
         run_int8()
+    if "panels" in parts:
+        run_panels()
 
 
 if __name__ == "__main__":

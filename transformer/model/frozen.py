@@ -19,9 +19,13 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   1.2-3.7x faster than MKL on the benchmark CPU, for the encoder from two rows, and for the decoder from 64
   (``benchmarks/bench_micro.py --parts frozen``).
 * On the CPU, once ``transformer build-native`` has compiled it (:mod:`transformer.model.native`), a step of
-  one new position below 64 rows runs in C++ (``csrc/decoder_step.cpp``): the same ATen calls in the same
-  order, bit for bit the Python step's results, without the interpreter between them (about a fifth of a
-  step at one row). ``freeze(model, native=False)`` keeps the Python step.
+  one new position runs in C++ (``csrc/decoder_step.cpp``): the same calls in the same order, bit for bit
+  the Python step's results, without the interpreter between them (about a fifth of a step at one row).
+  The same build brings ``panel_linear``, a product for few rows (AVX2 and FMA) by the weight cut into
+  column panels that are each one sequential stream of memory; it replaces the forms above for the
+  decoder's products up to ``PANEL_ROWS["decoder"]`` (256) rows and the encoder's up to 256 (1.1-2.8x faster
+  products, 1.2-1.5x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py --parts
+  panels``, ``bench_step.py``). ``freeze(model, native=False)`` keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give.
@@ -188,7 +192,7 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
 PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
 COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: only without oneDNN
 # From 1 to PANEL_ROWS rows, a product runs in the compiled extension's panel_linear where it is built.
-PANEL_ROWS = {"output": 0, "encoder": 256, "decoder": 63}
+PANEL_ROWS = {"output": 0, "encoder": 256, "decoder": 256}
 PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
 
 
@@ -374,7 +378,7 @@ class _FrozenDecoder(_FrozenStack):
         b, t = tokens.shape
         if not cache.layers:
             cache.layers.extend(LayerCache() for _ in self.layers)
-        if self.native is not None and t == 1 and b < PACKED_FROM_ROWS["decoder"]:
+        if self.native is not None and t == 1 and self._native_rows(b):
             return self._native_step(tokens, cache, cross_kv, memory_mask)
         past = cache.length
         x = self.embed_tokens(tokens, offset=past)  # (N,D)
@@ -382,6 +386,12 @@ class _FrozenDecoder(_FrozenStack):
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask)
         return self.logits(x).reshape(b, t, -1)
+
+    def _native_rows(self, rows: int) -> bool:
+        """Whether the compiled step has the products for ``rows`` rows: MKL's forms below oneDNN's threshold,
+        panel_linear up to PANEL_ROWS (the compiled step has no oneDNN form)."""
+        return rows < PACKED_FROM_ROWS["decoder"] or (self.layers[0].fc1.panels is not None
+                                                      and rows <= PANEL_ROWS["decoder"])
 
     def _native_step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]],
                      memory_mask: Optional[Tensor]) -> Tensor:
