@@ -40,7 +40,7 @@ def _compiled_and_python(model):
 def test_compiled_step_equals_python_step(variant, rows):
     model = _transformer(**variant)
     compiled, python = _compiled_and_python(model)
-    src, tgt = SRC.repeat(14, 1)[:rows], _tokens(rows, 20)  # 20 > the cache's first allocation (16): it grows
+    src, tgt = SRC.repeat(rows, 1)[:rows], _tokens(rows, 20)  # 20 > the cache's first allocation (16): it grows
     enc = compiled.encode(src)
     a, b = compiled.new_cache(), python.new_cache()
     for t in range(tgt.size(1)):
