@@ -2,14 +2,15 @@
 
 A frozen model's decoder step at a few rows is mostly Python overhead between small ATen calls (about a
 fifth of a step at one row on the benchmark CPU). The C++ step makes the same calls without the
-interpreter. It is optional: building it needs a C++ compiler and Python's headers and takes about a minute,
-so nothing builds it implicitly. ``transformer build-native`` (run by ``scripts/setup.sh``) builds it into
+interpreter. The same module has ``panel_linear``, a product for few rows (AVX2 and FMA) that the frozen
+decoder's and encoder's products use (``frozen.PANEL_ROWS``). It is optional: building it needs a C++
+compiler and Python's headers and takes about a minute, so nothing builds it implicitly. ``transformer build-native`` (run by ``scripts/setup.sh``) builds it into
 a cache folder; from then on :func:`~transformer.model.frozen.freeze` uses it on the CPU, and without it the
 Python step runs (the same maths).
 
 The cache folder is ``$TRANSFORMER_NATIVE_DIR``, else ``~/.cache/transformer/native``, one subfolder per
-torch version, Python version and source hash, so a changed source or another torch builds anew.
-``TRANSFORMER_NATIVE=0`` turns the compiled step off.
+torch version, Python version and hash of the source and build flags, so a changed source or another torch
+builds anew. ``TRANSFORMER_NATIVE=0`` turns the compiled step and ``panel_linear`` off.
 """
 
 from __future__ import annotations
