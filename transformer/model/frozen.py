@@ -23,8 +23,8 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   the Python step's results, without the interpreter between them (about a fifth of a step at one row).
   The same build brings ``panel_linear``, a product for few rows (AVX2 and FMA) by the weight cut into
   column panels that are each one sequential stream of memory; it replaces the forms above for the
-  decoder's products up to ``PANEL_ROWS["decoder"]`` (256) rows and the encoder's up to 256 (1.1-2.8x faster
-  products, 1.2-1.5x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py --parts
+  decoder's products up to ``PANEL_ROWS["decoder"]`` (256) rows and the encoder's up to 256 (1.1-2.9x faster
+  products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py --parts
   panels``, ``bench_step.py``). ``freeze(model, native=False)`` keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
   fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
