@@ -152,6 +152,24 @@ def test_not_built_means_the_python_step(monkeypatch, tmp_path):
         native._loaded.clear()
 
 
+def test_build_reuses_what_is_built_without_the_compiler(monkeypatch):
+    """A second build (another process, a reinstall that touched the source's time) imports the library
+    built for this source and flags instead of compiling again."""
+    native.build()
+
+    def compiler(**kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", compiler)
+    saved = dict(native._loaded)
+    native._loaded.clear()
+    try:
+        assert native.build() is not None
+    finally:
+        native._loaded.clear()
+        native._loaded.update(saved)
+
+
 def test_build_native_command(capsys, monkeypatch, tmp_path):
     from transformer.cli import main
 

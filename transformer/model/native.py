@@ -55,8 +55,12 @@ def build(verbose: bool = False) -> ModuleType:
         TransformerError: the compiler or Python's headers are missing, or the build fails.
     """
     name, folder = _name_and_dir()
-    if name in _loaded and _loaded[name] is not None:
+    if _loaded.get(name) is not None:
         return _loaded[name]
+    module = _import_built(name, folder)  # built before (the name is the hash of the source and flags): no
+    if module is not None:  # ninja, which would rebuild after a reinstall touches the source file's time
+        _loaded[name] = module
+        return module
     from torch.utils import cpp_extension
 
     try:
@@ -78,14 +82,19 @@ def load() -> Optional[ModuleType]:
     name, folder = _name_and_dir()
     if name in _loaded:
         return _loaded[name]
-    module = None
+    module = _loaded[name] = _import_built(name, folder)
+    return module
+
+
+def _import_built(name: str, folder: Path) -> Optional[ModuleType]:
+    """The library built in ``folder``, imported, or None if there is none or it does not load."""
     library = folder / f"{name}.so"
-    if library.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location(name, library)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except (ImportError, OSError):  # built against something no longer there: the Python step runs
-            module = None
-    _loaded[name] = module
+    if not library.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError):  # built against something no longer there: build() compiles it anew
+        return None
     return module
