@@ -378,8 +378,10 @@ def run_panels() -> None:
             forms = {
                 "x W_t": lambda: torch.addmm(b, x, dense.weight_t),
                 "W x^T": lambda: torch.addmm(dense.bias_col, w, x.t()).t(),
-                "oneDNN": (lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")) if packed is not None else None,
-                "blocks": (lambda: torch.baddbmm(blocks[1], blocks[0], x.t().expand(2, -1, 1)).view(1, -1)) if rows == 1 else None,
+                "oneDNN": (lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+                if packed is not None else None,
+                "blocks": (lambda: torch.baddbmm(blocks[1], blocks[0], x.t().expand(2, -1, 1)).view(1, -1))
+                if rows == 1 else None,
                 "panel": lambda: module.panel_linear(x, dense.panels, dense.bias_panels, d_out),
             }
             forms = {k: f for k, f in forms.items() if f is not None}
@@ -400,7 +402,8 @@ def run_panels() -> None:
             cold_us = {k: cold(fn) for k, fn in forms.items()}
             other, other_cold = (min(v for k, v in t.items() if k != "panel") for t in (warm, cold_us))
             cell = lambda k: f"{warm[k]:.1f}" if k in warm else "-"  # noqa: E731
-            print(f"| {d_in} -> {d_out} | {rows} | {cell('x W_t')} | {cell('W x^T')} | {cell('oneDNN')} | {cell('blocks')} "
+            print(f"| {d_in} -> {d_out} | {rows} | {cell('x W_t')} | {cell('W x^T')} | {cell('oneDNN')} "
+                  f"| {cell('blocks')} "
                   f"| {warm['panel']:.1f} | {other / warm['panel']:.2f}x | {other_cold:.1f} | {cold_us['panel']:.1f} "
                   f"| {other_cold / cold_us['panel']:.2f}x |", flush=True)
 

@@ -223,7 +223,8 @@ class DecoderStep {
       // cross-attention
       if (l.cross) {
         y = norm_first_ ? l.cross_norm(x) : x;
-        Tensor cq = l.cross_q(y, column_rows, panel_rows).contiguous().view({n, 1, h, dh}).transpose(1, 2);  // (N, H, 1, Dh)
+        Tensor cq = l.cross_q(y, column_rows, panel_rows).contiguous().view({n, 1, h, dh}).transpose(1, 2);
+        // cq: (N, H, 1, Dh)
         Tensor c = at::scaled_dot_product_attention(cq, cross_k.at(i), cross_v.at(i), memory_mask);
         s = l.cross_out(c.transpose(1, 2).reshape({n, d}), column_rows, panel_rows);
         x = norm_first_ ? x + s : l.cross_norm(x + s);
