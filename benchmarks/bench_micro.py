@@ -430,32 +430,32 @@ def run_collate(args) -> None:
           f"{per_item / vectorised:.1f}x")
 
 
+# each part's runner, in the order they run; the ones without options ignore args
+PARTS = {
+    "projection": lambda args: run_projection(),
+    "collate": run_collate,
+    "frozen": lambda args: run_frozen(),
+    "overhead": lambda args: run_overhead(),
+    "roles": run_roles,
+    "compile": lambda args: run_compile(),
+    "int8": lambda args: run_int8(),
+    "panels": lambda args: run_panels(),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, = cores)")
-    parser.add_argument("--parts", default="projection,collate,frozen,overhead,roles,compile,int8,panels")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     args = parser.parse_args()
     setup_device("cpu", args.threads)
     print(f"machine: {describe_machine(machine_info('cpu'))}; command: {' '.join(sys.argv)}")
     parts = args.parts.split(",")
-    if "projection" in parts:
-        run_projection()
-    if "collate" in parts:
-        run_collate(args)
-    if "frozen" in parts:
-        run_frozen()
-    if "overhead" in parts:
-        run_overhead()
-    if "roles" in parts:
-        run_roles(args)
-    if "compile" in parts:
-        run_compile()
-    if "int8" in parts:
-        run_int8()
-    if "panels" in parts:
-        run_panels()
+    for name, run in PARTS.items():
+        if name in parts:
+            run(args)
 
 
 if __name__ == "__main__":
