@@ -542,11 +542,13 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None, native: Optional[boo
     """An inference-only :class:`FrozenTransformer` or :class:`FrozenLM` of ``model`` (float or int8).
 
     The frozen object copies the weights into its own layouts (on the CPU about two more copies of the
-    model's Linear weights, and one of the output projection for oneDNN; on a GPU, one of the fused q/k/v and
+    model's Linear weights, a third of the encoder's and decoder's for ``panel_linear`` where the compiled
+    extension is built, and one of the output projection for oneDNN; on a GPU, one of the fused q/k/v and
     cross-attention k/v weights); later changes to ``model`` do not reach it.
 
-    ``native``: the compiled CPU decoder step (float32 models): None uses it if it is built, True builds it
-    if needed (raising :class:`TransformerError` where it cannot), False keeps the Python step.
+    ``native``: the compiled CPU extension (float32 models: the decoder step and ``panel_linear``): None uses
+    it if it is built, True builds it if needed (raising :class:`TransformerError` where it cannot), False
+    keeps the Python step and MKL's and oneDNN's products.
 
     ``graphs``: decode with a static KV cache whose step is replayed as CUDA graphs
     (:mod:`transformer.model.static`); the default is on for a model on a CUDA device. ``graphs=True`` on the

@@ -4,9 +4,10 @@ A frozen model's decoder step at a few rows is mostly Python overhead between sm
 fifth of a step at one row on the benchmark CPU). The C++ step makes the same calls without the
 interpreter. The same module has ``panel_linear``, a product for few rows (AVX2 and FMA) that the frozen
 decoder's and encoder's products use (``frozen.PANEL_ROWS``). It is optional: building it needs a C++
-compiler and Python's headers and takes about a minute, so nothing builds it implicitly. ``transformer build-native`` (run by ``scripts/setup.sh``) builds it into
-a cache folder; from then on :func:`~transformer.model.frozen.freeze` uses it on the CPU, and without it the
-Python step runs (the same maths).
+compiler and Python's headers and takes about a minute, so nothing builds it implicitly.
+``transformer build-native`` (run by ``scripts/setup.sh``) builds it into a cache folder; from then on
+:func:`~transformer.model.frozen.freeze` uses it on the CPU, and without it the Python step runs (the same
+maths).
 
 The cache folder is ``$TRANSFORMER_NATIVE_DIR``, else ``~/.cache/transformer/native``, one subfolder per
 torch version, Python version and hash of the source and build flags, so a changed source or another torch
@@ -57,8 +58,10 @@ def build(verbose: bool = False) -> ModuleType:
     name, folder = _name_and_dir()
     if _loaded.get(name) is not None:
         return _loaded[name]
-    module = _import_built(name, folder)  # built before (the name is the hash of the source and flags): no
-    if module is not None:  # ninja, which would rebuild after a reinstall touches the source file's time
+    # Built before under this name (the hash of the source and flags): import it without asking ninja, which
+    # rebuilds when a reinstall has touched the source file's time.
+    module = _import_built(name, folder)
+    if module is not None:
         _loaded[name] = module
         return module
     from torch.utils import cpp_extension

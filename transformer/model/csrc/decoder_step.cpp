@@ -7,9 +7,9 @@
 // buffers, this writes the new position into them), the output projection and the search.
 //
 // It also holds panel_linear, a product for the few rows of a decoder step (below): with the weights read
-// once, in the order they lie in memory, it is 1.2-2.4x faster than MKL's forms at 1-16 rows of the layers'
-// shapes on the benchmark CPU (benchmarks/bench_micro.py --parts panels), where MKL's small-row products
-// use a fraction of the memory bandwidth.
+// once, in the order they lie in memory, it is 1.1-2.9x faster than MKL's and oneDNN's forms at 1-64 rows of
+// the layers' shapes on the benchmark CPU (benchmarks/bench_micro.py --parts panels), where MKL's small-row
+// products use a fraction of the memory bandwidth.
 //
 // Shapes: N rows (batch x beams, one new position each), D model width, H heads, Dh = D / H, L cached
 // positions before this step, S source length.
