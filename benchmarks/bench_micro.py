@@ -29,8 +29,12 @@
    row blocks), at 1 to 64 rows of the layers' shapes, warm and with the caches flushed before each call
    (a step reads 19 MB of weights, more than this CPU's 8 MB L3, so its products read cold weights). Needs
    ``transformer build-native``.
+9. ``int8-panels`` (session 9): ``panel_linear_int8`` (int8 weights with per-channel scales, float32
+   activations: what ``--quantize int8`` runs where the extension is built) against ``panel_linear`` with
+   the same weights in float32 and against PyTorch's dynamic int8
+   Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows, warm and cold.
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -408,6 +412,59 @@ def run_panels() -> None:
                   f"| {other_cold / cold_us['panel']:.2f}x |", flush=True)
 
 
+def run_int8_panels() -> None:
+    """Session 9: panel_linear_int8 (int8 weights, float32 activations) against panel_linear with the same
+    weights in float32 and against PyTorch's dynamic int8 Linear (fbgemm), warm and cold."""
+    import warnings
+
+    from transformer.model import native
+    from transformer.model.frozen import _Dense, _Int8Panels
+
+    module = native.load()
+    if module is None or not module.panels_supported():
+        print("\n== int8 panels: skipped (the compiled extension is not built, or this CPU lacks AVX2/FMA) ==")
+        return
+    flush = torch.randn(32 * 2**20 // 4)  # 32 MB, read between calls to evict the weights
+    print("\n== panel_linear_int8 against float32 panel_linear (same weights Q * s) and dynamic int8 (fbgemm), "
+          "us, best of 7; cold: caches flushed before each call ==")
+    print("| layer (in -> out) | rows | float32 panels | dynamic int8 | int8 panels | float32 / int8 panels "
+          "| cold: float32 panels | cold: dynamic int8 | cold: int8 panels | cold: float32 / int8 panels |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for d_in, d_out in LAYER_SHAPES:
+        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+        scale = w.abs().amax(1) / 127  # (out,) per-channel, symmetric
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
+            w_q = torch.quantize_per_channel(w, scale.double(), torch.zeros(d_out, dtype=torch.long), 0, torch.qint8)
+        int8 = _Int8Panels(w_q, b, module)
+        dense = _Dense(int8.float_weight(), b, "decoder", module)
+        packed = torch.ops.quantized.linear_prepack(w_q, b)
+        for rows in (1, 2, 4, 8, 16, 32, 64, 256, 1024):
+            x = torch.randn(rows, d_in)
+            forms = {
+                "float32": lambda: module.panel_linear(x, dense.panels, dense.bias_panels, d_out),
+                "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True),
+                "int8": lambda: int8(x),
+            }
+            torch.testing.assert_close(forms["int8"](), forms["float32"](), rtol=1e-4, atol=1e-4)  # same weights
+            warm = {k: best_seconds(fn, max(2, int(400 / rows))) * 1e6 for k, fn in forms.items()}
+
+            def cold(fn) -> float:
+                best = float("inf")
+                for _ in range(15):
+                    flush.sum()
+                    start = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - start)
+                return best * 1e6
+
+            cold_us = {k: cold(fn) for k, fn in forms.items()}
+            print(f"| {d_in} -> {d_out} | {rows} | {warm['float32']:.1f} | {warm['dynamic']:.1f} | {warm['int8']:.1f} "
+                  f"| {warm['float32'] / warm['int8']:.2f}x | {cold_us['float32']:.1f} | {cold_us['dynamic']:.1f} "
+                  f"| {cold_us['int8']:.1f} | {cold_us['float32'] / cold_us['int8']:.2f}x |", flush=True)
+
+
 def run_collate(args) -> None:
     from transformer.data.batching import sampler_for
     from transformer.data.cache import TokenArray
@@ -440,6 +497,7 @@ PARTS = {
     "compile": lambda args: run_compile(),
     "int8": lambda args: run_int8(),
     "panels": lambda args: run_panels(),
+    "int8-panels": lambda args: run_int8_panels(),
 }
 
 

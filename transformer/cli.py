@@ -142,7 +142,7 @@ def _build_native(args: argparse.Namespace) -> None:
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Where and in what number format a loaded model runs: shared by translate, generate and evaluate."""
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=("int8",), help="run the Linear layers in int8 (CPU only)")
+    p.add_argument("--quantize", choices=("int8",), help="the Linear layers' weights in int8, one scale per output channel (CPU only)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="cast the model for inference (bf16: the fast path on a GPU; default: as trained, fp32)")
     p.add_argument("--no-freeze", dest="freeze", action="store_false",

@@ -3,7 +3,9 @@ step on the same products): every architecture variant, one to many rows, paddin
 reorders; its panel_linear computes F.linear; with both, the frozen model computes what the model computes
 and the searches give the same outputs as without them; it is off where it must be."""
 
+import copy
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
 from transformer.model import native
-from transformer.model.frozen import PANEL_ROWS, freeze
+from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
 from transformer.model.quantize import quantize
 
 from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
@@ -65,8 +67,9 @@ def test_compiled_step_equals_python_step(variant, rows):
 
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS[:2])
-def test_compiled_step_language_model(variant):
-    model = _lm(**variant)
+@pytest.mark.parametrize("int8", [False, True])
+def test_compiled_step_language_model(variant, int8):
+    model = quantize(_lm(**variant), "int8") if int8 else _lm(**variant)
     compiled, python = _compiled_and_python(model)
     tokens = _tokens(2, 12)
     a, b = compiled.new_cache(), python.new_cache()
@@ -82,8 +85,6 @@ def test_panel_linear_computes_linear(rows, out_features, in_features):
         pytest.skip("panel_linear needs a CPU with AVX2 and FMA")
     torch.manual_seed(rows * 1000 + out_features)
     linear = torch.nn.Linear(in_features, out_features)
-    from transformer.model.frozen import _Dense
-
     dense = _Dense(linear.weight, linear.bias, "decoder", native.build())
     assert dense.panels.shape == (-(-out_features // 16), in_features, 16)
     x = torch.randn(rows, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
@@ -93,6 +94,79 @@ def test_panel_linear_computes_linear(rows, out_features, in_features):
         torch.testing.assert_close(no_bias(x), x @ linear.weight.t(), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="panel_linear"):
         native.build().panel_linear(torch.randn(rows, in_features + 1), dense.panels, dense.bias_panels, out_features)
+
+
+def _quantized(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) as qint8 with one symmetric scale per output channel (what quantize() stores)."""
+    scale = weight.abs().amax(1).clamp_min(1e-8) / 127
+    zeros = torch.zeros(weight.size(0), dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
+        return torch.quantize_per_channel(weight, scale.double(), zeros, 0, torch.qint8)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1)])
+def test_panel_linear_int8_computes_the_int8_weights_product(out_features, in_features):
+    """(x Q^T) s + b with float32 x, whatever the number of rows (one fused tile or the converted panel), and
+    each row's result independent of the other rows."""
+    if not native.build().panels_supported():
+        pytest.skip("panel_linear_int8 needs a CPU with AVX2 and FMA")
+    torch.manual_seed(out_features)
+    linear = torch.nn.Linear(in_features, out_features)
+    w_q = _quantized(linear.weight.detach())
+    int8 = _Int8Panels(w_q, linear.bias, native.build())
+    assert int8.int8_panels.dtype == torch.int8 and int8.int8_panels.shape == (-(-out_features // 16), in_features, 16)
+    weight = w_q.int_repr().float() * w_q.q_per_channel_scales().float()[:, None]  # Q * s (out, in)
+    torch.testing.assert_close(int8.float_weight(), weight)
+    x = torch.randn(40, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
+    with torch.no_grad():
+        whole = int8(x)
+        torch.testing.assert_close(whole, x @ weight.t() + linear.bias, rtol=1e-5, atol=1e-5)
+        for rows in (1, 2, 6, 7, 13):  # one tile, a partial one, tiles of 6 on the converted panel and a rest
+            assert torch.equal(int8(x[:rows]), whole[:rows]), rows
+        assert torch.equal(torch.cat([int8(x[i : i + 1]) for i in range(40)]), whole)
+        assert int8(x[:0]).shape == (0, out_features)
+        no_bias = _Int8Panels(w_q, None, native.build())
+        torch.testing.assert_close(no_bias(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="panel_linear_int8"):
+        native.build().panel_linear_int8(torch.randn(2, in_features + 1), int8.int8_panels, int8.scales,
+                                         int8.bias_panels, out_features)
+    with pytest.raises(RuntimeError, match="panel_linear_int8"):  # float panels where int8 ones belong
+        native.build().panel_linear_int8(x, int8.int8_panels.float(), int8.scales, int8.bias_panels, out_features)
+
+
+def _dequantized_copy(model, int8_model):
+    """``model`` with each Linear's weight replaced by the float32 weight Q * s of its int8 copy."""
+    ref = copy.deepcopy(model)
+    modules = dict(int8_model.named_modules())
+    for name, module in ref.named_modules():
+        if type(module) is torch.nn.Linear:
+            w_q = modules[name].weight()
+            module.weight = torch.nn.Parameter(w_q.int_repr().float() * w_q.q_per_channel_scales().float()[:, None])
+    return ref.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_int8_model_on_the_extension(variant, rows):
+    """An int8 model frozen with the extension runs int8 panels in the compiled step (bit for bit the Python
+    step on them) and computes what the float model with the int8 weights Q * s computes."""
+    if not native.build().panels_supported():
+        pytest.skip("panel_linear_int8 needs a CPU with AVX2 and FMA")
+    model = _transformer(**variant)
+    q = quantize(model, "int8")
+    compiled, python = _compiled_and_python(q)
+    assert isinstance(compiled.decoder.layers[0].qkv, _Int8Panels) and isinstance(compiled.decoder.output, _Int8Panels)
+    assert isinstance(compiled.encoder.layers[0].fc1, _Int8Panels)
+    ref = _dequantized_copy(model, q)
+    src, tgt = SRC.repeat(rows, 1)[:rows], _tokens(rows, 8)
+    enc, ref_enc = compiled.encode(src), ref.encode(src)
+    a, b, c = compiled.new_cache(), python.new_cache(), ref.new_cache()
+    for t in range(tgt.size(1)):
+        out = compiled.decode(tgt[:, t : t + 1], enc, a)
+        assert torch.equal(out, python.decode(tgt[:, t : t + 1], enc, b)), f"step {t}"
+        torch.testing.assert_close(out, ref.decode(tgt[:, t : t + 1], ref_enc, c), rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
@@ -135,9 +209,8 @@ def test_compiled_step_is_optional(monkeypatch):
     monkeypatch.setenv("TRANSFORMER_NATIVE", "1")
     native._loaded.clear()
     assert native.load() is not None
-    with pytest.raises(TransformerError, match="int8"):
-        freeze(quantize(model, "int8"), native=True)
-    assert freeze(quantize(model, "int8")).decoder.native is None  # int8: the Python step, silently
+    assert freeze(quantize(model, "int8")).decoder.native is not None  # int8 too (its panels)
+    assert freeze(quantize(model, "int8"), native=False).decoder.native is None
 
 
 def test_not_built_means_the_python_step(monkeypatch, tmp_path):

@@ -26,9 +26,13 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   decoder's products up to ``PANEL_ROWS["decoder"]`` (256) rows and the encoder's up to 256 (1.1-2.9x faster
   products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py --parts
   panels``, ``bench_step.py``). ``freeze(model, native=False)`` keeps the Python step and the forms above.
-* An int8 model keeps its int8 weights (PyTorch's fbgemm dynamic quantisation, per-channel scales); the
-  fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
-  exactly what quantising the fused float matrix per channel would give.
+* An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
+  the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
+  exactly what quantising the fused float matrix per channel would give. Where the compiled extension is
+  built, every int8 product (the output projection's too) runs in its ``panel_linear_int8``
+  (:class:`_Int8Panels`: int8 panels, float32 activations, at every number of rows), in the Python step and
+  the compiled step alike; without it, in PyTorch's fbgemm dynamic product (:class:`_Int8`, which also
+  quantises the activations).
 
 On a GPU the products are cuBLAS's ``F.linear`` by the (fused) weights, and by default the decoder step runs on
 a static KV cache replayed as CUDA graphs (:mod:`transformer.model.static`; ``freeze(model, graphs=False)``
@@ -162,6 +166,47 @@ class _Int8:
         return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
 
 
+class _Int8Panels:
+    """An int8 map on the compiled extension: ``(x Q^T) s + b`` with the int8 weight Q (out, in) cut into
+    column panels (as :class:`_Dense`'s float32 ones, a quarter of their bytes) and its per-channel scales s,
+    by ``panel_linear_int8`` at every number of rows. The activations stay float32: each weight is converted
+    to float32 just before it is used, and each output's sum is scaled once. So it computes the float32
+    product by the weight ``Q * s`` (up to float32 rounding), where PyTorch's dynamic int8 product (without
+    the extension: :class:`_Int8`) also rounds the activations to 8 bits; and a row's result does not
+    depend on the other rows of the batch."""
+
+    def __init__(self, weight_q: Tensor, bias: Optional[Tensor], native: Any) -> None:  # weight_q (out, in) qint8
+        q = weight_q.int_repr()  # (out, in) int8
+        out, d_in = q.shape
+        n_panels = -(-out // PANEL_WIDTH)
+        panels = q.new_zeros(d_in, n_panels * PANEL_WIDTH)  # Q^T, zeros past `out`
+        panels[:, :out] = q.t()
+        self.int8_panels = panels.view(d_in, n_panels, PANEL_WIDTH).transpose(0, 1).contiguous()  # (P, in, 16)
+        self.scales = torch.zeros(n_panels * PANEL_WIDTH)  # (P*16,)
+        self.scales[:out] = weight_q.q_per_channel_scales().float()
+        self.bias = bias.detach().float() if bias is not None else torch.zeros(out)  # (out,)
+        self.bias_panels = torch.zeros(n_panels * PANEL_WIDTH)  # (P*16,)
+        self.bias_panels[:out] = self.bias
+        self.native = native
+
+    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
+        return self.native.panel_linear_int8(x, self.int8_panels, self.scales, self.bias_panels, self.bias.size(0))
+
+    def float_weight(self) -> Tensor:
+        """The float32 weight ``Q * s`` (out, in) that this map multiplies by."""
+        out = self.bias.size(0)
+        q = self.int8_panels.transpose(0, 1).reshape(self.int8_panels.size(1), -1)[:, :out].t()  # (out, in)
+        return q.float() * self.scales[:out, None]
+
+
+def _int8_panels_fit(weight_q: Tensor, native: Optional[Any]) -> bool:
+    """Whether ``weight_q`` can run as :class:`_Int8Panels`: the extension is built and runs on this CPU, and
+    the weight is per-channel symmetric (zero points 0, as :func:`transformer.model.quantize.quantize` makes)."""
+    return (native is not None and native.panels_supported()
+            and weight_q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            and not bool(weight_q.q_per_channel_zero_points().any()))
+
+
 def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor], bool]:
     """The weights of ``linears`` (each (out_i, in)) stacked along the output dim, and their biases;
     int8 modules give a per-channel qint8 weight. Returns (weight, bias or None, is_int8)."""
@@ -200,7 +245,9 @@ def _linear(*linears: nn.Module, role: str = "decoder", native: Optional[Any] = 
     """One map computing ``linears`` side by side: x (N, in) -> (N, sum of their outputs); ``role`` picks
     the product's thresholds and ``native`` is the compiled extension or None (see :class:`_Dense`)."""
     weight, bias, int8 = _weight_and_bias(list(linears))
-    return _Int8(weight, bias) if int8 else _Dense(weight, bias, role, native)
+    if int8:
+        return _Int8Panels(weight, bias, native) if _int8_panels_fit(weight, native) else _Int8(weight, bias)
+    return _Dense(weight, bias, role, native)
 
 
 def _layer_norm(norm: nn.LayerNorm) -> tuple:
@@ -354,7 +401,7 @@ class _FrozenDecoder(_FrozenStack):
             self.cross_kv = _linear(*[m for layer in model.decoder.layers
                                       for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
                                     role="encoder", native=module)  # runs over the source's rows, as the encoder does
-        self.output = _linear(model.output.lm_head, role="output")
+        self.output = _linear(model.output.lm_head, role="output", native=module)  # panels: int8 only
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
         self.native = _compiled_step(self, model, module) if module is not None else None
@@ -389,9 +436,11 @@ class _FrozenDecoder(_FrozenStack):
 
     def _native_rows(self, rows: int) -> bool:
         """Whether the compiled step has the products for ``rows`` rows: MKL's forms below oneDNN's threshold,
-        panel_linear up to PANEL_ROWS (the compiled step has no oneDNN form)."""
-        return rows < PACKED_FROM_ROWS["decoder"] or (self.layers[0].fc1.panels is not None
-                                                      and rows <= PANEL_ROWS["decoder"])
+        panel_linear up to PANEL_ROWS (the compiled step has no oneDNN form), int8 panels at any number."""
+        fc1 = self.layers[0].fc1
+        if isinstance(fc1, _Int8Panels):
+            return True
+        return rows < PACKED_FROM_ROWS["decoder"] or (fc1.panels is not None and rows <= PANEL_ROWS["decoder"])
 
     def _native_step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]],
                      memory_mask: Optional[Tensor]) -> Tensor:
@@ -421,14 +470,10 @@ class _FrozenDecoder(_FrozenStack):
 
 def _native_module(model: nn.Module, native: Optional[bool]) -> Any:
     """The compiled extension (:mod:`transformer.model.native`: the decoder step and ``panel_linear``) for
-    ``model``, or None: it takes a float32 model on the CPU; ``native=None`` uses it if it is built, True
-    builds it if needed (raising if it cannot), False never uses it."""
+    ``model``, or None: it takes a float32 or int8 model on the CPU; ``native=None`` uses it if it is built,
+    True builds it if needed (raising if it cannot), False never uses it."""
     weight = model.decoder.embed_tokens.weight
     if native is False or weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    if _is_int8_model(model):
-        if native:
-            raise TransformerError("the compiled decoder step takes a float model, not an int8 one")
         return None
     from transformer.model import native as native_module
 
@@ -438,12 +483,17 @@ def _native_module(model: nn.Module, native: Optional[bool]) -> Any:
 def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> Any:
     """The compiled decoder step of ``module`` (:func:`_native_module`) holding ``decoder``'s weights (frozen
     from ``model``)."""
-    def dense(m: _Dense) -> list[Tensor]:
-        bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
-        none = m.weight.new_empty(0)  # the C++ side's "absent"
-        return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or (none, none)),
-                *((m.panels, m.bias_panels) if m.panels is not None else (none, none))]
+    none = torch.empty(0)  # the C++ side's "absent"
 
+    def dense(m: Union[_Dense, _Int8Panels]) -> list[Tensor]:
+        if isinstance(m, _Int8Panels):
+            return [none, none, m.bias, none, none, none, none, m.bias_panels, m.int8_panels, m.scales]
+        bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
+        return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or (none, none)),
+                *((m.panels, m.bias_panels) if m.panels is not None else (none, none)), none, none]
+
+    if isinstance(decoder.layers[0].fc1, _Int8):  # PyTorch's dynamic int8 products: the Python step only
+        return None
     step = module.DecoderStep(decoder.n_heads, model.cfg.norm_first, model.cfg.activation == "gelu")
     for layer in decoder.layers:
         maps = [layer.qkv, layer.self_out, layer.fc1, layer.fc2] + ([layer.cross_q, layer.cross_out] if layer.cross else [])
@@ -546,9 +596,10 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None, native: Optional[boo
     extension is built, and one of the output projection for oneDNN; on a GPU, one of the fused q/k/v and
     cross-attention k/v weights); later changes to ``model`` do not reach it.
 
-    ``native``: the compiled CPU extension (float32 models: the decoder step and ``panel_linear``): None uses
-    it if it is built, True builds it if needed (raising :class:`TransformerError` where it cannot), False
-    keeps the Python step and MKL's and oneDNN's products.
+    ``native``: the compiled CPU extension (the decoder step, ``panel_linear`` and, for an int8 model,
+    ``panel_linear_int8``): None uses it if it is built, True builds it if needed (raising
+    :class:`TransformerError` where it cannot), False keeps the Python step and MKL's, oneDNN's and (int8)
+    PyTorch's fbgemm products.
 
     ``graphs``: decode with a static KV cache whose step is replayed as CUDA graphs
     (:mod:`transformer.model.static`); the default is on for a model on a CUDA device. ``graphs=True`` on the
@@ -556,7 +607,7 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None, native: Optional[boo
 
     Raises:
         TransformerError: ``model`` is neither a ``Transformer`` nor a ``TransformerLM``, or is in training mode;
-            ``native=True`` and the compiled step cannot be built or the model is int8.
+            ``native=True`` and the compiled step cannot be built.
     """
     if model.training:
         raise TransformerError("freeze() takes a model in eval mode (call model.eval() first)")

@@ -1,10 +1,15 @@
-"""Int8 inference on CPU: PyTorch's dynamic quantisation of every ``nn.Linear``.
+"""Int8 inference on CPU: every ``nn.Linear``'s weight as int8, with one scale per output channel.
 
-Each Linear's weight is stored as int8 with one scale per output channel; at run time each activation
-matrix is quantised to uint8 with a scale computed from that batch, the product runs in PyTorch's
-x86 (fbgemm) int8 kernels and is rescaled to float32. Embeddings, LayerNorms, attention scores and the
-softmax stay in float32. Tied weights are not shared any more in the copy (the output projection gets its
-own int8 weight), which is why it is an inference-only copy of the model.
+The copy is PyTorch's dynamic quantisation: each Linear's weight is stored as int8 Q with one symmetric
+scale s per output channel. Run as it is, each activation matrix is also quantised, to uint8 with a scale
+computed from that batch, and the product runs in PyTorch's x86 (fbgemm) int8 kernels, rescaled to float32.
+Decoding runs the copy frozen (:mod:`transformer.model.frozen`), and where the compiled extension is built
+(``transformer build-native``, a CPU with AVX2 and FMA) its products run instead in ``panel_linear_int8``:
+the same int8 weights and scales, float32 activations (the int8 weights converted to float32 in registers),
+so only the weights are rounded, and the weights a decoder step reads are a quarter of their float32 size.
+Embeddings, LayerNorms, attention scores and the softmax stay in float32. Tied weights are not shared any
+more in the copy (the output projection gets its own int8 weight), which is why it is an inference-only copy
+of the model.
 
 ``torch.ao.quantization.quantize_dynamic`` is deprecated upstream in favour of torchao; it still ships
 with torch 2.13, is the peer-tested path on CPU, and its warnings are silenced here.

@@ -45,15 +45,17 @@ constexpr int kTileRows = 6;  // rows per tile: 12 accumulators, 2 weight regist
 constexpr int kPrefetch = 16; // prefetch the panel this many k ahead (1 KiB)
 
 #ifdef TRANSFORMER_X86
-template <int R>
+// Scaled (the int8 panels below, converted to float32): the sums start from zero and end as sum * scale + bias.
+template <int R, bool Scaled = false>
 __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
-                                                   const float* bias, float* out, int64_t ldo, int columns) {
+                                                   const float* bias, float* out, int64_t ldo, int columns,
+                                                   const float* scale = nullptr) {
   __m256 acc0[R], acc1[R];
   const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    acc0[r] = b0;
-    acc1[r] = b1;
+    acc0[r] = Scaled ? _mm256_setzero_ps() : b0;
+    acc1[r] = Scaled ? _mm256_setzero_ps() : b1;
   }
   for (int64_t k = 0; k < k_dim; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetch) * kPanel), _MM_HINT_T0);
@@ -63,6 +65,14 @@ __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx,
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
       acc0[r] = _mm256_fmadd_ps(w0, xb, acc0[r]);
       acc1[r] = _mm256_fmadd_ps(w1, xb, acc1[r]);
+    }
+  }
+  if (Scaled) {
+    const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = _mm256_fmadd_ps(acc0[r], s0, b0);
+      acc1[r] = _mm256_fmadd_ps(acc1[r], s1, b1);
     }
   }
   alignas(32) float tail[R * kPanel];  // the last panel's columns past `out` are not written
@@ -78,9 +88,80 @@ __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx,
   }
 }
 
-using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int);
+using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int,
+                          const float*);
 constexpr PanelTile kTiles[kTileRows + 1] = {nullptr, panel_tile<1>, panel_tile<2>, panel_tile<3>,
                                              panel_tile<4>, panel_tile<5>, panel_tile<6>};
+constexpr PanelTile kScaledTiles[kTileRows + 1] = {nullptr, panel_tile<1, true>, panel_tile<2, true>,
+                                                   panel_tile<3, true>, panel_tile<4, true>, panel_tile<5, true>,
+                                                   panel_tile<6, true>};
+
+// --- the same with int8 weights: W = Q * s, Q int8 (out, in), s one float32 scale per output channel ----
+//
+// The panels hold Q^T as int8 (a quarter of the float32 panels' bytes). Each weight is converted to float32
+// right before its FMA, and each sum ends as sum * s + b: the activations stay float32, only the weights are
+// int8. From 7 rows a panel is converted once into a float32 buffer and the scaled float32 tiles run on it:
+// the same operations in the same order, so a row's result does not depend on the number of rows.
+
+constexpr int kPrefetchInt8 = 64;  // k ahead (1 KiB of int8 panel)
+
+// 16 int8 weights -> two vectors of 8 float32 (sign-extending loads, then conversions)
+__attribute__((target("avx2,fma"))) inline void convert_16(const int8_t* q, __m256& w0, __m256& w1) {
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void panel_tile_int8(const float* x, int64_t ldx, const int8_t* panel,
+                                                        int64_t k_dim, const float* bias, float* out, int64_t ldo,
+                                                        int columns, const float* scale) {
+  __m256 acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = _mm256_setzero_ps();
+    acc1[r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < k_dim; ++k) {
+    if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetchInt8) * kPanel), _MM_HINT_T0);
+    __m256 w0, w1;
+    convert_16(panel + k * kPanel, w0, w1);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      acc0[r] = _mm256_fmadd_ps(w0, xb, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w1, xb, acc1[r]);
+    }
+  }
+  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  alignas(32) float tail[R * kPanel];
+  const bool full = columns == kPanel;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* dst = full ? out + r * ldo : tail + r * kPanel;
+    _mm256_storeu_ps(dst, _mm256_fmadd_ps(acc0[r], s0, b0));
+    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(acc1[r], s1, b1));
+  }
+  if (!full) {
+    for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
+  }
+}
+
+// one int8 panel (in, 16) -> float32 (in, 16), unscaled
+__attribute__((target("avx2,fma"))) void convert_panel(const int8_t* panel, int64_t k_dim, float* dst) {
+  for (int64_t k = 0; k < k_dim; ++k) {
+    __m256 w0, w1;
+    convert_16(panel + k * kPanel, w0, w1);
+    _mm256_storeu_ps(dst + k * kPanel, w0);
+    _mm256_storeu_ps(dst + k * kPanel + 8, w1);
+  }
+}
+
+using PanelTileInt8 = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, float*, int64_t, int,
+                               const float*);
+constexpr PanelTileInt8 kTilesInt8[kTileRows + 1] = {nullptr, panel_tile_int8<1>, panel_tile_int8<2>,
+                                                     panel_tile_int8<3>, panel_tile_int8<4>, panel_tile_int8<5>,
+                                                     panel_tile_int8<6>};
 #endif
 
 bool panels_supported() {
@@ -114,7 +195,51 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
       for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
         const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
         kTiles[r](xp + r0 * k_dim, k_dim, wp + j * k_dim * kPanel, k_dim, bp + j * kPanel,
-                  op + r0 * out_features + j * kPanel, out_features, columns);
+                  op + r0 * out_features + j * kPanel, out_features, columns, nullptr);
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+// x (N, in) float32; panels (P, in, 16) int8; scales, bias (P * 16,) float32 -> (N, out) = (x Q^T) * s + b
+Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor& scales, const Tensor& bias,
+                         int64_t out_features) {
+  TORCH_CHECK(panels_supported(), "panel_linear_int8 needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x_in.size(1) == panels.size(1),
+              "panel_linear_int8: x (N, in), panels (P, in, 16)");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && panels.scalar_type() == at::kChar && panels.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  bias.is_contiguous() && bias.numel() == panels.size(0) * kPanel &&
+                  scales.numel() == bias.numel() && out_features <= panels.size(0) * kPanel &&
+                  out_features > (panels.size(0) - 1) * kPanel,
+              "panel_linear_int8: int8 contiguous panels, float32 padded scales and bias");
+  Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
+  Tensor out = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return out;
+#ifdef TRANSFORMER_X86
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = panels.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(rows > kTileRows ? k_dim * kPanel : 0);  // a panel in float32, from 7 rows
+    for (int64_t j = begin; j < end; ++j) {
+      const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
+      const int8_t* panel = wp + j * k_dim * kPanel;
+      if (rows <= kTileRows) {
+        kTilesInt8[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns,
+                         sp + j * kPanel);
+        continue;
+      }
+      convert_panel(panel, k_dim, buffer.data());
+      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+        const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+        kScaledTiles[r](xp + r0 * k_dim, k_dim, buffer.data(), k_dim, bp + j * kPanel,
+                        op + r0 * out_features + j * kPanel, out_features, columns, sp + j * kPanel);
       }
     }
   });
@@ -124,7 +249,8 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
 
 // frozen._Dense's forms below oneDNN's threshold: up to panel_rows rows by panel_linear (where the weight has
 // panels), one row as row blocks (baddbmm), 2..column_rows rows as the transposed product W x^T, otherwise
-// x W_t. The bias is always defined (zeros where the model has none).
+// x W_t. The bias is always defined (zeros where the model has none). An int8 map (frozen._Int8Panels) has
+// int8 panels and scales only, and runs panel_linear_int8 at every number of rows.
 struct Dense {
   Tensor weight;       // (out, in)
   Tensor weight_t;     // (in, out)
@@ -134,11 +260,16 @@ struct Dense {
   Tensor blocks_b;     // (P, out/P, 1)
   Tensor panels;       // (ceil(out/16), in, 16) or undefined
   Tensor bias_panels;  // (ceil(out/16) * 16,)
+  Tensor int8_panels;  // (ceil(out/16), in, 16) int8, or undefined
+  Tensor scales;       // (ceil(out/16) * 16,)
 
   Tensor operator()(const Tensor& x, int64_t column_rows, int64_t panel_rows) const {  // (N, in) -> (N, out)
     const int64_t rows = x.size(0);
+    if (int8_panels.defined()) {
+      return panel_linear_int8(x, int8_panels, scales, bias_panels, bias.size(0));
+    }
     if (rows <= panel_rows && panels.defined()) {
-      return panel_linear(x, panels, bias_panels, weight.size(0));
+      return panel_linear(x, panels, bias_panels, bias.size(0));
     }
     if (rows == 1 && blocks_w.defined()) {
       const int64_t p = blocks_w.size(0);
@@ -165,12 +296,13 @@ struct Layer {
   bool cross = false;
 };
 
-// weight, weight_t, bias, bias_col, blocks_w, blocks_b, panels, bias_panels: an empty tensor where _Dense
-// has no row blocks or no panels
+// weight, weight_t, bias, bias_col, blocks_w, blocks_b, panels, bias_panels, int8_panels, scales: an empty
+// tensor where the map has no such form (an int8 map: bias, bias_panels, int8_panels and scales only)
 Dense make_dense(const std::vector<Tensor>& t) {
-  TORCH_CHECK(t.size() == 8, "a dense map takes 8 tensors");
+  TORCH_CHECK(t.size() == 10, "a dense map takes 10 tensors");
   auto maybe = [](const Tensor& x) { return x.numel() > 0 ? x : Tensor(); };
-  return Dense{t[0], t[1], t[2], t[3], maybe(t[4]), maybe(t[5]), maybe(t[6]), maybe(t[7])};
+  return Dense{maybe(t[0]), maybe(t[1]), t[2], maybe(t[3]), maybe(t[4]),
+               maybe(t[5]), maybe(t[6]), maybe(t[7]), maybe(t[8]), maybe(t[9])};
 }
 
 }  // namespace
@@ -251,5 +383,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecoderStep::add_layer)
       .def("forward", &DecoderStep::forward);
   m.def("panel_linear", &panel_linear, "x (N, in) @ W^T + b with W as (P, in, 16) column panels -> (N, out)");
+  m.def("panel_linear_int8", &panel_linear_int8,
+        "(x (N, in) @ Q^T) * s + b with int8 Q as (P, in, 16) column panels, s per output -> (N, out)");
   m.def("panels_supported", &panels_supported, "whether this CPU runs panel_linear (AVX2 and FMA)");
 }
