@@ -96,6 +96,30 @@ def test_panel_linear_computes_linear(rows, out_features, in_features):
         native.build().panel_linear(torch.randn(rows, in_features + 1), dense.panels, dense.bias_panels, out_features)
 
 
+@pytest.mark.parametrize("rows,heads,length,head_dim", [(1, 4, 1, 64), (5, 4, 20, 64), (3, 2, 7, 5), (40, 8, 33, 32)])
+def test_attend_one_computes_attention(rows, heads, length, head_dim):
+    """attend_one against SDPA: one query per row and head over keys/values that are views of larger
+    buffers (a KV cache), with and without a padding mask; (N, H*Dh) out."""
+    if not native.build().panels_supported():
+        pytest.skip("attend_one needs a CPU with AVX2 and FMA")
+    torch.manual_seed(rows + length)
+    q = torch.randn(rows, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[0]  # (N,H,1,Dh), as the q/k/v split
+    k = torch.randn(rows, heads, length + 9, head_dim)[:, :, :length]  # (N,H,L,Dh) of a larger buffer
+    v = torch.randn(rows, heads, length + 9, head_dim)[:, :, :length]
+    mask = torch.rand(rows, 1, 1, length) < 0.7
+    mask[..., 0] = True  # every row has a key to attend to
+    attend = native.build().attend_one
+    for m in (None, mask):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (N,H,1,Dh)
+        torch.testing.assert_close(attend(q, k, v, m), ref.transpose(1, 2).reshape(rows, heads * head_dim),
+                                   rtol=1e-5, atol=1e-5)
+    mask[0] = False  # nothing to attend to: zeros (SDPA gives NaN)
+    assert attend(q, k, v, mask)[0].eq(0).all()
+    assert attend(q[:0], k[:0], v[:0]).shape == (0, heads * head_dim)
+    with pytest.raises(RuntimeError, match="attend_one"):
+        attend(q, k, v[:, :, :-1] if length > 1 else v[:, :1, :, :1])
+
+
 def _quantized(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in) as qint8 with one symmetric scale per output channel (what quantize() stores)."""
     scale = weight.abs().amax(1).clamp_min(1e-8) / 127

@@ -277,6 +277,9 @@ class _FrozenLayer:
         self.fc2 = _linear(layer.ffn.fc2, role=role, native=native)
         self.activation = layer.ffn.activation
         self.ffn_norm = _layer_norm(layer.ffn_norm)
+        # a decoder step's attention of one new position: the extension's attend_one (see _attend_one)
+        self.attend = (native.attend_one if role == "decoder" and native is not None and native.panels_supported()
+                       else None)
 
     def _residual(self, x: Tensor, norm: tuple, sublayer: Any, *args: Any) -> Tensor:
         """``norm(x + sublayer(x))`` (the paper), or ``x + sublayer(norm(x))`` with ``norm_first``."""
@@ -294,6 +297,8 @@ class _FrozenLayer:
         q, k, v = qkv.reshape(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,Dh)
         if cache is not None:
             k, v = cache.update(k, v)  # (B,H,past+T,Dh)
+        if self.attend is not None and t == 1 and mask is None and rows is None:  # one new position: all keys
+            return self.self_out(self.attend(q, k, v))  # (B,D)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B,H,T,Dh)
         a = a.transpose(1, 2).reshape(b * t, d)  # (B*T,D)
         return self.self_out(a if rows is None else a.index_select(0, rows))  # (N,D)
@@ -301,6 +306,8 @@ class _FrozenLayer:
     def _cross_attention(self, y: Tensor, b: int, t: int, kv: tuple[Tensor, Tensor], mask: Optional[Tensor]) -> Tensor:
         d = y.size(1)
         q = self.cross_q(y).contiguous().view(b, t, d // self.head_dim, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
+        if self.attend is not None and t == 1:
+            return self.cross_out(self.attend(q, *kv, mask))  # (B,D)
         a = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)  # (B,H,T,Dh)
         return self.cross_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
 
@@ -494,7 +501,8 @@ def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> An
 
     if isinstance(decoder.layers[0].fc1, _Int8):  # PyTorch's dynamic int8 products: the Python step only
         return None
-    step = module.DecoderStep(decoder.n_heads, model.cfg.norm_first, model.cfg.activation == "gelu")
+    step = module.DecoderStep(decoder.n_heads, model.cfg.norm_first, model.cfg.activation == "gelu",
+                              decoder.layers[0].attend is not None)
     for layer in decoder.layers:
         maps = [layer.qkv, layer.self_out, layer.fc1, layer.fc2] + ([layer.cross_q, layer.cross_out] if layer.cross else [])
         norms = [layer.self_norm, layer.ffn_norm] + ([layer.cross_norm] if layer.cross else [])  # (shape, w, b, eps)
