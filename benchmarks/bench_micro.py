@@ -33,8 +33,12 @@
    activations: what ``--quantize int8`` runs where the extension is built) against ``panel_linear`` with
    the same weights in float32 and against PyTorch's dynamic int8
    Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows, warm and cold.
+10. ``attention`` (session 9): the extension's ``attend_one`` (a decoder step's attention of one new position)
+   against ATen's ``scaled_dot_product_attention``, per call and in whole compiled decoder steps; and beam
+   search's KV cache reorder (``KVCache.reorder``, into the buffers of the previous reorder) against a fresh
+   ``index_select``.
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels,attention
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -322,6 +326,28 @@ def run_compile() -> None:
         frozen_module.PACKED_FROM_ROWS = packed_from
 
 
+def compiled_extension(part: str):
+    """The compiled extension (transformer build-native) if it is built and runs here, else None (printed)."""
+    from transformer.model import native
+
+    module = native.load()
+    if module is None or not module.panels_supported():
+        print(f"\n== {part}: skipped (the compiled extension is not built, or this CPU lacks AVX2/FMA) ==")
+        return None
+    return module
+
+
+def cold_us(fn, flush: torch.Tensor, repeats: int = 15) -> float:
+    """Best time of ``fn`` in us with the caches flushed (``flush`` read) before each call."""
+    best = float("inf")
+    for _ in range(repeats):
+        flush.sum()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e6
+
+
 @torch.inference_mode()
 def run_int8() -> None:
     """Session 6: the int8 products on offer in PyTorch at decoding shapes, against the float32 product."""
@@ -358,12 +384,10 @@ def run_int8() -> None:
 
 def run_panels() -> None:
     """Session 8: panel_linear against MKL's and oneDNN's forms at decoding shapes, warm and cold."""
-    from transformer.model import native
     from transformer.model.frozen import _Dense
 
-    module = native.load()
-    if module is None or not module.panels_supported():
-        print("\n== panels: skipped (the compiled extension is not built, or this CPU lacks AVX2/FMA) ==")
+    module = compiled_extension("panels")
+    if module is None:
         return
     flush = torch.randn(32 * 2**20 // 4)  # 32 MB, read between calls to evict the weights
     print("\n== panel_linear against the other product forms (us, best of 7; cold: caches flushed before each "
@@ -393,23 +417,13 @@ def run_panels() -> None:
             for fn in forms.values():
                 torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-4)
             warm = {k: best_seconds(fn, max(5, int(400 / rows))) * 1e6 for k, fn in forms.items()}
-
-            def cold(fn) -> float:
-                best = float("inf")
-                for _ in range(15):
-                    flush.sum()
-                    start = time.perf_counter()
-                    fn()
-                    best = min(best, time.perf_counter() - start)
-                return best * 1e6
-
-            cold_us = {k: cold(fn) for k, fn in forms.items()}
-            other, other_cold = (min(v for k, v in t.items() if k != "panel") for t in (warm, cold_us))
+            cold = {k: cold_us(fn, flush) for k, fn in forms.items()}
+            other, other_cold = (min(v for k, v in t.items() if k != "panel") for t in (warm, cold))
             cell = lambda k: f"{warm[k]:.1f}" if k in warm else "-"  # noqa: E731
             print(f"| {d_in} -> {d_out} | {rows} | {cell('x W_t')} | {cell('W x^T')} | {cell('oneDNN')} "
                   f"| {cell('blocks')} "
-                  f"| {warm['panel']:.1f} | {other / warm['panel']:.2f}x | {other_cold:.1f} | {cold_us['panel']:.1f} "
-                  f"| {other_cold / cold_us['panel']:.2f}x |", flush=True)
+                  f"| {warm['panel']:.1f} | {other / warm['panel']:.2f}x | {other_cold:.1f} | {cold['panel']:.1f} "
+                  f"| {other_cold / cold['panel']:.2f}x |", flush=True)
 
 
 def run_int8_panels() -> None:
@@ -417,12 +431,10 @@ def run_int8_panels() -> None:
     weights in float32 and against PyTorch's dynamic int8 Linear (fbgemm), warm and cold."""
     import warnings
 
-    from transformer.model import native
     from transformer.model.frozen import _Dense, _Int8Panels
 
-    module = native.load()
-    if module is None or not module.panels_supported():
-        print("\n== int8 panels: skipped (the compiled extension is not built, or this CPU lacks AVX2/FMA) ==")
+    module = compiled_extension("int8 panels")
+    if module is None:
         return
     flush = torch.randn(32 * 2**20 // 4)  # 32 MB, read between calls to evict the weights
     print("\n== panel_linear_int8 against float32 panel_linear (same weights Q * s) and dynamic int8 (fbgemm), "
@@ -449,20 +461,88 @@ def run_int8_panels() -> None:
             }
             torch.testing.assert_close(forms["int8"](), forms["float32"](), rtol=1e-4, atol=1e-4)  # same weights
             warm = {k: best_seconds(fn, max(2, int(400 / rows))) * 1e6 for k, fn in forms.items()}
-
-            def cold(fn) -> float:
-                best = float("inf")
-                for _ in range(15):
-                    flush.sum()
-                    start = time.perf_counter()
-                    fn()
-                    best = min(best, time.perf_counter() - start)
-                return best * 1e6
-
-            cold_us = {k: cold(fn) for k, fn in forms.items()}
+            cold = {k: cold_us(fn, flush) for k, fn in forms.items()}
             print(f"| {d_in} -> {d_out} | {rows} | {warm['float32']:.1f} | {warm['dynamic']:.1f} | {warm['int8']:.1f} "
-                  f"| {warm['float32'] / warm['int8']:.2f}x | {cold_us['float32']:.1f} | {cold_us['dynamic']:.1f} "
-                  f"| {cold_us['int8']:.1f} | {cold_us['float32'] / cold_us['int8']:.2f}x |", flush=True)
+                  f"| {warm['float32'] / warm['int8']:.2f}x | {cold['float32']:.1f} | {cold['dynamic']:.1f} "
+                  f"| {cold['int8']:.1f} | {cold['float32'] / cold['int8']:.2f}x |", flush=True)
+
+
+@torch.inference_mode()
+def run_attention() -> None:
+    """Session 9: attend_one against ATen's SDPA (per call and in whole decoder steps), and the KV cache's
+    reorder into reused buffers against a fresh index_select."""
+    from transformer.config import preset
+    from transformer.model import Transformer
+    from transformer.model.attention import KVCache
+    from transformer.model.frozen import _compiled_step, freeze
+
+    module = compiled_extension("attention")
+    if module is None:
+        return
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    heads, dh = 4, 64
+    print("\n== one query per row and head (H=4, Dh=64), keys of a KV buffer (20 of 64 positions), us: ATen's SDPA "
+          "against attend_one; self-attention (no mask) and cross-attention (15 source positions, a padding mask) ==")
+    print("| rows | self: SDPA | self: attend_one | speed-up | cross: SDPA | cross: attend_one | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for rows in (1, 4, 32, 128):
+        q = torch.randn(rows, 1, 3, heads, dh).permute(2, 0, 3, 1, 4)[0]  # (N,H,1,Dh), as the q/k/v split
+        k, v = (torch.randn(rows, heads, 64, dh)[:, :, :20] for _ in range(2))  # (N,H,20,Dh) views
+        ck, cv = torch.randn(rows, heads, 15, dh), torch.randn(rows, heads, 15, dh)
+        mask = torch.ones(rows, 1, 1, 15, dtype=torch.bool)
+        mask[::2, ..., 11:] = False
+        forms = {
+            "self sdpa": lambda: sdpa(q, k, v).transpose(1, 2).reshape(rows, -1),
+            "self": lambda: module.attend_one(q, k, v),
+            "cross sdpa": lambda: sdpa(q, ck, cv, attn_mask=mask).transpose(1, 2).reshape(rows, -1),
+            "cross": lambda: module.attend_one(q, ck, cv, mask),
+        }
+        torch.testing.assert_close(forms["self"](), forms["self sdpa"](), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(forms["cross"](), forms["cross sdpa"](), rtol=1e-5, atol=1e-5)
+        us = {name: best_seconds(fn, max(10, int(2000 / rows))) * 1e6 for name, fn in forms.items()}
+        print(f"| {rows} | {us['self sdpa']:.1f} | {us['self']:.1f} | {us['self sdpa'] / us['self']:.2f}x "
+              f"| {us['cross sdpa']:.1f} | {us['cross']:.1f} | {us['cross sdpa'] / us['cross']:.2f}x |", flush=True)
+
+    model = Transformer(preset("small"), 8000, 8000).eval()
+    with_attend, without = freeze(model), freeze(model)
+    for layer in without.decoder.layers:
+        layer.attend = None
+    without.decoder.native = _compiled_step(without.decoder, model, module)  # its step with ATen's SDPA
+    print("\n== one compiled decoder step, `small` (D=256, 3 decoder layers, V=8000), 20 positions cached, "
+          "15 source tokens: with ATen's SDPA against attend_one (ms) ==")
+    print("| rows | SDPA | attend_one | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for rows in (1, 4, 32, 128):
+        src, prefix = torch.randint(4, 8000, (rows, 15)), torch.randint(4, 8000, (rows, 20))
+        token = torch.randint(4, 8000, (rows, 1))
+        times = []
+        for m in (without, with_attend):
+            enc = m.encode(src)
+            cache = m.new_cache()
+            m.decode(prefix, enc, cache)
+
+            def step(m=m, enc=enc, cache=cache):
+                m.decode(token, enc, cache)
+                for layer in cache.layers:  # back to 20 positions: every timed step is the same step
+                    layer.self_attn.length = 20
+
+            times.append(best_seconds(step, max(5, int(200 / rows))))
+        print(f"| {rows} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.2f}x |", flush=True)
+
+    print("\n== beam search's reorder of one layer's KV cache (k and v, H=4, Dh=64, 20 of 32 positions filled), "
+          "us: a fresh index_select against KVCache.reorder (into the buffers of the previous reorder) ==")
+    print("| rows | fresh index_select | KVCache.reorder | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for rows in (4, 32, 128):
+        cache = KVCache()
+        cache.update(torch.randn(rows, heads, 20, dh), torch.randn(rows, heads, 20, dh))
+        cache.reserve(12, cache.k)  # capacity 32, as the cache has after growing
+        order = torch.randint(0, rows, (rows,))
+        fresh = lambda: (cache.k.index_select(0, order), cache.v.index_select(0, order))  # noqa: E731
+        reused = lambda: cache.reorder(order)  # noqa: E731
+        us = [best_seconds(fn, max(10, int(2000 / rows))) * 1e6 for fn in (fresh, reused)]
+        print(f"| {rows} | {us[0]:.1f} | {us[1]:.1f} | {us[0] / us[1]:.2f}x |", flush=True)
 
 
 def run_collate(args) -> None:
@@ -498,6 +578,7 @@ PARTS = {
     "int8": lambda args: run_int8(),
     "panels": lambda args: run_panels(),
     "int8-panels": lambda args: run_int8_panels(),
+    "attention": lambda args: run_attention(),
 }
 
 
