@@ -34,9 +34,7 @@
    the same weights in float32 and against PyTorch's dynamic int8
    Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows, warm and cold.
 10. ``attention`` (session 9): the extension's ``attend_one`` (a decoder step's attention of one new position)
-   against ATen's ``scaled_dot_product_attention``, per call and in whole compiled decoder steps; and beam
-   search's KV cache reorder (``KVCache.reorder``, into the buffers of the previous reorder) against a fresh
-   ``index_select``.
+   against ATen's ``scaled_dot_product_attention``, per call and in whole compiled decoder steps.
 
     python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels,attention
 
@@ -469,11 +467,9 @@ def run_int8_panels() -> None:
 
 @torch.inference_mode()
 def run_attention() -> None:
-    """Session 9: attend_one against ATen's SDPA (per call and in whole decoder steps), and the KV cache's
-    reorder into reused buffers against a fresh index_select."""
+    """Session 9: attend_one against ATen's SDPA, per call and in whole decoder steps."""
     from transformer.config import preset
     from transformer.model import Transformer
-    from transformer.model.attention import KVCache
     from transformer.model.frozen import _compiled_step, freeze
 
     module = compiled_extension("attention")
@@ -529,20 +525,6 @@ def run_attention() -> None:
 
             times.append(best_seconds(step, max(5, int(200 / rows))))
         print(f"| {rows} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.2f}x |", flush=True)
-
-    print("\n== beam search's reorder of one layer's KV cache (k and v, H=4, Dh=64, 20 of 32 positions filled), "
-          "us: a fresh index_select against KVCache.reorder (into the buffers of the previous reorder) ==")
-    print("| rows | fresh index_select | KVCache.reorder | speed-up |")
-    print("|---:|---:|---:|---:|")
-    for rows in (4, 32, 128):
-        cache = KVCache()
-        cache.update(torch.randn(rows, heads, 20, dh), torch.randn(rows, heads, 20, dh))
-        cache.reserve(12, cache.k)  # capacity 32, as the cache has after growing
-        order = torch.randint(0, rows, (rows,))
-        fresh = lambda: (cache.k.index_select(0, order), cache.v.index_select(0, order))  # noqa: E731
-        reused = lambda: cache.reorder(order)  # noqa: E731
-        us = [best_seconds(fn, max(10, int(2000 / rows))) * 1e6 for fn in (fresh, reused)]
-        print(f"| {rows} | {us[0]:.1f} | {us[1]:.1f} | {us[0] / us[1]:.2f}x |", flush=True)
 
 
 def run_collate(args) -> None:

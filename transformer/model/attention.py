@@ -24,7 +24,6 @@ class KVCache:
         self.k: Optional[Tensor] = None  # (B, H, capacity, Dh)
         self.v: Optional[Tensor] = None
         self.length = 0
-        self._spare: Optional[tuple[Tensor, Tensor]] = None  # the buffers before the last reorder, reused
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys/values (B, H, T_new, Dh); return all of them so far (B, H, length, Dh)."""
@@ -50,23 +49,10 @@ class KVCache:
             self.k, self.v = grown_k, grown_v
 
     def reorder(self, new_order: Tensor) -> None:
-        """Select (and repeat) batch rows: ``new_order`` (B',) indexes the current batch.
-
-        Beam search reorders every step; the rows are gathered into the buffers that the previous reorder
-        left (allocating a few MB each step costs more than the copy: fresh pages are faulted in), so
-        views of the cache taken before a reorder do not stay valid after the next one."""
-        if self.k is None:
-            return
-        n = new_order.numel()
-        spare = self._spare
-        if (spare is None or spare[0].size(0) < n or spare[0].shape[1:] != self.k.shape[1:]
-                or spare[0].dtype != self.k.dtype or spare[0].device != self.k.device):
-            spare = (self.k.new_empty((n, *self.k.shape[1:])), self.v.new_empty((n, *self.v.shape[1:])))
-        k, v = spare[0][:n], spare[1][:n]  # (B', H, capacity, Dh), contiguous
-        torch.index_select(self.k, 0, new_order, out=k)
-        torch.index_select(self.v, 0, new_order, out=v)
-        self._spare = (self.k, self.v)
-        self.k, self.v = k, v
+        """Select (and repeat) batch rows: ``new_order`` (B',) indexes the current batch."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, new_order)
+            self.v = self.v.index_select(0, new_order)
 
 
 class MultiHeadAttention(nn.Module):
