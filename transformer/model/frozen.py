@@ -26,9 +26,9 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   decoder's products up to ``PANEL_ROWS["decoder"]`` (256) rows and the encoder's up to 256 (1.1-2.9x faster
   products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py --parts
   panels``, ``bench_step.py``). It also brings ``attend_one``, a step's attention of one new position (one
-  query per row and head over a few dozen keys, where ATen's flash attention costs 20-30 us a call at one
-  row and 0.5-0.8 ms at 128 rows): 1.06-1.18x faster decoder steps. ``freeze(model, native=False)`` keeps
-  the Python step and the forms above.
+  query per row and head over a few dozen keys): 1.0-5.2x faster than ATen's attention per call, 0.98-1.04x
+  per decoder step from 1 to 128 rows (``bench_micro.py --parts attention``). ``freeze(model, native=False)``
+  keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give. Where the compiled extension is
@@ -130,13 +130,8 @@ class _Dense:
         self.native = self.panels = self.bias_panels = None
         if (native is not None and PANEL_ROWS.get(role, 0) > 0 and weight.dtype == torch.float32
                 and native.panels_supported()):
-            n_panels = -(-out // PANEL_WIDTH)
-            panels = weight.new_zeros(d_in, n_panels * PANEL_WIDTH)  # W^T, zeros past `out`
-            panels[:, :out] = weight.t()
-            self.panels = panels.view(d_in, n_panels, PANEL_WIDTH).transpose(0, 1).contiguous()  # (P, in, 16)
-            self.bias_panels = weight.new_zeros(n_panels * PANEL_WIDTH)  # (P*16,)
-            if self.bias is not None:
-                self.bias_panels[:out] = self.bias
+            self.panels = _column_panels(weight)  # (P, in, 16)
+            self.bias_panels = _padded(self.bias, out)  # (P*16,)
             self.native = native
 
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out), possibly a transposed view
@@ -180,16 +175,11 @@ class _Int8Panels:
 
     def __init__(self, weight_q: Tensor, bias: Optional[Tensor], native: Any) -> None:  # weight_q (out, in) qint8
         q = weight_q.int_repr()  # (out, in) int8
-        out, d_in = q.shape
-        n_panels = -(-out // PANEL_WIDTH)
-        panels = q.new_zeros(d_in, n_panels * PANEL_WIDTH)  # Q^T, zeros past `out`
-        panels[:, :out] = q.t()
-        self.int8_panels = panels.view(d_in, n_panels, PANEL_WIDTH).transpose(0, 1).contiguous()  # (P, in, 16)
-        self.scales = torch.zeros(n_panels * PANEL_WIDTH)  # (P*16,)
-        self.scales[:out] = weight_q.q_per_channel_scales().float()
+        out = q.size(0)
+        self.int8_panels = _column_panels(q)  # (P, in, 16) int8
+        self.scales = _padded(weight_q.q_per_channel_scales().float(), out)  # (P*16,)
         self.bias = bias.detach().float() if bias is not None else torch.zeros(out)  # (out,)
-        self.bias_panels = torch.zeros(n_panels * PANEL_WIDTH)  # (P*16,)
-        self.bias_panels[:out] = self.bias
+        self.bias_panels = _padded(self.bias, out)  # (P*16,)
         self.native = native
 
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
@@ -200,6 +190,24 @@ class _Int8Panels:
         out = self.bias.size(0)
         q = self.int8_panels.transpose(0, 1).reshape(self.int8_panels.size(1), -1)[:, :out].t()  # (out, in)
         return q.float() * self.scales[:out, None]
+
+
+def _column_panels(weight: Tensor) -> Tensor:
+    """``weight`` (out, in), float32 or int8 -> ``weight^T`` as P = ceil(out / 16) column panels (P, in, 16),
+    each one contiguous block, zeros past ``out`` (the layout of ``csrc/decoder_step.cpp``)."""
+    out, d_in = weight.shape
+    n_panels = -(-out // PANEL_WIDTH)
+    panels = weight.new_zeros(d_in, n_panels * PANEL_WIDTH)
+    panels[:, :out] = weight.t()
+    return panels.view(d_in, n_panels, PANEL_WIDTH).transpose(0, 1).contiguous()
+
+
+def _padded(vector: Optional[Tensor], out: int) -> Tensor:
+    """A float32 (out,) vector (zeros for None) padded with zeros to the panels' P * 16 columns."""
+    padded = torch.zeros(-(-out // PANEL_WIDTH) * PANEL_WIDTH)
+    if vector is not None:
+        padded[:out] = vector
+    return padded
 
 
 def _int8_panels_fit(weight_q: Tensor, native: Optional[Any]) -> bool:

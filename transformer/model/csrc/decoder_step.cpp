@@ -48,16 +48,36 @@ namespace {
 // the same panel while it is in cache. The threads split the panels. Each output is the sum over k in
 // order, from the bias, in float32.
 
-constexpr int kPanel = 16;    // output columns per panel: two 8-float AVX registers
-constexpr int kTileRows = 6;  // rows per tile: 12 accumulators, 2 weight registers, 1 broadcast
-constexpr int kPrefetch = 16; // prefetch the panel this many k ahead (1 KiB)
+constexpr int kPanel = 16;     // output columns per panel: two 8-float AVX registers
+constexpr int kTileRows = 6;   // rows per tile: 12 accumulators, 2 weight registers, 1 broadcast
+constexpr int kPrefetch = 1024;  // prefetch the panel this many bytes ahead, one cache line per 64 bytes
+
+// The same with int8 weights, W = Q * s (Q int8 (out, in), s one float32 scale per output channel): the
+// int8 panels hold Q^T (a quarter of the float32 panels' bytes). Each weight is converted to float32
+// right before its FMA, and each sum ends as sum * s + b: the activations stay float32, only the weights are
+// int8. From 7 rows a panel is converted once into a float32 buffer and the scaled float32 tiles run on it:
+// the same operations in the same order, so a row's result does not depend on the number of rows.
 
 #ifdef TRANSFORMER_X86
-// Scaled (the int8 panels below, converted to float32): the sums start from zero and end as sum * scale + bias.
-template <int R, bool Scaled = false>
-__attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
+// 16 weights of a panel's row k -> two vectors of 8 float32: loaded, or (int8) sign-extended and converted
+__attribute__((target("avx2,fma"))) inline void load_16(const float* w, __m256& w0, __m256& w1) {
+  w0 = _mm256_loadu_ps(w);
+  w1 = _mm256_loadu_ps(w + 8);
+}
+
+__attribute__((target("avx2,fma"))) inline void load_16(const int8_t* q, __m256& w0, __m256& w1) {
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
+}
+
+// A tile of R rows over one panel of weights W (float, or int8). Scaled (int8 panels, or float32 ones converted
+// from them): the sums start from zero and end as sum * scale + bias; otherwise they start from the bias.
+template <int R, typename W, bool Scaled>
+__attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx, const W* panel, int64_t k_dim,
                                                    const float* bias, float* out, int64_t ldo, int columns,
-                                                   const float* scale = nullptr) {
+                                                   const float* scale) {
+  constexpr int64_t kLineRows = 64 / (kPanel * sizeof(W));  // panel rows per cache line: 1 (float), 4 (int8)
+  constexpr int64_t kAhead = kPrefetch / (kPanel * sizeof(W));
   __m256 acc0[R], acc1[R];
   const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
 #pragma GCC unroll 8
@@ -66,8 +86,9 @@ __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx,
     acc1[r] = Scaled ? _mm256_setzero_ps() : b1;
   }
   for (int64_t k = 0; k < k_dim; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetch) * kPanel), _MM_HINT_T0);
-    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+    if (k % kLineRows == 0) _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kAhead) * kPanel), _MM_HINT_T0);
+    __m256 w0, w1;
+    load_16(panel + k * kPanel, w0, w1);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
@@ -96,80 +117,30 @@ __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx,
   }
 }
 
-using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int,
-                          const float*);
-constexpr PanelTile kTiles[kTileRows + 1] = {nullptr, panel_tile<1>, panel_tile<2>, panel_tile<3>,
-                                             panel_tile<4>, panel_tile<5>, panel_tile<6>};
-constexpr PanelTile kScaledTiles[kTileRows + 1] = {nullptr, panel_tile<1, true>, panel_tile<2, true>,
-                                                   panel_tile<3, true>, panel_tile<4, true>, panel_tile<5, true>,
-                                                   panel_tile<6, true>};
-
-// --- the same with int8 weights: W = Q * s, Q int8 (out, in), s one float32 scale per output channel ----
-//
-// The panels hold Q^T as int8 (a quarter of the float32 panels' bytes). Each weight is converted to float32
-// right before its FMA, and each sum ends as sum * s + b: the activations stay float32, only the weights are
-// int8. From 7 rows a panel is converted once into a float32 buffer and the scaled float32 tiles run on it:
-// the same operations in the same order, so a row's result does not depend on the number of rows.
-
-constexpr int kPrefetchInt8 = 64;  // k ahead (1 KiB of int8 panel)
-
-// 16 int8 weights -> two vectors of 8 float32 (sign-extending loads, then conversions)
-__attribute__((target("avx2,fma"))) inline void convert_16(const int8_t* q, __m256& w0, __m256& w1) {
-  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
-}
-
-template <int R>
-__attribute__((target("avx2,fma"))) void panel_tile_int8(const float* x, int64_t ldx, const int8_t* panel,
-                                                        int64_t k_dim, const float* bias, float* out, int64_t ldo,
-                                                        int columns, const float* scale) {
-  __m256 acc0[R], acc1[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    acc0[r] = _mm256_setzero_ps();
-    acc1[r] = _mm256_setzero_ps();
-  }
-  for (int64_t k = 0; k < k_dim; ++k) {
-    if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetchInt8) * kPanel), _MM_HINT_T0);
-    __m256 w0, w1;
-    convert_16(panel + k * kPanel, w0, w1);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
-      acc0[r] = _mm256_fmadd_ps(w0, xb, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(w1, xb, acc1[r]);
-    }
-  }
-  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  alignas(32) float tail[R * kPanel];
-  const bool full = columns == kPanel;
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float* dst = full ? out + r * ldo : tail + r * kPanel;
-    _mm256_storeu_ps(dst, _mm256_fmadd_ps(acc0[r], s0, b0));
-    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(acc1[r], s1, b1));
-  }
-  if (!full) {
-    for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
-  }
-}
-
 // one int8 panel (in, 16) -> float32 (in, 16), unscaled
 __attribute__((target("avx2,fma"))) void convert_panel(const int8_t* panel, int64_t k_dim, float* dst) {
   for (int64_t k = 0; k < k_dim; ++k) {
     __m256 w0, w1;
-    convert_16(panel + k * kPanel, w0, w1);
+    load_16(panel + k * kPanel, w0, w1);
     _mm256_storeu_ps(dst + k * kPanel, w0);
     _mm256_storeu_ps(dst + k * kPanel + 8, w1);
   }
 }
 
-using PanelTileInt8 = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, float*, int64_t, int,
-                               const float*);
-constexpr PanelTileInt8 kTilesInt8[kTileRows + 1] = {nullptr, panel_tile_int8<1>, panel_tile_int8<2>,
-                                                     panel_tile_int8<3>, panel_tile_int8<4>, panel_tile_int8<5>,
-                                                     panel_tile_int8<6>};
+// the tiles by number of rows (index 1..6): float32 panels from the bias, scaled float32 ones, int8 ones
+template <typename W>
+using PanelTile = void (*)(const float*, int64_t, const W*, int64_t, const float*, float*, int64_t, int, const float*);
+template <typename W, bool Scaled>
+constexpr PanelTile<W> kTilesOf[kTileRows + 1] = {nullptr,
+                                                  panel_tile<1, W, Scaled>,
+                                                  panel_tile<2, W, Scaled>,
+                                                  panel_tile<3, W, Scaled>,
+                                                  panel_tile<4, W, Scaled>,
+                                                  panel_tile<5, W, Scaled>,
+                                                  panel_tile<6, W, Scaled>};
+constexpr auto& kTiles = kTilesOf<float, false>;
+constexpr auto& kScaledTiles = kTilesOf<float, true>;
+constexpr auto& kTilesInt8 = kTilesOf<int8_t, true>;
 #endif
 
 bool panels_supported() {
@@ -258,8 +229,9 @@ Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor&
 // --- attention of one new position ------------------------------------------------------------------------
 //
 // A decoder step attends with one query per row and head over a few dozen keys; ATen's CPU attention
-// (flash attention, blocked for long queries) costs 19-34 us a call at one row and 0.5-0.8 ms at 128 rows on
-// the benchmark CPU for what is a few thousand multiply-adds per row. Here: for each row and head, the scores
+// (flash attention, blocked for long queries) costs 20-36 us a call at one row and 0.3-0.65 ms at 128 rows on
+// the benchmark CPU for what is a few thousand multiply-adds per row (attend_one: 1.0-5.2x faster per call,
+// benchmarks/bench_micro.py --parts attention). Here: for each row and head, the scores
 // q.k_j / sqrt(Dh) (keys where the mask is false left out), their softmax, and the weighted sum of the values,
 // written straight into the (N, H * Dh) layout the output projection takes. The threads split rows x heads.
 
