@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -138,9 +139,6 @@ constexpr PanelTile<W> kTilesOf[kTileRows + 1] = {nullptr,
                                                   panel_tile<4, W, Scaled>,
                                                   panel_tile<5, W, Scaled>,
                                                   panel_tile<6, W, Scaled>};
-constexpr auto& kTiles = kTilesOf<float, false>;
-constexpr auto& kScaledTiles = kTilesOf<float, true>;
-constexpr auto& kTilesInt8 = kTilesOf<int8_t, true>;
 #endif
 
 bool panels_supported() {
@@ -151,15 +149,37 @@ bool panels_supported() {
 #endif
 }
 
+// The checks both products share: x (N, in) float32; panels (P, in, 16) contiguous, of `dtype`; each of
+// `vectors` (bias, scales) contiguous float32 (P * 16,); out_features within the last panel.
+void check_panels(const char* name, const Tensor& x, const Tensor& panels, at::ScalarType dtype,
+                  std::initializer_list<Tensor> vectors, int64_t out_features) {
+  TORCH_CHECK(panels_supported(), name, " needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x.size(1) == panels.size(1), name,
+              ": x (N, in), panels (P, in, 16)");
+  bool ok = x.scalar_type() == at::kFloat && panels.scalar_type() == dtype && panels.is_contiguous() &&
+            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel;
+  for (const Tensor& v : vectors) {
+    ok = ok && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == panels.size(0) * kPanel;
+  }
+  TORCH_CHECK(ok, name, ": float32 x, contiguous ", at::toString(dtype), " panels, padded float32 bias (and scales)");
+}
+
+#ifdef TRANSFORMER_X86
+// All rows of x (N, in), in tiles of up to 6, by one float32 panel (in, 16) into out's columns of that panel.
+template <bool Scaled>
+void tile_rows(const float* x, int64_t rows, int64_t k_dim, const float* panel, const float* bias, float* out,
+               int64_t out_features, int columns, const float* scale) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+    kTilesOf<float, Scaled>[r](x + r0 * k_dim, k_dim, panel, k_dim, bias, out + r0 * out_features, out_features,
+                               columns, scale);
+  }
+}
+#endif
+
 // x (N, in) float32; panels (P, in, 16); bias (P * 16,) -> (N, out)
 Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias, int64_t out_features) {
-  TORCH_CHECK(panels_supported(), "panel_linear needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x_in.size(1) == panels.size(1),
-              "panel_linear: x (N, in), panels (P, in, 16)");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
-                  bias.is_contiguous() && bias.numel() == panels.size(0) * kPanel &&
-                  out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel,
-              "panel_linear: float32 contiguous panels and a padded bias");
+  check_panels("panel_linear", x_in, panels, at::kFloat, {bias}, out_features);
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
   Tensor out = at::empty({rows, out_features}, x.options());
@@ -171,11 +191,8 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
-      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-        const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
-        kTiles[r](xp + r0 * k_dim, k_dim, wp + j * k_dim * kPanel, k_dim, bp + j * kPanel,
-                  op + r0 * out_features + j * kPanel, out_features, columns, nullptr);
-      }
+      tile_rows<false>(xp, rows, k_dim, wp + j * k_dim * kPanel, bp + j * kPanel, op + j * kPanel, out_features,
+                       columns, nullptr);
     }
   });
 #endif
@@ -185,15 +202,7 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
 // x (N, in) float32; panels (P, in, 16) int8; scales, bias (P * 16,) float32 -> (N, out) = (x Q^T) * s + b
 Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor& scales, const Tensor& bias,
                          int64_t out_features) {
-  TORCH_CHECK(panels_supported(), "panel_linear_int8 needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x_in.size(1) == panels.size(1),
-              "panel_linear_int8: x (N, in), panels (P, in, 16)");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && panels.scalar_type() == at::kChar && panels.is_contiguous() &&
-                  scales.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  bias.is_contiguous() && bias.numel() == panels.size(0) * kPanel &&
-                  scales.numel() == bias.numel() && out_features <= panels.size(0) * kPanel &&
-                  out_features > (panels.size(0) - 1) * kPanel,
-              "panel_linear_int8: int8 contiguous panels, float32 padded scales and bias");
+  check_panels("panel_linear_int8", x_in, panels, at::kChar, {scales, bias}, out_features);
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
   Tensor out = at::empty({rows, out_features}, x.options());
@@ -209,17 +218,14 @@ Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor&
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
       const int8_t* panel = wp + j * k_dim * kPanel;
-      if (rows <= kTileRows) {
-        kTilesInt8[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns,
-                         sp + j * kPanel);
+      if (rows <= kTileRows) {  // one tile, converting the weights as it goes
+        kTilesOf<int8_t, true>[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns,
+                                     sp + j * kPanel);
         continue;
       }
       convert_panel(panel, k_dim, buffer.data());
-      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-        const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
-        kScaledTiles[r](xp + r0 * k_dim, k_dim, buffer.data(), k_dim, bp + j * kPanel,
-                        op + r0 * out_features + j * kPanel, out_features, columns, sp + j * kPanel);
-      }
+      tile_rows<true>(xp, rows, k_dim, buffer.data(), bp + j * kPanel, op + j * kPanel, out_features, columns,
+                      sp + j * kPanel);
     }
   });
 #endif
