@@ -187,7 +187,7 @@ def run_overhead() -> None:
                 a = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
                 return layer.self_out(a.transpose(1, 2).reshape(1, d))
             x = layer._residual(x, layer.self_norm, self_attention)
-            x = layer._residual(x, layer.cross_norm, layer._cross_attention, 1, 1, cross_kv[i], None)
+            x = layer._residual(x, layer.cross_norm, layer._cross_attention, 1, 1, cross_kv[i], None, None)
             x = layer._residual(x, layer.ffn_norm, layer._feed_forward)
         return dec.output(dec.finish(x))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scripted_decoder import ScriptedModel
-from transformer.data.vocab import EOS_ID, UNK_ID
+from transformer.data.vocab import EOS_ID, PAD_ID, UNK_ID
 from transformer.decoding import beam_search, beam_step, length_penalty
 from transformer.errors import TransformerError
 
@@ -97,8 +97,9 @@ def test_finished_sentences_leave_the_batch():
     model = scripted()
     src = torch.tensor([[2, EOS_ID], [1, EOS_ID]])
     together = beam_search(model, src, beam=3, alpha=1.0, nbest=3, max_len_a=0.0, max_len_b=8)
-    # Script 1 is done after 5 steps; script 2 runs to its limit of 8 alone, with 3 rows instead of 6.
-    assert model.batch_sizes == [6] * 5 + [3] * 3
+    # The first step runs one row per sentence; script 1 is done after 5 steps; script 2 runs to its limit
+    # of 8 alone, with 3 rows instead of 6.
+    assert model.batch_sizes == [2] + [6] * 4 + [3] * 3
     alone = [beam_search(scripted(), src[i : i + 1], beam=3, alpha=1.0, nbest=3, max_len_a=0.0, max_len_b=8)[0]
              for i in range(2)]
     assert together == alone
@@ -122,6 +123,17 @@ def test_beam_step_first_step_uses_only_beam_zero():
     cand_scores, cand_beams, _ = beam_step(scores, logprobs, 5)
     assert cand_beams.tolist() == [[0] * 5]
     assert bool(torch.isfinite(cand_scores).all())
+
+
+def test_beam_step_pads_missing_candidates_with_empty_slots():
+    """A first step on one hypothesis over a vocabulary smaller than 2 * beam: the candidates that do not
+    exist are empty slots (-inf, PAD), so the search still has 2 * beam of them."""
+    logprobs = torch.log_softmax(torch.randn(2, 1, 3), dim=-1)  # (B=2, K=1, V=3)
+    cand_scores, cand_beams, cand_tokens = beam_step(torch.zeros(2, 1), logprobs, 5)
+    assert cand_scores.shape == cand_beams.shape == cand_tokens.shape == (2, 5)
+    assert bool(torch.isfinite(cand_scores[:, :3]).all()) and bool(torch.isinf(cand_scores[:, 3:]).all())
+    assert sorted(cand_tokens[0, :3].tolist()) == [0, 1, 2] and cand_tokens[:, 3:].eq(PAD_ID).all()
+    assert cand_beams.eq(0).all()
 
 
 def test_length_penalty_formula():

@@ -120,6 +120,30 @@ def test_attend_one_computes_attention(rows, heads, length, head_dim):
         attend(q, k, v[:, :, :-1] if length > 1 else v[:, :1, :, :1])
 
 
+@pytest.mark.parametrize("head_dim", [64, 5])
+def test_attend_one_reads_shared_keys_through_kv_rows(head_dim):
+    """With kv_rows, row r attends to the keys and values of row kv_rows[r] (beams sharing their source's):
+    the same as giving each row its own copy; out-of-range rows raise."""
+    if not native.build().panels_supported():
+        pytest.skip("attend_one needs a CPU with AVX2 and FMA")
+    torch.manual_seed(head_dim)
+    sources, rows, heads, length = 3, 8, 4, 11
+    q = torch.randn(rows, heads, 1, head_dim)
+    k, v = torch.randn(sources, heads, length, head_dim), torch.randn(sources, heads, length, head_dim)
+    kv_rows = torch.tensor([0, 0, 2, 2, 2, 1, 0, 1])
+    mask = torch.rand(rows, 1, 1, length) < 0.8
+    mask[..., 0] = True
+    attend = native.build().attend_one
+    for m in (None, mask):
+        expected = attend(q, k[kv_rows], v[kv_rows], m)
+        torch.testing.assert_close(attend(q, k, v, m, kv_rows), expected, rtol=0, atol=0)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k[kv_rows], v[kv_rows], attn_mask=m)
+        torch.testing.assert_close(expected, ref.transpose(1, 2).reshape(rows, -1), rtol=1e-5, atol=1e-5)
+    for bad in (torch.tensor([0, 1, 2, 3, 0, 0, 0, 0]), torch.tensor([-1] * rows), kv_rows[:-1], kv_rows.int()):
+        with pytest.raises(RuntimeError, match="attend_one"):
+            attend(q, k, v, None, bad)
+
+
 def _quantized(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in) as qint8 with one symmetric scale per output channel (what quantize() stores)."""
     scale = weight.abs().amax(1).clamp_min(1e-8) / 127
@@ -208,6 +232,37 @@ def test_compiled_products_compute_what_the_model_computes(rows):
         out, ref = compiled.decode(tgt[:, t : t + 1], enc_c, a), python.decode(tgt[:, t : t + 1], enc_p, b)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_beams_read_their_sources_keys_through_kv_rows():
+    """With attend_one, reordering the encoder output (beam expansion, pruning) moves row indices, not the
+    source keys/values; the compiled and the Python step then give what copied keys give."""
+    if not native.build().panels_supported():
+        pytest.skip("attend_one needs a CPU with AVX2 and FMA")
+    model = _transformer(norm_first=False, positional="sinusoidal")
+    compiled, python = _compiled_and_python(model)
+    plain = freeze(model, native=False)
+    order = torch.arange(SRC.size(0)).flip(0).repeat_interleave(3)  # each source to 3 rows, in a new order
+    pruned = torch.tensor([5, 0, 1, 3])
+    tgt = _tokens(order.numel(), 6)
+    outs = []
+    for frozen in (compiled, python, plain):
+        enc = frozen.encode(SRC).reorder(order)
+        cache = frozen.new_cache()
+        logits = [frozen.decode(tgt[:, t : t + 1], enc, cache) for t in range(3)]
+        enc = enc.reorder(pruned)
+        cache.reorder(pruned)
+        logits += [frozen.decode(tgt[pruned, t : t + 1], enc, cache) for t in range(3, 6)]
+        outs.append(logits)
+        if frozen is plain:
+            assert not enc.shared and enc.kv_rows is None and enc.cross_kv[0][0].size(0) == pruned.numel()
+        else:
+            assert enc.shared and enc.cross_kv[0][0].size(0) == SRC.size(0)
+            assert enc.kv_rows.tolist() == order[pruned].tolist()
+    for ours, python_step, ref in zip(*outs):
+        torch.testing.assert_close(ours, python_step, rtol=0, atol=0)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

@@ -91,6 +91,30 @@ def test_static_cache_reorders_and_prunes_like_the_models(device):
 
 @torch.no_grad()
 @pytest.mark.parametrize("device", DEVICES)
+def test_static_cache_grows_when_a_reorder_adds_rows(device):
+    """Beam search's first step runs one row per sentence, then reorders each to its beams: more rows than the
+    buffers hold, so they grow mid-search, keeping every live row's history and source."""
+    model = _transformer(device)
+    frozen = freeze(model, graphs=True)
+    src = SRC.to(device)  # 3 rows: a bucket of 4
+    first, later = torch.randint(4, V, (3, 2), device=device), torch.randint(4, V, (12, 4), device=device)
+    enc, frozen_enc = model.encode(src), frozen.encode(src)
+    cache, static = model.new_cache(), frozen.new_cache()
+    for t in range(2):
+        model.decode(first[:, t : t + 1], enc, cache), frozen.decode(first[:, t : t + 1], frozen_enc, static)
+    assert frozen.static.capacity[0] == 4
+    expand = torch.tensor([2, 2, 0, 1] * 3, device=device)  # 12 rows, sources in a new order
+    cache.reorder(expand), static.reorder(expand)
+    enc, frozen_enc = enc.reorder(expand), frozen_enc.reorder(expand)
+    assert frozen.static.capacity[0] == row_bucket(12) == 16
+    for t in range(4):
+        ref = model.decode(later[:, t : t + 1], enc, cache)
+        out = frozen.decode(later[:, t : t + 1], frozen_enc, static)
+        torch.testing.assert_close(out, ref, **_tol(device), msg=f"step {t}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
 def test_searches_on_the_static_cache_give_the_models_outputs(device):
     model = _transformer(device)
     frozen = freeze(model, graphs=True)

@@ -14,6 +14,9 @@ The loop follows fairseq's ``SequenceGenerator``:
   hypotheses, or when it reaches its maximum length (at the last position only EOS is allowed). A
   hypothesis still in the beam could in principle score better later when ``alpha > 0``; like fairseq
   (and unlike an exact bound check) we do not wait for it, which keeps the search short.
+* The first step runs on one row per sentence (all its beams would hold the same BOS prefix), as
+  CTranslate2 does on the CPU; the cache and encoder output are then expanded to ``beam`` rows per sentence
+  with ``reorder``.
 * Done sentences leave the batch: the cache (``reorder``) and encoder output are cut to the active rows,
   so compute shrinks as sentences finish. Python touches individual hypotheses only to record finished ones.
 """
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transformer.data.vocab import BOS_ID, EOS_ID
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding.common import (
     NEG_INF,
     Hypothesis,
@@ -41,10 +44,11 @@ def beam_step(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tens
     """The best ``n_candidates`` one-token continuations of each sentence's beam, by summed log-probability.
 
     Args:
-        scores: summed log-probabilities of the current hypotheses; -inf marks an empty slot (at the
-            first step only beam 0 is live, so the same continuation is not taken ``beam`` times).
+        scores: summed log-probabilities of the current hypotheses; -inf marks an empty slot.
         logprobs: next-token log-probabilities of each hypothesis.
-        n_candidates: how many to take per sentence (``2 * beam`` in beam search); at most ``beam * V``.
+        n_candidates: how many to take per sentence (``2 * beam`` in beam search). Where the K hypotheses
+            have fewer continuations (``K * V < n_candidates``: a first step on one hypothesis with a tiny
+            vocabulary), the rest are empty slots: score -inf, token PAD.
     Shapes:
         scores (B,K), logprobs (B,K,V) -> three (B,N) tensors, N = n_candidates.
     Returns:
@@ -52,8 +56,15 @@ def beam_step(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tens
     """
     batch_size, beam, vocab = logprobs.shape
     total = scores.unsqueeze(2) + logprobs  # (B,K,1) + (B,K,V) -> (B,K,V)
-    cand_scores, flat = total.view(batch_size, beam * vocab).topk(min(n_candidates, beam * vocab), dim=1)  # (B,N)
-    return cand_scores, torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
+    taken = min(n_candidates, beam * vocab)
+    cand_scores, flat = total.view(batch_size, beam * vocab).topk(taken, dim=1)  # (B,taken)
+    cand_beams, cand_tokens = torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
+    if taken < n_candidates:
+        empty = (batch_size, n_candidates - taken)
+        cand_scores = torch.cat([cand_scores, cand_scores.new_full(empty, NEG_INF)], dim=1)
+        cand_beams = torch.cat([cand_beams, cand_beams.new_zeros(empty)], dim=1)
+        cand_tokens = torch.cat([cand_tokens, cand_tokens.new_full(empty, PAD_ID)], dim=1)
+    return cand_scores, cand_beams, cand_tokens
 
 
 @torch.no_grad()
@@ -89,25 +100,24 @@ def beam_search(
     device = src_tokens.device
     batch_size = src_tokens.size(0)
     max_len = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model))  # (B,)
-    beam_offsets = torch.arange(beam, device=device)  # (K,)
     cand_order = torch.arange(2 * beam, device=device)  # (2K,)
     first_rows = torch.arange(0, batch_size * beam, beam, device=device)[:, None]  # (B,1): row of beam 0
 
-    # Each source repeated once per beam: rows b*K .. b*K+K-1 belong to sentence b.
-    enc = model.encode(src_tokens).reorder(torch.arange(batch_size, device=device).repeat_interleave(beam))
+    # Rows w*b .. w*b+w-1 hold sentence b's w hypotheses: w = 1 at the first step, then K.
+    enc = model.encode(src_tokens)
     cache = model.new_cache()
+    width = 1
     # Per active sentence, on the host: its original index and length limit (bookkeeping without device reads).
     sent_ids = list(range(batch_size))
     limits = max_len.tolist()
-    scores = torch.full((batch_size, beam), NEG_INF, device=device)  # (n,K)
-    scores[:, 0] = 0.0
-    tokens = torch.full((batch_size, beam, 1), BOS_ID, dtype=torch.long, device=device)  # (n,K,t): BOS + output
+    scores = torch.zeros(batch_size, width, device=device)  # (n,w)
+    tokens = torch.full((batch_size, width, 1), BOS_ID, dtype=torch.long, device=device)  # (n,w,t): BOS + output
     finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
 
     for step in range(max(limits)):
         n = len(sent_ids)
-        logits = model.decode(tokens[:, :, -1].reshape(n * beam, 1), enc, cache)  # (n*K,1) -> (n*K,1,V)
-        logprobs = next_token_logprobs(logits[:, -1]).view(n, beam, -1)  # (n*K,V) -> (n,K,V)
+        logits = model.decode(tokens[:, :, -1].reshape(n * width, 1), enc, cache)  # (n*w,1) -> (n*w,1,V)
+        logprobs = next_token_logprobs(logits[:, -1]).view(n, width, -1)  # (n*w,V) -> (n,w,V)
         at_limit = [step + 1 >= limits[s] for s in sent_ids]  # (n,)
         if any(at_limit):
             # The last allowed position: only EOS may follow.
@@ -146,17 +156,21 @@ def beam_search(
         next_tokens = cand_tokens.gather(1, chosen)  # (n',K)
         scores = cand_scores.gather(1, chosen)  # (n',K)
 
-        # Flat rows (of the n*K batch) that the new beams extend, in their new order.
-        if pruned:
-            rows = (keep[:, None] * beam + next_beams).view(-1)  # (n',K) -> (n'*K,)
+        # Flat rows (of the n*w batch) that the new beams extend, in their new order.
+        if pruned or width < beam:
+            if not pruned:
+                keep = torch.arange(n, device=device)  # (n,)
+            rows = (keep[:, None] * width + next_beams).view(-1)  # (n',K) -> (n'*K,)
             cache.reorder(rows)
-            # The encoder output is the same for all beams of a sentence: only pruning changes it.
-            enc = enc.reorder((keep[:, None] * beam + beam_offsets).view(-1))  # (n'*K,)
+            # The encoder output is the same for all beams of a sentence: only pruning and the first
+            # expansion change it.
+            enc = enc.reorder((keep * width).repeat_interleave(beam))  # (n'*K,)
             sent_ids = [sent_ids[i] for i in kept]
         else:
             rows = (first_rows[:n] + next_beams).view(-1)  # (n,K) -> (n*K,)
             cache.reorder_beams(rows)
-        prefix = tokens.view(n * beam, -1).index_select(0, rows).view(len(kept), beam, -1)  # (n',K,t)
+        prefix = tokens.view(n * width, -1).index_select(0, rows).view(len(kept), beam, -1)  # (n',K,t)
         tokens = torch.cat([prefix, next_tokens.unsqueeze(2)], dim=2)  # (n',K,t+1)
+        width = beam
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

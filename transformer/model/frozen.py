@@ -248,7 +248,7 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
 PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
 COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: only without oneDNN
 # From 1 to PANEL_ROWS rows, a product runs in the compiled extension's panel_linear where it is built.
-PANEL_ROWS = {"output": 0, "encoder": 256, "decoder": 256}
+PANEL_ROWS = {"output": 256, "encoder": 256, "decoder": 256}
 PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
 
 
@@ -314,11 +314,14 @@ class _FrozenLayer:
         a = a.transpose(1, 2).reshape(b * t, d)  # (B*T,D)
         return self.self_out(a if rows is None else a.index_select(0, rows))  # (N,D)
 
-    def _cross_attention(self, y: Tensor, b: int, t: int, kv: tuple[Tensor, Tensor], mask: Optional[Tensor]) -> Tensor:
+    def _cross_attention(self, y: Tensor, b: int, t: int, kv: tuple[Tensor, Tensor], mask: Optional[Tensor],
+                         kv_rows: Optional[Tensor]) -> Tensor:
         d = y.size(1)
         q = self.cross_q(y).contiguous().view(b, t, d // self.head_dim, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
         if self.attend is not None and t == 1:
-            return self.cross_out(self.attend(q, *kv, mask))  # (B,D)
+            return self.cross_out(self.attend(q, *kv, mask, kv_rows))  # (B,D)
+        if kv_rows is not None:  # each row's own copy of its source's keys and values
+            kv = (kv[0].index_select(0, kv_rows), kv[1].index_select(0, kv_rows))
         a = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)  # (B,H,T,Dh)
         return self.cross_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
 
@@ -328,14 +331,15 @@ class _FrozenLayer:
     def __call__(self, x: Tensor, b: int, t: int, cache: Optional[LayerCache] = None,
                  self_mask: Optional[Tensor] = None, is_causal: bool = False,
                  cross_kv: Optional[tuple[Tensor, Tensor]] = None, memory_mask: Optional[Tensor] = None,
-                 rows: Optional[Tensor] = None) -> Tensor:
+                 rows: Optional[Tensor] = None, kv_rows: Optional[Tensor] = None) -> Tensor:
         """x (N,D) -> (N,D): N = B*T rows, or with ``rows`` (N,) only the rows of real tokens among the B*T
         (an encoder skipping its padding). A decoder layer appends its keys/values to ``cache`` and attends
-        to the source's ``cross_kv`` (each (B,H,S,Dh))."""
+        to the source's ``cross_kv`` (each (B,H,S,Dh), or (M,H,S,Dh) with ``kv_rows`` (B,): row i's source is
+        row ``kv_rows[i]``)."""
         x = self._residual(x, self.self_norm, self._self_attention, b, t,
                            cache.self_attn if cache is not None else None, self_mask, is_causal, rows)
         if self.cross:
-            x = self._residual(x, self.cross_norm, self._cross_attention, b, t, cross_kv, memory_mask)
+            x = self._residual(x, self.cross_norm, self._cross_attention, b, t, cross_kv, memory_mask, kv_rows)
         return self._residual(x, self.ffn_norm, self._feed_forward)
 
 
@@ -371,15 +375,32 @@ class _FrozenStack:
 @dataclass
 class FrozenEncoderOut(EncoderOut):
     """What the frozen decoder needs from the source: :class:`EncoderOut` plus every decoder layer's
-    cross-attention keys and values, computed once per source; reordered with the rest."""
+    cross-attention keys and values, computed once per source.
 
-    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, each (B,H,S,Dh)
+    ``reorder`` (beam search expanding each source to its beams, searches dropping finished sentences) selects
+    rows of ``memory`` and ``src_mask``. With ``shared`` (a decoder whose attention takes ``kv_rows``: the
+    compiled extension's ``attend_one``) the keys and values stay one row per source and ``kv_rows`` (B,) says
+    which row each of the B rows reads, as CTranslate2 and FasterTransformer keep them; otherwise they are
+    copied row by row as well.
+    """
+
+    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, each (M,H,S,Dh)
+    kv_rows: Optional[Tensor] = None  # (B,) long: the cross_kv row of each row; None: row i is row i (M = B)
+    shared: bool = False
 
     def reorder(self, new_order: Tensor) -> "FrozenEncoderOut":
-        return FrozenEncoderOut(
-            self.memory.index_select(0, new_order), self.src_mask.index_select(0, new_order), self.padded,
-            [(k.index_select(0, new_order), v.index_select(0, new_order)) for k, v in self.cross_kv],
-        )
+        memory, src_mask = self.memory.index_select(0, new_order), self.src_mask.index_select(0, new_order)
+        if self.shared:
+            rows = new_order if self.kv_rows is None else self.kv_rows.index_select(0, new_order)
+            return FrozenEncoderOut(memory, src_mask, self.padded, self.cross_kv, rows, True)
+        cross_kv = [(k.index_select(0, new_order), v.index_select(0, new_order)) for k, v in self.cross_kv]
+        return FrozenEncoderOut(memory, src_mask, self.padded, cross_kv)
+
+    def row_cross_kv(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, each row's own keys and values (B,H,S,Dh): copies where rows share a source."""
+        if self.kv_rows is None:
+            return self.cross_kv
+        return [(k.index_select(0, self.kv_rows), v.index_select(0, self.kv_rows)) for k, v in self.cross_kv]
 
 
 class _FrozenEncoder(_FrozenStack):
@@ -437,19 +458,21 @@ class _FrozenDecoder(_FrozenStack):
         return [(kv[i, 0], kv[i, 1]) for i in range(n_layers)]
 
     def step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]] = None,
-             memory_mask: Optional[Tensor] = None) -> Tensor:
+             memory_mask: Optional[Tensor] = None, kv_rows: Optional[Tensor] = None) -> Tensor:
         """tokens (B,T): the new positions -> logits (B,T,V), appending their keys/values to ``cache``;
-        ``cross_kv``: the source's keys and values for each layer (encoder-decoder)."""
+        ``cross_kv``: the source's keys and values for each layer (encoder-decoder), each (B,H,S,Dh), or
+        (M,H,S,Dh) with ``kv_rows`` (B,) (see :class:`FrozenEncoderOut`)."""
         b, t = tokens.shape
         if not cache.layers:
             cache.layers.extend(LayerCache() for _ in self.layers)
         if self.native is not None and t == 1 and self._native_rows(b):
-            return self._native_step(tokens, cache, cross_kv, memory_mask)
+            return self._native_step(tokens, cache, cross_kv, memory_mask, kv_rows)
         past = cache.length
         x = self.embed_tokens(tokens, offset=past)  # (N,D)
         is_causal, self_mask = self_attention_mask(t, past, tokens.device)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
-            x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask)
+            x = layer(x, b, t, layer_cache, self_mask, is_causal, cross_kv[i] if cross_kv else None, memory_mask,
+                      kv_rows=kv_rows)
         return self.logits(x).reshape(b, t, -1)
 
     def _native_rows(self, rows: int) -> bool:
@@ -461,7 +484,7 @@ class _FrozenDecoder(_FrozenStack):
         return rows < PACKED_FROM_ROWS["decoder"] or (fc1.panels is not None and rows <= PANEL_ROWS["decoder"])
 
     def _native_step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]],
-                     memory_mask: Optional[Tensor]) -> Tensor:
+                     memory_mask: Optional[Tensor], kv_rows: Optional[Tensor]) -> Tensor:
         """:meth:`step` for one new position (T = 1) in the compiled step: the same calls, without Python
         between them. Python grows the KV buffers; the compiled step writes this position into them."""
         b = tokens.size(0)
@@ -473,7 +496,7 @@ class _FrozenDecoder(_FrozenStack):
             kv.reserve(1, shape)
         x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past,
                                 [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()],
-                                memory_mask, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
+                                memory_mask, kv_rows, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
         for kv in caches:
             kv.length += 1
         return self.logits(x).reshape(b, 1, -1)
@@ -550,7 +573,9 @@ class FrozenTransformer:
         """src_tokens (B,S) -> memory (B,S,D), src_mask (B,S) and the decoder's cross-attention keys/values."""
         with torch.no_grad():
             out, rows = self.encoder(src_tokens)
-            return FrozenEncoderOut(out.memory, out.src_mask, out.padded, self.decoder.project_memory(out.memory, rows))
+            shared = self.decoder.layers[0].attend is not None  # attend_one reads shared keys (kv_rows)
+            return FrozenEncoderOut(out.memory, out.src_mask, out.padded, self.decoder.project_memory(out.memory, rows),
+                                    shared=shared)
 
     def new_cache(self) -> Union[DecoderCache, StaticCache]:
         """A growing :class:`DecoderCache`, or with static-cache decoding a handle on the model's buffers
@@ -564,19 +589,23 @@ class FrozenTransformer:
         A :class:`StaticCache` takes one new position per step and reads ``encoder_out`` at its first step only."""
         cache = cache if cache is not None else DecoderCache()
         with torch.no_grad():
+            frozen_out = isinstance(encoder_out, FrozenEncoderOut)
             if isinstance(cache, StaticCache):
                 cross_kv = None
                 if cache.rows == 0:
-                    cross_kv = getattr(encoder_out, "cross_kv", None) or self.decoder.project_memory(encoder_out.memory)
+                    cross_kv = (encoder_out.row_cross_kv() if frozen_out
+                                else self.decoder.project_memory(encoder_out.memory))
                 return self.static.decode(tgt_tokens, cross_kv, encoder_out.src_mask, cache)
-            cross_kv = getattr(encoder_out, "cross_kv", None)
-            if cross_kv is None:  # the model's own EncoderOut: project the memory once, kept (and reordered) in the cache
-                if not cache.layers:
-                    cache.layers.extend(LayerCache() for _ in self.decoder.layers)
-                if cache.layers[0].cross_kv is None:
-                    for layer_cache, kv in zip(cache.layers, self.decoder.project_memory(encoder_out.memory)):
-                        layer_cache.cross_kv = kv
-                cross_kv = [layer_cache.cross_kv for layer_cache in cache.layers]
+            if frozen_out:
+                return self.decoder.step(tgt_tokens, cache, encoder_out.cross_kv, encoder_out.attn_mask(),
+                                         encoder_out.kv_rows)
+            # the model's own EncoderOut: project the memory once, kept (and reordered) in the cache
+            if not cache.layers:
+                cache.layers.extend(LayerCache() for _ in self.decoder.layers)
+            if cache.layers[0].cross_kv is None:
+                for layer_cache, kv in zip(cache.layers, self.decoder.project_memory(encoder_out.memory)):
+                    layer_cache.cross_kv = kv
+            cross_kv = [layer_cache.cross_kv for layer_cache in cache.layers]
             return self.decoder.step(tgt_tokens, cache, cross_kv, encoder_out.attn_mask())
 
 

@@ -19,7 +19,8 @@ read back. When sentences finish, the searches' ``reorder`` compacts the live ro
 buffers in place, so the next step replays a smaller bucket's graph; beam search's ``reorder_beams`` permutes
 the self-attention history only. Graphs and buffers belong to the model (a :class:`StaticDecoder`) and are
 kept across searches; a larger batch, source or output than the buffers hold reallocates them (the output
-length in place, mid-search) and records the graphs again.
+length, and the rows when beam search expands its first step's one row per sentence to its beams, in place
+mid-search) and records the graphs again.
 
 One search at a time: the buffers are the model's, so a cache from :meth:`StaticDecoder.new_cache` is
 superseded by the next one's first step, and using it afterwards raises a :class:`TransformerError`.
@@ -120,8 +121,9 @@ class StaticDecoder:
     # --- buffers -------------------------------------------------------------------------------------
 
     def _allocate(self, rows: int, src_len: int, tgt_len: int, keep: int = 0) -> None:
-        """Buffers for ``rows`` x ``src_len`` x ``tgt_len``; the first ``keep`` rows' self-attention history
-        is carried over (an output growing mid-search). Every recorded graph is dropped."""
+        """Buffers for ``rows`` x ``src_len`` x ``tgt_len``; the first ``keep`` rows' state (self-attention
+        history, source keys/values and mask) is carried over (an output or a beam search's rows growing
+        mid-search). Every recorded graph is dropped."""
         old = self.capacity
         rows, src_len = max(rows, old[0]), max(src_len, old[1])
         tgt_len = max(tgt_len, old[2])
@@ -132,8 +134,12 @@ class StaticDecoder:
                 kv[:keep, :, :, :, : old[2]] = self.kv[:keep]
             self.kv = kv  # (rows,L,2,H,T,Dh): self-attention keys and values
             if self.cross and (src_len > old[1] or rows > old[0]):
-                self.cross_kv = torch.zeros(rows, n, 2, h, src_len, dh, device=self.device, dtype=self.dtype)
-                self.memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=self.device)
+                cross_kv = torch.zeros(rows, n, 2, h, src_len, dh, device=self.device, dtype=self.dtype)
+                memory_mask = torch.ones(rows, 1, 1, src_len, dtype=torch.bool, device=self.device)
+                if keep:
+                    cross_kv[:keep, :, :, :, : old[1]] = self.cross_kv[:keep]
+                    memory_mask[:keep, :, :, : old[1]] = self.memory_mask[:keep]
+                self.cross_kv, self.memory_mask = cross_kv, memory_mask
             if rows > old[0]:
                 self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)  # (rows,1)
             if not old[0]:
@@ -231,8 +237,8 @@ class StaticDecoder:
         """Rows ``new_order`` (n',) of the ``cache.rows`` live ones become rows 0..n'-1 of the buffers."""
         self._check(cache)
         n = new_order.numel()
-        if n > self.capacity[0]:
-            raise TransformerError(f"a static cache of {self.capacity[0]} rows cannot be reordered to {n} rows")
+        if n > self.capacity[0]:  # more rows than the buffers hold (beam search after its first step): grow them
+            self._allocate(row_bucket(n), self.capacity[1], self.capacity[2], keep=cache.rows)
         t = cache.length  # only the positions decoded so far
         self.kv[:n, :, :, :, :t] = self.kv[:, :, :, :, :t].index_select(0, new_order)
         if sources_changed and self.cross:

@@ -236,73 +236,157 @@ Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor&
 //
 // A decoder step attends with one query per row and head over a few dozen keys; ATen's CPU attention
 // (flash attention, blocked for long queries) costs 20-36 us a call at one row and 0.3-0.65 ms at 128 rows on
-// the benchmark CPU for what is a few thousand multiply-adds per row (attend_one: 1.0-5.2x faster per call,
-// benchmarks/bench_micro.py --parts attention). Here: for each row and head, the scores
-// q.k_j / sqrt(Dh) (keys where the mask is false left out), their softmax, and the weighted sum of the values,
-// written straight into the (N, H * Dh) layout the output projection takes. The threads split rows x heads.
+// the benchmark CPU for what is a few thousand multiply-adds per row (benchmarks/bench_micro.py --parts
+// attention). Here: for each row and head, the scores q.k_j / sqrt(Dh) (keys where the mask is false left
+// out), their softmax, and the weighted sum of the values, written straight into the (N, H * Dh) layout the
+// output projection takes. Where Dh is a multiple of 8 the dot products and the weighted sum run 8 floats at
+// a time (AVX2 FMA); otherwise one at a time. The threads split rows x heads.
+//
+// Rows may share keys and values: with `kv_rows` (N,), row r attends to the keys and values of row
+// kv_rows[r] (beam search's beams of one sentence attend to that sentence's source keys, kept once).
 
-TRANSFORMER_AVX2 void attend_row(const float* q, const float* k, int64_t k_stride, const float* v,
-                                                   int64_t v_stride, const bool* mask, int64_t length, int64_t dh,
-                                                   float scale, float* scores, float* out) {
-  float top = -std::numeric_limits<float>::infinity();
+#ifdef TRANSFORMER_X86
+__attribute__((target("avx2,fma"))) inline float sum_8(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// q . k for Dh a multiple of 8: two chains of 8-float FMAs, then their sum
+__attribute__((target("avx2,fma"))) inline float dot_8(const float* q, const float* k, int64_t dh) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= dh; d += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), a1);
+  }
+  if (d < dh) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
+  return sum_8(_mm256_add_ps(a0, a1));
+}
+
+// out[d0 .. d0 + 8C) = sum_j p_j v_j[d0 ..]: C registers of sums, one pass over the keys
+template <int C>
+__attribute__((target("avx2,fma"))) void weigh_values(const float* p, const float* v, int64_t v_stride,
+                                                      int64_t length, int64_t d0, float* out) {
+  __m256 acc[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < length; ++j) {
-    float s = -std::numeric_limits<float>::infinity();
+    if (p[j] == 0.f) continue;
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    const float* vj = v + j * v_stride + d0;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
+}
+
+using WeighValues = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*);
+constexpr WeighValues kWeighValues[9] = {nullptr,          weigh_values<1>, weigh_values<2>,
+                                         weigh_values<3>,  weigh_values<4>, weigh_values<5>,
+                                         weigh_values<6>,  weigh_values<7>, weigh_values<8>};
+#endif
+
+// One row and head: q (Dh), keys k_j = k + j * k_stride, values likewise, mask (L) or null; scores: (L) scratch
+TRANSFORMER_AVX2 void attend_row(const float* q, const float* k, int64_t k_stride, const float* v,
+                                 int64_t v_stride, const bool* mask, int64_t length, int64_t dh, float scale,
+                                 float* scores, float* out) {
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+#ifdef TRANSFORMER_X86
+  const bool vector = dh % 8 == 0;
+#else
+  const bool vector = false;
+#endif
+  float top = kNone;
+  for (int64_t j = 0; j < length; ++j) {
+    float s = kNone;
     if (mask == nullptr || mask[j]) {
       const float* kj = k + j * k_stride;
       float dot = 0.f;
-      for (int64_t d = 0; d < dh; ++d) dot += q[d] * kj[d];
+#ifdef TRANSFORMER_X86
+      if (vector) dot = dot_8(q, kj, dh);
+#endif
+      if (!vector) {
+        for (int64_t d = 0; d < dh; ++d) dot += q[d] * kj[d];
+      }
       s = dot * scale;
     }
     scores[j] = s;
     top = std::max(top, s);
   }
-  for (int64_t d = 0; d < dh; ++d) out[d] = 0.f;
-  if (top == -std::numeric_limits<float>::infinity()) return;  // nothing to attend to: zeros
+  if (top == kNone) {  // nothing to attend to: zeros
+    for (int64_t d = 0; d < dh; ++d) out[d] = 0.f;
+    return;
+  }
   float total = 0.f;
   for (int64_t j = 0; j < length; ++j) {
     scores[j] = std::exp(scores[j] - top);
     total += scores[j];
   }
+  for (int64_t j = 0; j < length; ++j) scores[j] /= total;  // the weights p_j
+#ifdef TRANSFORMER_X86
+  if (vector) {
+    for (int64_t d0 = 0; d0 < dh; d0 += 64) {
+      kWeighValues[std::min<int64_t>(8, (dh - d0) / 8)](scores, v, v_stride, length, d0, out);
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < dh; ++d) out[d] = 0.f;
   for (int64_t j = 0; j < length; ++j) {
-    const float p = scores[j] / total;
+    const float p = scores[j];
     if (p == 0.f) continue;
     const float* vj = v + j * v_stride;
     for (int64_t d = 0; d < dh; ++d) out[d] += p * vj[d];
   }
 }
 
-// q (N, H, 1, Dh); k, v (N, H, L, Dh), unit stride in Dh (views of the KV buffers); mask (N, 1, 1, L) bool, true
-// where a key may be attended to, or none -> (N, H * Dh)
-Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask) {
+// q (N, H, 1, Dh); k, v (M, H, L, Dh), unit stride in Dh (views of the KV buffers); mask (N, 1, 1, L) bool, true
+// where a key may be attended to, or none; kv_rows (N,) int64 in [0, M), or none (then M = N, row r's own keys)
+// -> (N, H * Dh)
+Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                  const std::optional<Tensor>& kv_rows) {
   TORCH_CHECK(panels_supported(), "attend_one needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 && q.size(0) == k.size(0) &&
-                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "attend_one: q (N, H, 1, Dh), k and v (N, H, L, Dh)");
+  const bool shared = kv_rows.has_value() && kv_rows->defined();
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 &&
+                  (shared || q.size(0) == k.size(0)) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "attend_one: q (N, H, 1, Dh), k and v (N, H, L, Dh), or (M, H, L, Dh) with kv_rows");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "attend_one: float32 tensors with unit stride in the last dimension");
   const int64_t n = q.size(0), h = q.size(1), length = k.size(2), dh = q.size(3);
   Tensor out = at::empty({n, h * dh}, q.options());
-  Tensor m;
+  Tensor m, rows;
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == n * length, "attend_one: a (N, 1, 1, L) bool mask");
     m = mask->reshape({n, length}).contiguous();
+  }
+  if (shared) {
+    TORCH_CHECK(kv_rows->scalar_type() == at::kLong && kv_rows->dim() == 1 && kv_rows->size(0) == n,
+                "attend_one: kv_rows (N,) int64");
+    rows = kv_rows->contiguous();
+    const int64_t* r = rows.data_ptr<int64_t>();
+    TORCH_CHECK(std::all_of(r, r + n, [&](int64_t i) { return i >= 0 && i < k.size(0); }),
+                "attend_one: kv_rows out of range for ", k.size(0), " rows of keys");
   }
   if (n == 0) return out;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(dh));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * dh));  // >= 16k multiply-adds
   at::parallel_for(0, n * h, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(length);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / h, head = i % h;
-      attend_row(qp + r * q.stride(0) + head * q.stride(1), kp + r * k.stride(0) + head * k.stride(1), k.stride(2),
-                 vp + r * v.stride(0) + head * v.stride(1), v.stride(2), mp ? mp + r * length : nullptr, length, dh,
-                 scale, scores.data(), op + r * h * dh + head * dh);
+      const int64_t r = i / h, head = i % h, src = rp ? rp[r] : r;
+      attend_row(qp + r * q.stride(0) + head * q.stride(1), kp + src * k.stride(0) + head * k.stride(1),
+                 k.stride(2), vp + src * v.stride(0) + head * v.stride(1), v.stride(2),
+                 mp ? mp + r * length : nullptr, length, dh, scale, scores.data(), op + r * h * dh + head * dh);
     }
   });
   return out;
@@ -394,14 +478,17 @@ class DecoderStep {
   }
 
   // x (N, D): the embedded new position of each row. k_cache[i], v_cache[i]: layer i's buffers (N, H, C, Dh),
-  // C > length; this step's keys/values go to position `length`. cross_k[i], cross_v[i]: (N, H, S, Dh).
-  // memory_mask: (N, 1, 1, S) bool, true where a source token is real, or none. Returns (N, D), before the
-  // final LayerNorm.
+  // C > length; this step's keys/values go to position `length`. cross_k[i], cross_v[i]: (N, H, S, Dh), or
+  // (M, H, S, Dh) with cross_rows (N,): row r's source keys are row cross_rows[r]. memory_mask: (N, 1, 1, S)
+  // bool, true where a source token is real, or none. Returns (N, D), before the final LayerNorm.
   Tensor forward(Tensor x, const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache, int64_t length,
                  const std::vector<Tensor>& cross_k, const std::vector<Tensor>& cross_v,
-                 const std::optional<Tensor>& memory_mask, int64_t column_rows, int64_t panel_rows) const {
+                 const std::optional<Tensor>& memory_mask, const std::optional<Tensor>& cross_rows,
+                 int64_t column_rows, int64_t panel_rows) const {
     at::NoGradGuard no_grad;
     const int64_t n = x.size(0), d = x.size(1), h = n_heads_, dh = d / h;
+    TORCH_CHECK(fast_attention_ || !(cross_rows.has_value() && cross_rows->defined()),
+                "shared source keys (cross_rows) need the step's own attention (fast_attention)");
     TORCH_CHECK(k_cache.size() == layers_.size() && v_cache.size() == layers_.size(), "one cache per layer");
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
@@ -412,7 +499,7 @@ class DecoderStep {
       k_cache[i].narrow(2, length, 1).copy_(k);
       v_cache[i].narrow(2, length, 1).copy_(v);
       Tensor keys = k_cache[i].narrow(2, 0, length + 1), values = v_cache[i].narrow(2, 0, length + 1);
-      Tensor a = fast_attention_ ? attend_one(q, keys, values, std::nullopt)  // (N, D)
+      Tensor a = fast_attention_ ? attend_one(q, keys, values, std::nullopt, std::nullopt)  // (N, D)
                                  : at::scaled_dot_product_attention(q, keys, values).transpose(1, 2).reshape({n, d});
       Tensor s = l.self_out(a, column_rows, panel_rows);
       x = norm_first_ ? x + s : l.self_norm(x + s);
@@ -422,7 +509,7 @@ class DecoderStep {
         Tensor cq = l.cross_q(y, column_rows, panel_rows).contiguous().view({n, 1, h, dh}).transpose(1, 2);
         // cq: (N, H, 1, Dh)
         Tensor c = fast_attention_
-                       ? attend_one(cq, cross_k.at(i), cross_v.at(i), memory_mask)  // (N, D)
+                       ? attend_one(cq, cross_k.at(i), cross_v.at(i), memory_mask, cross_rows)  // (N, D)
                        : at::scaled_dot_product_attention(cq, cross_k.at(i), cross_v.at(i), memory_mask)
                              .transpose(1, 2)
                              .reshape({n, d});
@@ -454,7 +541,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear_int8", &panel_linear_int8,
         "(x (N, in) @ Q^T) * s + b with int8 Q as (P, in, 16) column panels, s per output -> (N, out)");
   m.def("attend_one", &attend_one, "attention of one query per row and head: q (N, H, 1, Dh), k, v (N, H, L, Dh), "
-        "mask (N, 1, 1, L) or None -> (N, H * Dh)", pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
-        pybind11::arg("mask") = pybind11::none());
+        "mask (N, 1, 1, L) or None; with kv_rows (N,), row r attends to k[kv_rows[r]], v[kv_rows[r]] -> (N, H * Dh)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(),
+        pybind11::arg("kv_rows") = pybind11::none());
   m.def("panels_supported", &panels_supported, "whether this CPU runs panel_linear (AVX2 and FMA)");
 }
