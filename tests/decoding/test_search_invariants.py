@@ -78,3 +78,26 @@ def test_max_length_respected(model):
     for hyps in beam_search(model, src, beam=3, max_len_a=0.0, max_len_b=3, nbest=3):
         assert all(len(h.tokens) <= 2 for h in hyps)  # 3 tokens including EOS
     assert all(len(h.tokens) <= 2 for h in greedy_search(model, src, max_len_a=0.0, max_len_b=3))
+
+
+def test_fused_candidates_give_the_searches_outputs(model, monkeypatch):
+    """The compiled step_candidates (log-softmax, scores and top-k in one pass; used where it is built) and
+    the plain torch ops give the same hypotheses and scores."""
+    from transformer.decoding import beam as beam_module
+    from transformer.decoding import greedy as greedy_module
+    from transformer.model import native
+
+    if native.load() is None or not native.load().panels_supported():
+        pytest.skip("the compiled extension is not built (transformer build-native) or the CPU lacks AVX2")
+    src = sources(LENGTHS)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(beam_module, "fused_candidates", lambda: None)
+            monkeypatch.setattr(greedy_module, "fused_candidates", lambda: None)
+        runs.append((greedy_search(model, src, max_len_b=10), beam_search(model, src, beam=4, max_len_b=10, nbest=4)))
+    (greedy_fused, beam_fused), (greedy_plain, beam_plain) = runs
+    assert [h.tokens for h in greedy_fused] == [h.tokens for h in greedy_plain]
+    assert [h.score for h in greedy_fused] == pytest.approx([h.score for h in greedy_plain], abs=1e-5)
+    assert [[h.tokens for h in n] for n in beam_fused] == [[h.tokens for h in n] for n in beam_plain]
+    assert [h.score for n in beam_fused for h in n] == pytest.approx([h.score for n in beam_plain for h in n], abs=1e-5)

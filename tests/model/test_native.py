@@ -144,6 +144,38 @@ def test_attend_one_reads_shared_keys_through_kv_rows(head_dim):
             attend(q, k, v, None, bad)
 
 
+@pytest.mark.parametrize("sentences,width,vocab,n", [(3, 4, 8000, 8), (5, 1, 37, 1), (2, 3, 5, 8), (1, 2, 3, 6)])
+def test_step_candidates_are_beam_steps_candidates(sentences, width, vocab, n):
+    """step_candidates against beam_step over next_token_logprobs: the same continuations, their scores to
+    float rounding; banned ids (PAD, BOS) never taken, even as the largest logits; -inf logits and empty
+    (-inf) hypotheses allowed; fewer continuations than asked are filled with (-inf, 0, fill)."""
+    from transformer.data.vocab import BOS_ID, PAD_ID
+    from transformer.decoding import beam_step
+    from transformer.decoding.common import next_token_logprobs
+
+    module = native.build()
+    if not module.panels_supported():
+        pytest.skip("step_candidates needs a CPU with AVX2 and FMA")
+    torch.manual_seed(vocab + n)
+    logits = torch.randn(sentences * width, vocab) * 4
+    logits[:, PAD_ID] = logits[:, BOS_ID] = 50.0  # banned, though the largest
+    logits[0, 2:] = torch.where(torch.rand(vocab - 2) < 0.3, float("-inf"), logits[0, 2:])
+    scores = -torch.rand(sentences, width) * 3
+    if width > 1:
+        scores[0, 1] = float("-inf")  # an empty slot
+    got = module.step_candidates(logits, scores, n, [PAD_ID, BOS_ID], PAD_ID)
+    ref = beam_step(scores, next_token_logprobs(logits).view(sentences, width, vocab), n)
+    finite = torch.isfinite(ref[0])
+    torch.testing.assert_close(got[0][finite], ref[0][finite], rtol=1e-5, atol=1e-5)
+    assert got[1][finite].tolist() == ref[1][finite].tolist() and got[2][finite].tolist() == ref[2][finite].tolist()
+    assert bool(torch.isinf(got[0][~finite]).all())  # empty slots: -inf (a hypothesis's or the fill's)
+    assert not got[2].eq(BOS_ID).any() and not got[2][finite].eq(PAD_ID).any()
+    if n > width * (vocab - 2):  # fewer continuations than asked: the fill
+        assert got[2][:, -1].eq(PAD_ID).all() and got[1][:, -1].eq(0).all()
+    with pytest.raises(RuntimeError, match="step_candidates"):
+        module.step_candidates(logits, scores[:, :1] if width > 1 else scores[:1], n, [], 0)
+
+
 def _quantized(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in) as qint8 with one symmetric scale per output channel (what quantize() stores)."""
     scale = weight.abs().amax(1).clamp_min(1e-8) / 127

@@ -30,8 +30,11 @@ from torch import Tensor
 
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding.common import (
+    BANNED,
     NEG_INF,
     Hypothesis,
+    fused_applies,
+    fused_candidates,
     length_penalty,
     max_output_lengths,
     max_positions,
@@ -114,18 +117,21 @@ def beam_search(
     tokens = torch.full((batch_size, width, 1), BOS_ID, dtype=torch.long, device=device)  # (n,w,t): BOS + output
     finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
 
+    fused = fused_candidates()
     for step in range(max(limits)):
         n = len(sent_ids)
-        logits = model.decode(tokens[:, :, -1].reshape(n * width, 1), enc, cache)  # (n*w,1) -> (n*w,1,V)
-        logprobs = next_token_logprobs(logits[:, -1]).view(n, width, -1)  # (n*w,V) -> (n,w,V)
+        logits = model.decode(tokens[:, :, -1].reshape(n * width, 1), enc, cache)[:, -1]  # (n*w,1) -> (n*w,V)
         at_limit = [step + 1 >= limits[s] for s in sent_ids]  # (n,)
-        if any(at_limit):
-            # The last allowed position: only EOS may follow.
-            eos_only = torch.full_like(logprobs, NEG_INF)
-            eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
-            logprobs = torch.where(torch.tensor(at_limit, device=device)[:, None, None], eos_only, logprobs)
-
-        cand_scores, cand_beams, cand_tokens = beam_step(scores, logprobs, 2 * beam)  # each (n,2K)
+        if fused_applies(fused, logits) and not any(at_limit):  # the same candidates in one compiled pass
+            cand_scores, cand_beams, cand_tokens = fused(logits, scores, 2 * beam, BANNED, PAD_ID)  # each (n,2K)
+        else:
+            logprobs = next_token_logprobs(logits).view(n, width, -1)  # (n*w,V) -> (n,w,V)
+            if any(at_limit):
+                # The last allowed position: only EOS may follow.
+                eos_only = torch.full_like(logprobs, NEG_INF)
+                eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
+                logprobs = torch.where(torch.tensor(at_limit, device=device)[:, None, None], eos_only, logprobs)
+            cand_scores, cand_beams, cand_tokens = beam_step(scores, logprobs, 2 * beam)  # each (n,2K)
         cand_eos = cand_tokens.eq(EOS_ID)  # (n,2K)
 
         # Finish the EOS candidates that rank among the K best (bookkeeping: the only per-hypothesis loop).

@@ -21,7 +21,7 @@ Length conventions (shared by greedy and beam search):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -83,6 +83,32 @@ def next_token_logprobs(logits: Tensor) -> Tensor:
     logprobs[:, PAD_ID] = NEG_INF
     logprobs[:, BOS_ID] = NEG_INF
     return logprobs
+
+
+def fused_candidates() -> Optional[Callable[..., list[Tensor]]]:
+    """The compiled extension's ``step_candidates`` (:mod:`transformer.model.native`, a CPU with AVX2 and FMA),
+    or None where it is not built or not enabled: log-softmax, scores and the best continuations of each
+    sentence in two passes over a step's logits instead of ATen's three (see ``csrc/decoder_step.cpp``).
+
+    ``fused(logits (n*K, V) float32, scores (n, K), N, banned ids, fill token)`` returns what
+    ``beam_step(scores, next_token_logprobs(logits).view(n, K, V), N)`` returns (up to float rounding), with
+    the banned ids left out instead of taken at -inf. Searches look it up once per call and use it for CPU
+    float32 logits at steps where no sentence is at its length limit.
+    """
+    from transformer.model import native
+
+    module = native.load()
+    if module is None or not module.panels_supported():
+        return None
+    return module.step_candidates
+
+
+def fused_applies(fused: Optional[Callable[..., list[Tensor]]], logits: Tensor) -> bool:
+    """Whether ``fused`` (from :func:`fused_candidates`) takes these logits: CPU float32."""
+    return fused is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
+
+
+BANNED = [PAD_ID, BOS_ID]  # never generated (see next_token_logprobs)
 
 
 @dataclass

@@ -7,8 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transformer.data.vocab import BOS_ID, EOS_ID
-from transformer.decoding.common import NEG_INF, Hypothesis, max_output_lengths, max_positions, next_token_logprobs
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from transformer.decoding.common import (
+    BANNED,
+    NEG_INF,
+    Hypothesis,
+    fused_applies,
+    fused_candidates,
+    max_output_lengths,
+    max_positions,
+    next_token_logprobs,
+)
 
 
 @torch.no_grad()
@@ -33,16 +42,22 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
     # (B, max_len): the output of each original row, EOS-filled past its end
     out_tokens = torch.full((batch_size, int(max_len.max())), EOS_ID, dtype=torch.long, device=src_tokens.device)
     first_limit = int(max_len.min())  # no active row reaches its length limit before this step
+    fused = fused_candidates()
     for step in range(int(max_len.max())):
-        logprobs = next_token_logprobs(model.decode(last, enc, cache)[:, -1])  # (n,V)
+        logits = model.decode(last, enc, cache)[:, -1]  # (n,V)
         at_limit = None
-        if step + 1 >= first_limit:
-            at_limit = step + 1 >= max_len[active]  # (n,)
-            # The last allowed position: only EOS may follow.
-            eos_only = torch.full_like(logprobs, NEG_INF)
-            eos_only[:, EOS_ID] = logprobs[:, EOS_ID]
-            logprobs = torch.where(at_limit[:, None], eos_only, logprobs)
-        best_logprob, best = logprobs.max(dim=-1)  # (n,), (n,)
+        if step + 1 < first_limit and fused_applies(fused, logits):  # log-softmax and argmax in one compiled pass
+            best_logprob, _, best = (c[:, 0] for c in fused(logits, logits.new_zeros(logits.size(0), 1), 1,
+                                                            BANNED, PAD_ID))  # (n,) each
+        else:
+            logprobs = next_token_logprobs(logits)  # (n,V)
+            if step + 1 >= first_limit:
+                at_limit = step + 1 >= max_len[active]  # (n,)
+                # The last allowed position: only EOS may follow.
+                eos_only = torch.full_like(logprobs, NEG_INF)
+                eos_only[:, EOS_ID] = logprobs[:, EOS_ID]
+                logprobs = torch.where(at_limit[:, None], eos_only, logprobs)
+            best_logprob, best = logprobs.max(dim=-1)  # (n,), (n,)
         out_tokens[active, step] = best
         logprob[active] += best_logprob
         done = best.eq(EOS_ID) if at_limit is None else best.eq(EOS_ID) | at_limit  # (n,)

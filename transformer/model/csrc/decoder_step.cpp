@@ -31,9 +31,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 using at::Tensor;
@@ -392,6 +394,140 @@ Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   return out;
 }
 
+// --- a search step's candidates -----------------------------------------------------------------------
+//
+// What a search does with a step's logits: log-softmax over the vocabulary, add each hypothesis's score, and
+// take the best n continuations of each sentence (greedy search: n = 1 of one hypothesis). ATen does that in
+// three passes over the (N, V) logits, each writing its result (log_softmax, add, topk: 1.7 ms a step at 70
+// rows and V = 8000 on the benchmark CPU); here each row is read twice: once for its maximum and its n best
+// tokens (a log-softmax keeps the order of a row), once for the sum of exponentials. Then each sentence's
+// K rows' n best are merged.
+
+#ifdef TRANSFORMER_X86
+// e^x, 8 at a time (Cephes' expf: x = k ln2 + r, a degree-5 polynomial in r, then 2^k; about 1 ulp; -inf -> 0)
+__attribute__((target("avx2,fma"))) inline __m256 exp_8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.3762626647949f));
+  __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_k));
+}
+
+// Keeps the n largest (value, token) seen, sorted descending; `floor` is the value a newcomer must exceed.
+struct Best {
+  std::vector<float> values;
+  std::vector<int64_t> tokens;
+  int64_t n;
+  float floor = -std::numeric_limits<float>::infinity();
+  explicit Best(int64_t n) : n(n) {}
+  void offer(float value, int64_t token) {
+    if (!(value > floor) && static_cast<int64_t>(values.size()) == n) return;
+    if (std::isnan(value)) return;
+    auto at = std::upper_bound(values.begin(), values.end(), value, std::greater<float>());
+    const auto i = at - values.begin();
+    values.insert(at, value);
+    tokens.insert(tokens.begin() + i, token);
+    if (static_cast<int64_t>(values.size()) > n) {
+      values.pop_back();
+      tokens.pop_back();
+    }
+    if (static_cast<int64_t>(values.size()) == n) floor = values.back();
+  }
+};
+
+// One row of logits: its maximum m and log(sum_v e^(x_v - m)) (log_softmax(x) = (x - m) - that), and its n
+// best non-banned tokens by logit
+__attribute__((target("avx2,fma"))) std::pair<float, float> row_candidates(const float* x, int64_t vocab,
+                                                                          const std::vector<bool>& banned, Best& best) {
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t v = 0;
+  for (; v + 8 <= vocab; v += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + v);
+    top = _mm256_max_ps(top, xv);
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(xv, _mm256_set1_ps(best.floor), _CMP_GT_OQ));
+    if (static_cast<int64_t>(best.values.size()) < best.n) mask = 0xff;
+    while (mask) {
+      const int lane = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (!banned[v + lane]) best.offer(x[v + lane], v + lane);
+    }
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  for (float l : lanes) m = std::max(m, l);
+  for (int64_t w = v; w < vocab; ++w) {
+    m = std::max(m, x[w]);
+    if (!banned[w]) best.offer(x[w], w);
+  }
+  if (m == -std::numeric_limits<float>::infinity()) return {m, 0.f};
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (v = 0; v + 8 <= vocab; v += 8) sum = _mm256_add_ps(sum, exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), mv)));
+  float total = sum_8(sum);
+  for (int64_t w = v; w < vocab; ++w) total += std::exp(x[w] - m);
+  return {m, std::log(total)};
+}
+#endif
+
+// logits (B * K, V) float32, scores (B, K) float32, n candidates per sentence, banned token ids, fill_token ->
+// (candidate scores (B, n) float32 sorted descending, the row within the sentence each extends (B, n) int64, the
+// token each appends (B, n) int64): the n best of scores[b, k] + log_softmax(logits[b * K + k])[v] over k and
+// non-banned v. Where there are fewer than n, the rest are (-inf, 0, fill_token).
+std::vector<Tensor> step_candidates(const Tensor& logits_in, const Tensor& scores_in, int64_t n,
+                                    const std::vector<int64_t>& banned_ids, int64_t fill_token) {
+  TORCH_CHECK(panels_supported(), "step_candidates needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(logits_in.dim() == 2 && scores_in.dim() == 2 && logits_in.scalar_type() == at::kFloat &&
+                  scores_in.scalar_type() == at::kFloat && logits_in.size(0) == scores_in.numel() && n >= 1,
+              "step_candidates: float32 logits (B * K, V), scores (B, K), n >= 1");
+  Tensor logits = logits_in.contiguous(), scores = scores_in.contiguous();
+  const int64_t rows = logits.size(0), vocab = logits.size(1), sentences = scores.size(0), width = scores.size(1);
+  Tensor cand_scores = at::full({sentences, n}, -std::numeric_limits<float>::infinity(), scores.options());
+  Tensor cand_rows = at::zeros({sentences, n}, scores.options().dtype(at::kLong));
+  Tensor cand_tokens = at::full({sentences, n}, fill_token, scores.options().dtype(at::kLong));
+#ifdef TRANSFORMER_X86
+  std::vector<bool> banned(vocab, false);
+  for (int64_t id : banned_ids) {
+    if (id >= 0 && id < vocab) banned[id] = true;
+  }
+  std::vector<Best> best(rows, Best(n));
+  std::vector<std::pair<float, float>> norm(rows);  // per row: maximum, log of the sum of exponentials
+  const float* lp = logits.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) norm[r] = row_candidates(lp + r * vocab, vocab, banned, best[r]);
+  });
+  const float* sp = scores.data_ptr<float>();
+  float* cs = cand_scores.data_ptr<float>();
+  int64_t* cr = cand_rows.data_ptr<int64_t>();
+  int64_t* ct = cand_tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < sentences; ++b) {
+    Best merged(n);
+    // merged keeps (score, k * vocab + token)
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t r = b * width + k;
+      for (size_t i = 0; i < best[r].values.size(); ++i) {
+        const float logprob = (best[r].values[i] - norm[r].first) - norm[r].second;  // as ATen's log_softmax
+        merged.offer(sp[r] + logprob, k * vocab + best[r].tokens[i]);
+      }
+    }
+    for (size_t i = 0; i < merged.values.size(); ++i) {
+      cs[b * n + i] = merged.values[i];
+      cr[b * n + i] = merged.tokens[i] / vocab;
+      ct[b * n + i] = merged.tokens[i] % vocab;
+    }
+  }
+#endif
+  return {cand_scores, cand_rows, cand_tokens};
+}
+
 // frozen._Dense's forms below oneDNN's threshold: up to panel_rows rows by panel_linear (where the weight has
 // panels), one row as row blocks (baddbmm), 2..column_rows rows as the transposed product W x^T, otherwise
 // x W_t. The bias is always defined (zeros where the model has none). An int8 map (frozen._Int8Panels) has
@@ -544,5 +680,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "mask (N, 1, 1, L) or None; with kv_rows (N,), row r attends to k[kv_rows[r]], v[kv_rows[r]] -> (N, H * Dh)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(),
         pybind11::arg("kv_rows") = pybind11::none());
+  m.def("step_candidates", &step_candidates,
+        "the n best continuations of each sentence: scores (B, K) + log_softmax(logits (B*K, V)), banned ids left "
+        "out -> (scores (B, n), rows (B, n), tokens (B, n))");
   m.def("panels_supported", &panels_supported, "whether this CPU runs panel_linear (AVX2 and FMA)");
 }
