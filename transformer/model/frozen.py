@@ -268,6 +268,67 @@ def _layer_norm(norm: nn.LayerNorm) -> tuple:
 # --- the decoder step ---------------------------------------------------------------------------------
 
 
+class IndexedKV(KVCache):
+    """A self-attention history whose ``reorder`` moves row indices, not keys (FasterTransformer's cache
+    indirection): position j of row n lies in buffer row ``rows[n, j]``. Beam search reorders its rows at
+    every step; with :class:`KVCache` that copies every row's keys and values, here a (N, length) table of
+    indices. Each step writes its keys/values at buffer rows 0..N-1 of its own new position, which no row
+    reads yet, so nothing written is overwritten while a row still reads it.
+
+    Read by ``attend_one`` (:meth:`update_indexed`); :meth:`update` gathers the rows' keys/values for ATen's
+    attention (a step of several positions: a prompt, a forced prefix). The frozen decoder uses it where its
+    layers have ``attend_one``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: Optional[Tensor] = None  # (N, capacity) long
+
+    def reserve(self, t_new: int, like: Tensor) -> None:
+        """Room for ``t_new`` more positions of ``like.size(0)`` rows (buffers of at least that many rows)."""
+        n = like.size(0)
+        if self.k is None:
+            super().reserve(t_new, like)
+            self.rows = torch.zeros(n, self.k.size(2), dtype=torch.long, device=like.device)
+            return
+        if self.length + t_new > self.k.size(2):
+            super().reserve(t_new, like)
+            grown = self.rows.new_zeros(self.rows.size(0), self.k.size(2))
+            grown[:, : self.length] = self.rows[:, : self.length]
+            self.rows = grown
+        if n > self.k.size(0):  # more rows than the buffers hold (beam search's expansion after its first step)
+            k = self.k.new_empty(n, *self.k.shape[1:])
+            v = self.v.new_empty(k.shape)
+            k[: self.k.size(0), :, : self.length] = self.k[:, :, : self.length]
+            v[: self.v.size(0), :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = k, v
+
+    def update_indexed(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append k, v (N,H,T,Dh) -> the buffers' first ``length`` positions (M,H,length,Dh) and the rows'
+        table (N,length): what ``attend_one`` takes."""
+        n, t = k.size(0), k.size(2)
+        self.reserve(t, k)
+        self.k[:n, :, self.length : self.length + t] = k
+        self.v[:n, :, self.length : self.length + t] = v
+        self.rows[:, self.length : self.length + t] = torch.arange(n, device=k.device)[:, None]
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length], self.rows[:, : self.length]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v (N,H,T,Dh) -> every row's keys and values so far, gathered (N,H,length,Dh)."""
+        keys, values, rows = self.update_indexed(k, v)
+        position = torch.arange(self.length, device=k.device)  # (L,)
+        return keys[rows, :, position].transpose(1, 2), values[rows, :, position].transpose(1, 2)  # (N,L,H,Dh) -> (N,H,L,Dh)
+
+    def reorder(self, new_order: Tensor) -> None:
+        """Select (and repeat) rows: ``new_order`` (N',) indexes the current rows; only the table moves."""
+        if self.rows is not None:
+            self.rows = self.rows.index_select(0, new_order)
+
+
+
+
+
 class _FrozenLayer:
     """One encoder or decoder layer: fused self-attention q/k/v, cross-attention q and output (decoder),
     the feed-forward network, and the three sub-layers with their residuals and LayerNorms."""
@@ -306,9 +367,13 @@ class _FrozenLayer:
         if rows is not None:  # y holds the real tokens only: put them back in their (B*T) places for attention
             qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, rows, qkv)
         q, k, v = qkv.reshape(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,Dh)
+        one = self.attend is not None and t == 1 and mask is None and rows is None  # one new position: all keys
+        if one and isinstance(cache, IndexedKV):
+            keys, values, table = cache.update_indexed(k, v)  # (M,H,past+1,Dh) each, (B,past+1)
+            return self.self_out(self.attend(q, keys, values, None, table))  # (B,D)
         if cache is not None:
             k, v = cache.update(k, v)  # (B,H,past+T,Dh)
-        if self.attend is not None and t == 1 and mask is None and rows is None:  # one new position: all keys
+        if one:
             return self.self_out(self.attend(q, k, v))  # (B,D)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B,H,T,Dh)
         a = a.transpose(1, 2).reshape(b * t, d)  # (B*T,D)
@@ -464,7 +529,8 @@ class _FrozenDecoder(_FrozenStack):
         (M,H,S,Dh) with ``kv_rows`` (B,) (see :class:`FrozenEncoderOut`)."""
         b, t = tokens.shape
         if not cache.layers:
-            cache.layers.extend(LayerCache() for _ in self.layers)
+            indexed = self.layers[0].attend is not None  # attend_one reads the history through a table of rows
+            cache.layers.extend(LayerCache(IndexedKV() if indexed else KVCache()) for _ in self.layers)
         if self.native is not None and t == 1 and self._native_rows(b):
             return self._native_step(tokens, cache, cross_kv, memory_mask, kv_rows)
         past = cache.length
@@ -492,9 +558,13 @@ class _FrozenDecoder(_FrozenStack):
         x = self.embed_tokens(tokens, offset=past)  # (B,D)
         shape = x.new_empty(b, self.n_heads, 0, self.d_model // self.n_heads)  # (B,H,0,Dh): the buffers' shape
         caches = [layer_cache.self_attn for layer_cache in cache.layers]
+        tables = []
         for kv in caches:
             kv.reserve(1, shape)
-        x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past,
+            if isinstance(kv, IndexedKV):  # this step's position goes to buffer rows 0..B-1
+                kv.rows[:, past] = torch.arange(b)
+                tables.append(kv.rows[:, : past + 1])  # (B,past+1)
+        x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past, tables,
                                 [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()],
                                 memory_mask, kv_rows, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
         for kv in caches:

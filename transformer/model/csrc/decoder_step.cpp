@@ -245,7 +245,9 @@ Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor&
 // a time (AVX2 FMA); otherwise one at a time. The threads split rows x heads.
 //
 // Rows may share keys and values: with `kv_rows` (N,), row r attends to the keys and values of row
-// kv_rows[r] (beam search's beams of one sentence attend to that sentence's source keys, kept once).
+// kv_rows[r] (beam search's beams of one sentence attend to that sentence's source keys, kept once); with
+// `kv_rows` (N, L), row r's key j lies in row kv_rows[r, j] (a self-attention history that beam search
+// reorders by this table instead of copying the keys: FasterTransformer's cache indirection).
 
 #ifdef TRANSFORMER_X86
 __attribute__((target("avx2,fma"))) inline float sum_8(__m256 x) {
@@ -270,14 +272,15 @@ __attribute__((target("avx2,fma"))) inline float dot_8(const float* q, const flo
 // out[d0 .. d0 + 8C) = sum_j p_j v_j[d0 ..]: C registers of sums, one pass over the keys
 template <int C>
 __attribute__((target("avx2,fma"))) void weigh_values(const float* p, const float* v, int64_t v_stride,
-                                                      int64_t length, int64_t d0, float* out) {
+                                                      const int64_t* rows, int64_t row_stride, int64_t length,
+                                                      int64_t d0, float* out) {
   __m256 acc[C];
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < length; ++j) {
     if (p[j] == 0.f) continue;
     const __m256 pj = _mm256_set1_ps(p[j]);
-    const float* vj = v + j * v_stride + d0;
+    const float* vj = v + j * v_stride + (rows ? rows[j] * row_stride : 0) + d0;
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
   }
@@ -285,15 +288,17 @@ __attribute__((target("avx2,fma"))) void weigh_values(const float* p, const floa
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
 }
 
-using WeighValues = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*);
+using WeighValues = void (*)(const float*, const float*, int64_t, const int64_t*, int64_t, int64_t, int64_t, float*);
 constexpr WeighValues kWeighValues[9] = {nullptr,          weigh_values<1>, weigh_values<2>,
                                          weigh_values<3>,  weigh_values<4>, weigh_values<5>,
                                          weigh_values<6>,  weigh_values<7>, weigh_values<8>};
 #endif
 
-// One row and head: q (Dh), keys k_j = k + j * k_stride, values likewise, mask (L) or null; scores: (L) scratch
+// One row and head: q (Dh), keys k_j = k + j * k_stride (+ key_rows[j] * k_row_stride where key_rows is not
+// null), values likewise, mask (L) or null; scores: (L) scratch
 TRANSFORMER_AVX2 void attend_row(const float* q, const float* k, int64_t k_stride, const float* v,
-                                 int64_t v_stride, const bool* mask, int64_t length, int64_t dh, float scale,
+                                 int64_t v_stride, const int64_t* key_rows, int64_t k_row_stride,
+                                 int64_t v_row_stride, const bool* mask, int64_t length, int64_t dh, float scale,
                                  float* scores, float* out) {
   constexpr float kNone = -std::numeric_limits<float>::infinity();
 #ifdef TRANSFORMER_X86
@@ -305,7 +310,7 @@ TRANSFORMER_AVX2 void attend_row(const float* q, const float* k, int64_t k_strid
   for (int64_t j = 0; j < length; ++j) {
     float s = kNone;
     if (mask == nullptr || mask[j]) {
-      const float* kj = k + j * k_stride;
+      const float* kj = k + j * k_stride + (key_rows ? key_rows[j] * k_row_stride : 0);
       float dot = 0.f;
 #ifdef TRANSFORMER_X86
       if (vector) dot = dot_8(q, kj, dh);
@@ -331,7 +336,8 @@ TRANSFORMER_AVX2 void attend_row(const float* q, const float* k, int64_t k_strid
 #ifdef TRANSFORMER_X86
   if (vector) {
     for (int64_t d0 = 0; d0 < dh; d0 += 64) {
-      kWeighValues[std::min<int64_t>(8, (dh - d0) / 8)](scores, v, v_stride, length, d0, out);
+      kWeighValues[std::min<int64_t>(8, (dh - d0) / 8)](scores, v, v_stride, key_rows, v_row_stride, length, d0,
+                                                        out);
     }
     return;
   }
@@ -340,14 +346,14 @@ TRANSFORMER_AVX2 void attend_row(const float* q, const float* k, int64_t k_strid
   for (int64_t j = 0; j < length; ++j) {
     const float p = scores[j];
     if (p == 0.f) continue;
-    const float* vj = v + j * v_stride;
+    const float* vj = v + j * v_stride + (key_rows ? key_rows[j] * v_row_stride : 0);
     for (int64_t d = 0; d < dh; ++d) out[d] += p * vj[d];
   }
 }
 
 // q (N, H, 1, Dh); k, v (M, H, L, Dh), unit stride in Dh (views of the KV buffers); mask (N, 1, 1, L) bool, true
-// where a key may be attended to, or none; kv_rows (N,) int64 in [0, M), or none (then M = N, row r's own keys)
-// -> (N, H * Dh)
+// where a key may be attended to, or none; kv_rows (N,) or (N, L) int64 in [0, M), or none (then M = N, row r's
+// own keys) -> (N, H * Dh)
 Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
                   const std::optional<Tensor>& kv_rows) {
   TORCH_CHECK(panels_supported(), "attend_one needs a CPU with AVX2 and FMA");
@@ -366,11 +372,12 @@ Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     m = mask->reshape({n, length}).contiguous();
   }
   if (shared) {
-    TORCH_CHECK(kv_rows->scalar_type() == at::kLong && kv_rows->dim() == 1 && kv_rows->size(0) == n,
-                "attend_one: kv_rows (N,) int64");
+    TORCH_CHECK(kv_rows->scalar_type() == at::kLong && kv_rows->size(0) == n &&
+                    (kv_rows->dim() == 1 || (kv_rows->dim() == 2 && kv_rows->size(1) == length)),
+                "attend_one: kv_rows (N,) or (N, L) int64");
     rows = kv_rows->contiguous();
     const int64_t* r = rows.data_ptr<int64_t>();
-    TORCH_CHECK(std::all_of(r, r + n, [&](int64_t i) { return i >= 0 && i < k.size(0); }),
+    TORCH_CHECK(std::all_of(r, r + rows.numel(), [&](int64_t i) { return i >= 0 && i < k.size(0); }),
                 "attend_one: kv_rows out of range for ", k.size(0), " rows of keys");
   }
   if (n == 0) return out;
@@ -379,16 +386,18 @@ Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   const float* vp = v.data_ptr<float>();
   const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
   const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+  const bool per_key = rows.defined() && rows.dim() == 2;
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(dh));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * dh));  // >= 16k multiply-adds
   at::parallel_for(0, n * h, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(length);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / h, head = i % h, src = rp ? rp[r] : r;
+      const int64_t r = i / h, head = i % h, src = per_key ? 0 : (rp ? rp[r] : r);
       attend_row(qp + r * q.stride(0) + head * q.stride(1), kp + src * k.stride(0) + head * k.stride(1),
                  k.stride(2), vp + src * v.stride(0) + head * v.stride(1), v.stride(2),
-                 mp ? mp + r * length : nullptr, length, dh, scale, scores.data(), op + r * h * dh + head * dh);
+                 per_key ? rp + r * length : nullptr, k.stride(0), v.stride(0), mp ? mp + r * length : nullptr,
+                 length, dh, scale, scores.data(), op + r * h * dh + head * dh);
     }
   });
   return out;
@@ -614,28 +623,34 @@ class DecoderStep {
   }
 
   // x (N, D): the embedded new position of each row. k_cache[i], v_cache[i]: layer i's buffers (N, H, C, Dh),
-  // C > length; this step's keys/values go to position `length`. cross_k[i], cross_v[i]: (N, H, S, Dh), or
-  // (M, H, S, Dh) with cross_rows (N,): row r's source keys are row cross_rows[r]. memory_mask: (N, 1, 1, S)
-  // bool, true where a source token is real, or none. Returns (N, D), before the final LayerNorm.
+  // C > length; this step's keys/values go to position `length`. With self_rows (one per layer, each
+  // (N, length + 1)), the buffers are (M, H, C, Dh), M >= N: row r's position j lies in buffer row
+  // self_rows[i][r, j], and this step's keys/values go to rows 0..N-1 (self_rows[i][:, length] = 0..N-1).
+  // cross_k[i], cross_v[i]: (N, H, S, Dh), or (M, H, S, Dh) with cross_rows (N,): row r's source keys are row
+  // cross_rows[r]. memory_mask: (N, 1, 1, S) bool, true where a source token is real, or none. Returns (N, D),
+  // before the final LayerNorm.
   Tensor forward(Tensor x, const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache, int64_t length,
-                 const std::vector<Tensor>& cross_k, const std::vector<Tensor>& cross_v,
-                 const std::optional<Tensor>& memory_mask, const std::optional<Tensor>& cross_rows,
-                 int64_t column_rows, int64_t panel_rows) const {
+                 const std::vector<Tensor>& self_rows, const std::vector<Tensor>& cross_k,
+                 const std::vector<Tensor>& cross_v, const std::optional<Tensor>& memory_mask,
+                 const std::optional<Tensor>& cross_rows, int64_t column_rows, int64_t panel_rows) const {
     at::NoGradGuard no_grad;
     const int64_t n = x.size(0), d = x.size(1), h = n_heads_, dh = d / h;
-    TORCH_CHECK(fast_attention_ || !(cross_rows.has_value() && cross_rows->defined()),
-                "shared source keys (cross_rows) need the step's own attention (fast_attention)");
-    TORCH_CHECK(k_cache.size() == layers_.size() && v_cache.size() == layers_.size(), "one cache per layer");
+    TORCH_CHECK(fast_attention_ || (!(cross_rows.has_value() && cross_rows->defined()) && self_rows.empty()),
+                "shared keys (self_rows, cross_rows) need the step's own attention (fast_attention)");
+    TORCH_CHECK(k_cache.size() == layers_.size() && v_cache.size() == layers_.size() &&
+                    (self_rows.empty() || self_rows.size() == layers_.size()),
+                "one cache (and one self_rows table) per layer");
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       // self-attention
       Tensor y = norm_first_ ? l.self_norm(x) : x;
       Tensor qkv = l.qkv(y, column_rows, panel_rows).contiguous().view({n, 1, 3, h, dh}).permute({2, 0, 3, 1, 4});
       Tensor q = qkv[0], k = qkv[1], v = qkv[2];  // (N, H, 1, Dh)
-      k_cache[i].narrow(2, length, 1).copy_(k);
-      v_cache[i].narrow(2, length, 1).copy_(v);
+      k_cache[i].narrow(0, 0, n).narrow(2, length, 1).copy_(k);
+      v_cache[i].narrow(0, 0, n).narrow(2, length, 1).copy_(v);
       Tensor keys = k_cache[i].narrow(2, 0, length + 1), values = v_cache[i].narrow(2, 0, length + 1);
-      Tensor a = fast_attention_ ? attend_one(q, keys, values, std::nullopt, std::nullopt)  // (N, D)
+      std::optional<Tensor> rows = self_rows.empty() ? std::nullopt : std::optional<Tensor>(self_rows[i]);
+      Tensor a = fast_attention_ ? attend_one(q, keys, values, std::nullopt, rows)  // (N, D)
                                  : at::scaled_dot_product_attention(q, keys, values).transpose(1, 2).reshape({n, d});
       Tensor s = l.self_out(a, column_rows, panel_rows);
       x = norm_first_ ? x + s : l.self_norm(x + s);
