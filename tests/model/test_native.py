@@ -144,6 +144,55 @@ def test_attend_one_reads_shared_keys_through_kv_rows(head_dim):
             attend(q, k, v, None, bad)
 
 
+def test_attend_one_reads_each_key_through_a_table_of_rows():
+    """With kv_rows (N, L), row r's key j lies in row kv_rows[r, j] of the buffers (a reordered history)."""
+    if not native.build().panels_supported():
+        pytest.skip("attend_one needs a CPU with AVX2 and FMA")
+    torch.manual_seed(5)
+    buffer_rows, rows, heads, length, head_dim = 6, 4, 2, 9, 64
+    q = torch.randn(rows, heads, 1, head_dim)
+    k, v = (torch.randn(buffer_rows, heads, length + 7, head_dim)[:, :, :length] for _ in range(2))
+    table = torch.randint(0, buffer_rows, (rows, length))
+    position = torch.arange(length)
+    own_k, own_v = (x[table, :, position].transpose(1, 2) for x in (k, v))  # (N,H,L,Dh): each row's own keys
+    attend = native.build().attend_one
+    torch.testing.assert_close(attend(q, k, v, None, table), attend(q, own_k.contiguous(), own_v.contiguous()),
+                               rtol=0, atol=0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, own_k, own_v)
+    torch.testing.assert_close(attend(q, k, v, None, table), ref.transpose(1, 2).reshape(rows, -1), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(RuntimeError, match="attend_one"):
+        attend(q, k, v, None, table[:, :-1])
+
+
+def test_indexed_history_equals_a_copied_one():
+    """IndexedKV (reorders move a table of rows) against KVCache (reorders copy the keys): the same history
+    through appends, beam reorders, an expansion to more rows, pruning and growth past its capacity."""
+    from transformer.model.attention import KVCache
+    from transformer.model.frozen import IndexedKV
+
+    torch.manual_seed(6)
+    copied, indexed = KVCache(), IndexedKV()
+    orders = {3: torch.tensor([0, 0, 1, 1, 2, 2]), 5: torch.tensor([1, 0, 0, 5, 4, 3]), 9: torch.tensor([4, 1]),
+              12: torch.tensor([1, 1, 0])}
+    rows = 3
+    for step in range(20):
+        k, v = torch.randn(rows, 2, 1 if step else 2, 8), torch.randn(rows, 2, 1 if step else 2, 8)
+        expected = copied.update(k, v)
+        if step % 2:  # what attend_one reads: the buffers and the table
+            keys, values, table = indexed.update_indexed(k, v)
+            position = torch.arange(indexed.length)
+            got = keys[table, :, position].transpose(1, 2), values[table, :, position].transpose(1, 2)
+        else:  # gathered, for ATen's attention
+            got = indexed.update(k, v)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if step in orders:
+            copied.reorder(orders[step]), indexed.reorder(orders[step])
+            rows = orders[step].numel()
+    assert indexed.length == copied.length == 21 and indexed.k.size(2) >= 21
+
+
 @pytest.mark.parametrize("sentences,width,vocab,n", [(3, 4, 8000, 8), (5, 1, 37, 1), (2, 3, 5, 8), (1, 2, 3, 6)])
 def test_step_candidates_are_beam_steps_candidates(sentences, width, vocab, n):
     """step_candidates against beam_step over next_token_logprobs: the same continuations, their scores to
