@@ -23,12 +23,14 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   the Python step's results, without the interpreter between them (about a fifth of a step at one row).
   The same build brings ``panel_linear``, a product for few rows (AVX2 and FMA) by the weight cut into
   column panels that are each one sequential stream of memory; it replaces the forms above for the
-  decoder's products up to ``PANEL_ROWS["decoder"]`` (256) rows and the encoder's up to 256 (1.1-2.9x faster
-  products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py --parts
-  panels``, ``bench_step.py``). It also brings ``attend_one``, a step's attention of one new position (one
-  query per row and head over a few dozen keys): 1.0-5.2x faster than ATen's attention per call, 0.98-1.04x
-  per decoder step from 1 to 128 rows (``bench_micro.py --parts attention``). ``freeze(model, native=False)``
-  keeps the Python step and the forms above.
+  decoder's, the encoder's and the output projection's products up to ``PANEL_ROWS`` (256) rows (1.1-2.9x
+  faster products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py
+  --parts panels``, ``bench_step.py``). It also brings ``attend_one``, a step's attention of one new position
+  (one query per row and head over a few dozen keys, AVX2), which reads keys through row indices: the beams
+  of a sentence share its source's cross-attention keys (:class:`FrozenEncoderOut`), and the self-attention
+  history is reordered by a table of rows instead of copies (:class:`IndexedKV`); and ``step_candidates``,
+  which a search uses for a step's log-softmax and best continuations (:mod:`transformer.decoding.common`).
+  ``freeze(model, native=False)`` keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give. Where the compiled extension is
@@ -43,8 +45,9 @@ launches it from Python instead).
 
 The encoder is frozen the same way and, like CTranslate2's, skips padding in its position-wise parts;
 ``encode`` also computes every decoder layer's cross-attention keys and values, once per source (beam
-search then copies them to the beams instead of projecting the source once per beam). The KV cache is the
-model's :class:`~transformer.model.DecoderCache`, so searches reorder it as before.
+search then gives them to the beams, by index where ``attend_one`` reads them, else by copies, instead of
+projecting the source once per beam). The KV cache is the model's :class:`~transformer.model.DecoderCache`
+(with :class:`IndexedKV` histories where ``attend_one`` reads them), so searches reorder it as before.
 
 Shapes: B batch, T new target positions, S source length, D model width, H heads, Dh = D / H, V vocabulary,
 N = B*T rows.
@@ -247,7 +250,8 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
 # (below PACKED_FROM_ROWS, or on a CPU without oneDNN) MKL computes the transposed product.
 PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
 COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: only without oneDNN
-# From 1 to PANEL_ROWS rows, a product runs in the compiled extension's panel_linear where it is built.
+# From 1 to PANEL_ROWS rows, a product runs in the compiled extension's panel_linear where it is built (the output
+# projection too since session 10: 1.1-1.9x oneDNN's product at 4-64 rows, bench_micro.py --parts panels).
 PANEL_ROWS = {"output": 256, "encoder": 256, "decoder": 256}
 PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
 
@@ -349,7 +353,7 @@ class _FrozenLayer:
         self.fc2 = _linear(layer.ffn.fc2, role=role, native=native)
         self.activation = layer.ffn.activation
         self.ffn_norm = _layer_norm(layer.ffn_norm)
-        # a decoder step's attention of one new position: the extension's attend_one (see _attend_one)
+        # a decoder step's attention of one new position: the extension's attend_one (csrc/decoder_step.cpp)
         self.attend = (native.attend_one if role == "decoder" and native is not None and native.panels_supported()
                        else None)
 
@@ -710,9 +714,9 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None, native: Optional[boo
     """An inference-only :class:`FrozenTransformer` or :class:`FrozenLM` of ``model`` (float or int8).
 
     The frozen object copies the weights into its own layouts (on the CPU about two more copies of the
-    model's Linear weights, a third of the encoder's and decoder's for ``panel_linear`` where the compiled
-    extension is built, and one of the output projection for oneDNN; on a GPU, one of the fused q/k/v and
-    cross-attention k/v weights); later changes to ``model`` do not reach it.
+    model's Linear weights, a third (the encoder's, the decoder's and the output projection's) for
+    ``panel_linear`` where the compiled extension is built, and one of the output projection for oneDNN; on a
+    GPU, one of the fused q/k/v and cross-attention k/v weights); later changes to ``model`` do not reach it.
 
     ``native``: the compiled CPU extension (the decoder step, ``panel_linear`` and, for an int8 model,
     ``panel_linear_int8``): None uses it if it is built, True builds it if needed (raising
