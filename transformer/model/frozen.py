@@ -251,7 +251,7 @@ def _weight_and_bias(linears: list[nn.Module]) -> tuple[Tensor, Optional[Tensor]
 PACKED_FROM_ROWS = {"output": 2, "encoder": 2, "decoder": 64}
 COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: only without oneDNN
 # From 1 to PANEL_ROWS rows, a product runs in the compiled extension's panel_linear where it is built (the output
-# projection too since session 10: 1.1-1.9x oneDNN's product at 4-64 rows, bench_micro.py --parts panels).
+# projection too since session 10: 1.1-1.9x the best other form at 4-64 rows, bench_micro.py --parts panels).
 PANEL_ROWS = {"output": 256, "encoder": 256, "decoder": 256}
 PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
 
