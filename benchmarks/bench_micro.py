@@ -97,9 +97,7 @@ def run_frozen() -> None:
           "at one row, W as 2 row blocks in one baddbmm; oneDNN linear(x, packed W) ==")
     print("| layer | rows | MKL x W_t | MKL W x^T | row blocks | oneDNN | best / MKL x W_t |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    torch.manual_seed(0)
-    for d_in, d_out in LAYER_SHAPES:
-        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+    for d_in, d_out, w, b in layer_weights():
         wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, 32)
         w_blocks, b_blocks = w.view(2, d_out // 2, d_in), b.view(2, -1, 1)
         for rows in (1, 2, 4, 16, 32, 128):
@@ -335,6 +333,18 @@ def compiled_extension(part: str):
     return module
 
 
+def layer_weights():
+    """(d_in, d_out, W (out, in), b (out,)) of each of LAYER_SHAPES, random from seed 0 (drawn as the loop goes)."""
+    torch.manual_seed(0)
+    for d_in, d_out in LAYER_SHAPES:
+        yield d_in, d_out, torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+
+
+def cache_flush() -> torch.Tensor:
+    """32 MB to read between calls (``cold_us``): more than the L3, so it evicts the weights."""
+    return torch.randn(32 * 2**20 // 4)
+
+
 def cold_us(fn, flush: torch.Tensor, repeats: int = 15) -> float:
     """Best time of ``fn`` in us with the caches flushed (``flush`` read) before each call."""
     best = float("inf")
@@ -355,9 +365,7 @@ def run_int8() -> None:
           "frozen._Int8 calls); weight-only int8 (torch._weight_int8pack_mm) ==")
     print("| layer | rows | float32 | dynamic int8 | weight-only int8 | dynamic int8 / float32 speed |")
     print("|---|---:|---:|---:|---:|---:|")
-    torch.manual_seed(0)
-    for d_in, d_out in LAYER_SHAPES:
-        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+    for d_in, d_out, w, b in layer_weights():
         wt = w.t().contiguous()
         scale = w.abs().amax(1) / 127  # (out,) per-channel
         with warnings.catch_warnings():
@@ -387,15 +395,13 @@ def run_panels() -> None:
     module = compiled_extension("panels")
     if module is None:
         return
-    flush = torch.randn(32 * 2**20 // 4)  # 32 MB, read between calls to evict the weights
+    flush = cache_flush()
     print("\n== panel_linear against the other product forms (us, best of 7; cold: caches flushed before each "
           "call) ==")
     print("| layer (in -> out) | rows | x W_t | W x^T | oneDNN | row blocks | panel_linear | best other / panel "
           "| cold: best other | cold: panel | cold: best other / panel |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    torch.manual_seed(0)
-    for d_in, d_out in LAYER_SHAPES:
-        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+    for d_in, d_out, w, b in layer_weights():
         dense = _Dense(w, b, "decoder", module)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 32) if torch.backends.mkldnn.is_available() else None
         blocks = w.view(2, d_out // 2, d_in), b.view(2, -1, 1)
@@ -434,15 +440,13 @@ def run_int8_panels() -> None:
     module = compiled_extension("int8 panels")
     if module is None:
         return
-    flush = torch.randn(32 * 2**20 // 4)  # 32 MB, read between calls to evict the weights
+    flush = cache_flush()
     print("\n== panel_linear_int8 against float32 panel_linear (same weights Q * s) and dynamic int8 (fbgemm), "
           "us, best of 7; cold: caches flushed before each call ==")
     print("| layer (in -> out) | rows | float32 panels | dynamic int8 | int8 panels | float32 / int8 panels "
           "| cold: float32 panels | cold: dynamic int8 | cold: int8 panels | cold: float32 / int8 panels |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    torch.manual_seed(0)
-    for d_in, d_out in LAYER_SHAPES:
-        w, b = torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
+    for d_in, d_out, w, b in layer_weights():
         scale = w.abs().amax(1) / 127  # (out,) per-channel, symmetric
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
