@@ -307,14 +307,21 @@ class IndexedKV(KVCache):
             v[: self.v.size(0), :, : self.length] = self.v[:, :, : self.length]
             self.k, self.v = k, v
 
+    def claim(self, t_new: int, like: Tensor) -> Tensor:
+        """Room for ``t_new`` more positions of ``like.size(0)`` = N rows, their keys/values to go to buffer
+        rows 0..N-1 -> the rows' table with them (N, length + t_new); ``length`` is left to the writer."""
+        n = like.size(0)
+        self.reserve(t_new, like)
+        self.rows[:, self.length : self.length + t_new] = torch.arange(n, device=like.device)[:, None]
+        return self.rows[:, : self.length + t_new]
+
     def update_indexed(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Append k, v (N,H,T,Dh) -> the buffers' first ``length`` positions (M,H,length,Dh) and the rows'
         table (N,length): what ``attend_one`` takes."""
         n, t = k.size(0), k.size(2)
-        self.reserve(t, k)
+        self.claim(t, k)
         self.k[:n, :, self.length : self.length + t] = k
         self.v[:n, :, self.length : self.length + t] = v
-        self.rows[:, self.length : self.length + t] = torch.arange(n, device=k.device)[:, None]
         self.length += t
         return self.k[:, :, : self.length], self.v[:, :, : self.length], self.rows[:, : self.length]
 
@@ -562,12 +569,12 @@ class _FrozenDecoder(_FrozenStack):
         x = self.embed_tokens(tokens, offset=past)  # (B,D)
         shape = x.new_empty(b, self.n_heads, 0, self.d_model // self.n_heads)  # (B,H,0,Dh): the buffers' shape
         caches = [layer_cache.self_attn for layer_cache in cache.layers]
-        tables = []
+        tables = []  # (B,past+1) each: this step's position goes to buffer rows 0..B-1
         for kv in caches:
-            kv.reserve(1, shape)
-            if isinstance(kv, IndexedKV):  # this step's position goes to buffer rows 0..B-1
-                kv.rows[:, past] = torch.arange(b)
-                tables.append(kv.rows[:, : past + 1])  # (B,past+1)
+            if isinstance(kv, IndexedKV):
+                tables.append(kv.claim(1, shape))
+            else:
+                kv.reserve(1, shape)
         x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past, tables,
                                 [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()],
                                 memory_mask, kv_rows, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
