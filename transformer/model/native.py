@@ -16,6 +16,7 @@ builds anew. ``TRANSFORMER_NATIVE=0`` turns the compiled step and ``panel_linear
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -36,9 +37,14 @@ CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _digest() -> str:
+    """The hash of the source and flags, read once per process (``load`` runs at every search)."""
+    return hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
+
+
 def _name_and_dir() -> tuple[str, Path]:
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
-    name = f"transformer_decoder_step_{digest}"
+    name = f"transformer_decoder_step_{_digest()}"
     root = Path(os.environ.get("TRANSFORMER_NATIVE_DIR") or Path.home() / ".cache" / "transformer" / "native")
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
     return name, root / tag / name
