@@ -175,6 +175,20 @@ def pad_batch(seqs: list[list[int]], device: torch.device) -> torch.Tensor:
     return torch.tensor([s + [PAD_ID] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
 
 
+def ct2_available(device: torch.device) -> bool:
+    """CTranslate2 is importable and, for a CUDA device, sees one (its PyPI wheels then load CUDA 12's
+    cuBLAS, ``libcublas.so.12``, at the first translation: ``make_systems`` leaves it out if that fails)."""
+    try:
+        import ctranslate2
+    except ImportError:
+        print("CTranslate2 is not installed: left out (pip install ctranslate2)")
+        return False
+    if device.type == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+        print("CTranslate2 sees no CUDA device: left out")
+        return False
+    return True
+
+
 def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
     """name -> translate(list of source id lists (EOS included), beam) -> list of output id lists."""
     from transformer.decoding import beam_search, greedy_search
@@ -233,17 +247,26 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
         return [strip(row) for row in out.tolist()]
 
     systems["hf"] = hf_generate
-    if device.type == "cuda" or args.skip_ct2:
-        pass  # CTranslate2's pip wheel for CUDA needs its own CUDA libraries; keep the cuda path to torch peers
-    else:
+    if not args.skip_ct2 and ct2_available(device):
         import ctranslate2
 
         pieces = [tok._tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)]
         piece_id = {p: i for i, p in enumerate(pieces)}
-        for name, quant in (("ct2_fp32", None), ("ct2_int8", "int8")):
+        if device.type == "cuda":  # float32 (TF32 off on both sides) or bfloat16 as ours; no int8 of ours there
+            variants = (("ct2_fp32", None, "bfloat16" if args.bf16 else "float32"),)
+        else:
+            variants = (("ct2_fp32", None, "float32"), ("ct2_int8", "int8", "int8"))
+        for name, quant, compute_type in variants:
             path = convert_ct2(hf_dir, os.path.join(work, name), pieces, quant)
-            translator = ctranslate2.Translator(path, device="cpu", compute_type=quant or "float32",
-                                                intra_threads=torch.get_num_threads(), inter_threads=1)
+            options = dict(device="cpu", intra_threads=torch.get_num_threads(), inter_threads=1)
+            if device.type == "cuda":
+                options = dict(device="cuda", device_index=device.index or 0)
+            try:  # a first translation loads the device's libraries (cuBLAS 12 on CUDA)
+                translator = ctranslate2.Translator(path, compute_type=compute_type, **options)
+                translator.translate_batch([[pieces[EOS_ID]]], max_decoding_length=2)
+            except (RuntimeError, ValueError) as exc:
+                print(f"CTranslate2 {compute_type} on {device.type} failed to run, left out: {exc}")
+                continue
 
             def ct2_translate(batch, beam, translator=translator):
                 source = [[pieces[i] for i in s] for s in batch]
@@ -254,6 +277,8 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
                 return [[piece_id[p] for p in r.hypotheses[0]] for r in results]
 
             systems[name] = ct2_translate
+            if compute_type == "bfloat16":
+                NAMES[name] = "CTranslate2 bfloat16"
     return systems, frozen if not args.no_freeze else None
 
 

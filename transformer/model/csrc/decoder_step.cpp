@@ -35,6 +35,7 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -378,7 +379,9 @@ Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     rows = kv_rows->contiguous();
     const int64_t* r = rows.data_ptr<int64_t>();
     TORCH_CHECK(std::all_of(r, r + rows.numel(), [&](int64_t i) { return i >= 0 && i < k.size(0); }),
-                "attend_one: kv_rows out of range for ", k.size(0), " rows of keys");
+                // one std::string, not c10::str's stream of a number: streaming an int64 here crashed an
+                // extension built by Ubuntu's gcc 13.3 against torch 2.11+cu130 (the GPU machine)
+                "attend_one: kv_rows out of range for " + std::to_string(k.size(0)) + " rows of keys");
   }
   if (n == 0) return out;
   const float* qp = q.data_ptr<float>();
