@@ -19,12 +19,15 @@ The loop follows fairseq's ``SequenceGenerator``:
   with ``reorder``.
 * Done sentences leave the batch: the cache (``reorder``) and encoder output are cut to the active rows,
   so compute shrinks as sentences finish. Python touches individual hypotheses only to record finished ones.
+* The device scores the continuations and takes each sentence's best; the host (numpy) does the rest of a
+  step's bookkeeping on one copy of them, and sends the chosen rows and tokens back in one copy.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,15 +61,36 @@ def beam_step(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tens
         (candidate scores, sorted descending; the beam each extends; the token each appends).
     """
     batch_size, beam, vocab = logprobs.shape
-    total = scores.unsqueeze(2) + logprobs  # (B,K,1) + (B,K,V) -> (B,K,V)
-    taken = min(n_candidates, beam * vocab)
-    cand_scores, flat = total.view(batch_size, beam * vocab).topk(taken, dim=1)  # (B,taken)
+    cand_scores, flat = _top_continuations(scores, logprobs, n_candidates)  # (B,taken)
     cand_beams, cand_tokens = torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
+    taken = flat.size(1)
     if taken < n_candidates:
         empty = (batch_size, n_candidates - taken)
         cand_scores = torch.cat([cand_scores, cand_scores.new_full(empty, NEG_INF)], dim=1)
         cand_beams = torch.cat([cand_beams, cand_beams.new_zeros(empty)], dim=1)
         cand_tokens = torch.cat([cand_tokens, cand_tokens.new_full(empty, PAD_ID)], dim=1)
+    return cand_scores, cand_beams, cand_tokens
+
+
+def _top_continuations(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tensor, Tensor]:
+    """scores (B,K), logprobs (B,K,V) -> the best ``min(n_candidates, K * V)`` summed scores of each
+    sentence, sorted descending, and their flat indices ``beam * V + token``: two (B,taken) tensors."""
+    batch_size, beam, vocab = logprobs.shape
+    total = scores.unsqueeze(2) + logprobs  # (B,K,1) + (B,K,V) -> (B,K,V)
+    return total.view(batch_size, beam * vocab).topk(min(n_candidates, beam * vocab), dim=1)
+
+
+def _on_host(cand_scores: Tensor, flat: Tensor, vocab: int, n_candidates: int) -> tuple[np.ndarray, ...]:
+    """:func:`beam_step`'s split of flat indices into beams and tokens, and its padding, done on the host
+    after one copy of each tensor: (scores, beams, tokens), each (B,N) numpy."""
+    cand_scores, flat = cand_scores.cpu().numpy(), flat.cpu().numpy()  # (B,taken)
+    cand_beams, cand_tokens = flat // vocab, flat % vocab
+    missing = n_candidates - flat.shape[1]
+    if missing > 0:
+        pad = ((0, 0), (0, missing))
+        cand_scores = np.pad(cand_scores, pad, constant_values=NEG_INF)
+        cand_beams = np.pad(cand_beams, pad, constant_values=0)
+        cand_tokens = np.pad(cand_tokens, pad, constant_values=PAD_ID)
     return cand_scores, cand_beams, cand_tokens
 
 
@@ -103,27 +127,31 @@ def beam_search(
     device = src_tokens.device
     batch_size = src_tokens.size(0)
     max_len = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model))  # (B,)
-    cand_order = torch.arange(2 * beam, device=device)  # (2K,)
-    first_rows = torch.arange(0, batch_size * beam, beam, device=device)[:, None]  # (B,1): row of beam 0
+    cand_order = np.arange(2 * beam)  # (2K,)
+    first_rows = np.arange(0, batch_size * beam, beam)[:, None]  # (B,1): row of beam 0
 
     # Rows w*b .. w*b+w-1 hold sentence b's w hypotheses: w = 1 at the first step, then K.
+    # The model's device holds the scores and each row's newest token; the host holds the rest (prefixes,
+    # candidates, bookkeeping) in numpy: a step reads its candidates back once and sends its choice once,
+    # instead of launching a dozen small tensor operations on the device.
     enc = model.encode(src_tokens)
     cache = model.new_cache()
     width = 1
-    # Per active sentence, on the host: its original index and length limit (bookkeeping without device reads).
-    sent_ids = list(range(batch_size))
-    limits = max_len.tolist()
+    sent_ids = list(range(batch_size))  # per active sentence: its original index
+    limits = max_len.tolist()  # per sentence: its length limit
     scores = torch.zeros(batch_size, width, device=device)  # (n,w)
-    tokens = torch.full((batch_size, width, 1), BOS_ID, dtype=torch.long, device=device)  # (n,w,t): BOS + output
+    newest = torch.full((batch_size * width, 1), BOS_ID, dtype=torch.long, device=device)  # (n*w,1)
+    prefixes = np.full((batch_size, width, 1), BOS_ID, dtype=np.int64)  # (n,w,t): BOS + output so far
     finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
 
     fused = fused_candidates()
     for step in range(max(limits)):
         n = len(sent_ids)
-        logits = model.decode(tokens[:, :, -1].reshape(n * width, 1), enc, cache)[:, -1]  # (n*w,1) -> (n*w,V)
+        logits = model.decode(newest, enc, cache)[:, -1]  # (n*w,1) -> (n*w,V)
         at_limit = [step + 1 >= limits[s] for s in sent_ids]  # (n,)
         if fused_applies(fused, logits) and not any(at_limit):  # the same candidates in one compiled pass
-            cand_scores, cand_beams, cand_tokens = fused(logits, scores, 2 * beam, BANNED, PAD_ID)  # each (n,2K)
+            cand_scores, cand_beams, cand_tokens = (
+                t.numpy() for t in fused(logits, scores, 2 * beam, BANNED, PAD_ID))  # each (n,2K)
         else:
             logprobs = next_token_logprobs(logits).view(n, width, -1)  # (n*w,V) -> (n,w,V)
             if any(at_limit):
@@ -131,18 +159,19 @@ def beam_search(
                 eos_only = torch.full_like(logprobs, NEG_INF)
                 eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
                 logprobs = torch.where(torch.tensor(at_limit, device=device)[:, None, None], eos_only, logprobs)
-            cand_scores, cand_beams, cand_tokens = beam_step(scores, logprobs, 2 * beam)  # each (n,2K)
-        cand_eos = cand_tokens.eq(EOS_ID)  # (n,2K)
+            cand_scores, cand_beams, cand_tokens = _on_host(
+                *_top_continuations(scores, logprobs, 2 * beam), logprobs.size(2), 2 * beam)  # each (n,2K)
+        cand_eos = cand_tokens == EOS_ID  # (n,2K)
 
         # Finish the EOS candidates that rank among the K best (bookkeeping: the only per-hypothesis loop).
-        to_finish = cand_eos[:, :beam] & torch.isfinite(cand_scores[:, :beam])  # (n,K)
-        if bool(to_finish.any()):
+        to_finish = cand_eos[:, :beam] & np.isfinite(cand_scores[:, :beam])  # (n,K)
+        if to_finish.any():
             lp = length_penalty(step + 1, alpha)
-            rows, cols = to_finish.nonzero(as_tuple=True)
-            prefixes = tokens[rows, cand_beams[rows, cols], 1:].tolist()  # without BOS
-            for i, prefix, logprob in zip(rows.tolist(), prefixes, cand_scores[rows, cols].tolist()):
+            for i, j in zip(*(a.tolist() for a in to_finish.nonzero())):
                 done_list = finished[sent_ids[i]]
                 if len(done_list) < beam:
+                    logprob = float(cand_scores[i, j])
+                    prefix = prefixes[i, cand_beams[i, j], 1:].tolist()  # without BOS
                     done_list.append(Hypothesis(prefix, logprob / lp, logprob))
 
         # Sentences still searching: not at their limit and fewer than K finished hypotheses.
@@ -151,32 +180,35 @@ def beam_search(
             break
         pruned = len(kept) < n
         if pruned:
-            keep = torch.tensor(kept, device=device)  # (n',)
-            cand_scores, cand_beams, cand_tokens, cand_eos = (
-                t.index_select(0, keep) for t in (cand_scores, cand_beams, cand_tokens, cand_eos))
+            cand_scores, cand_beams, cand_tokens, cand_eos = (a[kept] for a in (cand_scores, cand_beams,
+                                                                                 cand_tokens, cand_eos))
 
         # The K best non-EOS candidates continue: sort EOS candidates after all others, keep rank order.
-        rank = cand_eos.long() * (2 * beam) + cand_order  # (n',2K)
-        chosen = rank.topk(beam, dim=1, largest=False).indices  # (n',K) candidate positions
-        next_beams = cand_beams.gather(1, chosen)  # (n',K)
-        next_tokens = cand_tokens.gather(1, chosen)  # (n',K)
-        scores = cand_scores.gather(1, chosen)  # (n',K)
+        rank = cand_eos * (2 * beam) + cand_order  # (n',2K), distinct in each row
+        chosen = np.argsort(rank, axis=1)[:, :beam]  # (n',K) candidate positions
+        next_beams, next_tokens, next_scores = (
+            np.take_along_axis(a, chosen, axis=1) for a in (cand_beams, cand_tokens, cand_scores))  # (n',K)
 
-        # Flat rows (of the n*w batch) that the new beams extend, in their new order.
+        # Flat rows (of the n*w batch) that the new beams extend, in their new order: one copy to the device
+        # with the new tokens.
         if pruned or width < beam:
-            if not pruned:
-                keep = torch.arange(n, device=device)  # (n,)
-            rows = (keep[:, None] * width + next_beams).view(-1)  # (n',K) -> (n'*K,)
-            cache.reorder(rows)
+            keep = np.array(kept) if pruned else np.arange(n)  # (n',)
+            rows = (keep[:, None] * width + next_beams).reshape(-1)  # (n',K) -> (n'*K,)
+        else:
+            rows = (first_rows[:n] + next_beams).reshape(-1)  # (n,K) -> (n*K,)
+        sent = torch.from_numpy(np.stack([rows, next_tokens.reshape(-1)])).to(device)  # (2,n'*K)
+        if pruned or width < beam:
+            cache.reorder(sent[0])
             # The encoder output is the same for all beams of a sentence: only pruning and the first
             # expansion change it.
-            enc = enc.reorder((keep * width).repeat_interleave(beam))  # (n'*K,)
+            enc = enc.reorder(torch.from_numpy(np.repeat(keep * width, beam)).to(device))  # (n'*K,)
             sent_ids = [sent_ids[i] for i in kept]
         else:
-            rows = (first_rows[:n] + next_beams).view(-1)  # (n,K) -> (n*K,)
-            cache.reorder_beams(rows)
-        prefix = tokens.view(n * width, -1).index_select(0, rows).view(len(kept), beam, -1)  # (n',K,t)
-        tokens = torch.cat([prefix, next_tokens.unsqueeze(2)], dim=2)  # (n',K,t+1)
+            cache.reorder_beams(sent[0])
+        newest = sent[1].view(-1, 1)  # (n'*K,1)
+        scores = torch.from_numpy(next_scores).to(device)  # (n',K)
+        prefix = prefixes.reshape(n * width, -1)[rows].reshape(len(kept), beam, -1)  # (n',K,t)
+        prefixes = np.concatenate([prefix, next_tokens[:, :, None]], axis=2)  # (n',K,t+1)
         width = beam
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
