@@ -11,8 +11,10 @@ import torch
 from transformer.config import ModelConfig
 from transformer.data.vocab import EOS_ID, PAD_ID
 from transformer.decoding import beam_search, greedy_search, sample
+from transformer.decoding.common import holds_source
 from transformer.errors import TransformerError
 from transformer.model import Transformer, TransformerLM, freeze
+from transformer.model.frozen import FrozenEncoderOut
 from transformer.model.quantize import quantize
 from transformer.model.static import S_BLOCK, T_BLOCK, StaticCache, row_bucket
 
@@ -133,6 +135,31 @@ def test_searches_on_the_static_cache_give_the_models_outputs(device):
             for n_ours, n_ref in zip(ours, ref):
                 for a, b in zip(n_ours, n_ref):
                     assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+@torch.no_grad()
+def test_searches_leave_the_encoder_output_alone_once_the_static_cache_holds_the_source(monkeypatch):
+    """A static cache copies the source's keys/values at its first step and reorders them itself: searches
+    then skip reordering the encoder output (index copies of every layer's keys at each pruning); a growing
+    cache still gets it reordered."""
+    model = _transformer("cpu")
+    calls = []
+    original = FrozenEncoderOut.reorder
+    monkeypatch.setattr(FrozenEncoderOut, "reorder", lambda self, order: calls.append(order) or original(self, order))
+    src = SRC.repeat(3, 1)
+    for graphs in (True, False):
+        frozen = freeze(model, graphs=graphs)
+        cache = frozen.new_cache()
+        assert not holds_source(cache)
+        frozen.decode(torch.full((len(src), 1), 1), frozen.encode(src), cache)
+        assert holds_source(cache) == graphs
+        calls.clear()
+        greedy = [h.tokens for h in greedy_search(frozen, src, 1.5, 5)]
+        beams = [[h.tokens for h in n] for n in beam_search(frozen, src, beam=4, max_len_a=1.5, max_len_b=5, nbest=4)]
+        assert greedy == [h.tokens for h in greedy_search(model, src, 1.5, 5)]
+        assert beams == [[h.tokens for h in n]
+                         for n in beam_search(model, src, beam=4, max_len_a=1.5, max_len_b=5, nbest=4)]
+        assert (len(calls) == 0) == graphs
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from transformer.decoding.common import (
     Hypothesis,
     fused_applies,
     fused_candidates,
+    holds_source,
     length_penalty,
     max_output_lengths,
     max_positions,
@@ -200,8 +201,9 @@ def beam_search(
         if pruned or width < beam:
             cache.reorder(sent[0])
             # The encoder output is the same for all beams of a sentence: only pruning and the first
-            # expansion change it.
-            enc = enc.reorder(torch.from_numpy(np.repeat(keep * width, beam)).to(device))  # (n'*K,)
+            # expansion change it (a cache that holds the source moved it already).
+            if not holds_source(cache):
+                enc = enc.reorder(torch.from_numpy(np.repeat(keep * width, beam)).to(device))  # (n'*K,)
             sent_ids = [sent_ids[i] for i in kept]
         else:
             cache.reorder_beams(sent[0])

@@ -108,6 +108,12 @@ def fused_applies(fused: Optional[Callable[..., list[Tensor]]], logits: Tensor) 
     return fused is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
 
 
+def holds_source(cache: Any) -> bool:
+    """Whether ``cache`` holds what it needs of the source itself, so that a search need not reorder its
+    encoder output along with it (a static cache after its first step: see ``StaticCache.holds_source``)."""
+    return bool(getattr(cache, "holds_source", False))
+
+
 BANNED = [PAD_ID, BOS_ID]  # never generated (see next_token_logprobs)
 
 

@@ -14,6 +14,7 @@ from transformer.decoding.common import (
     Hypothesis,
     fused_applies,
     fused_candidates,
+    holds_source,
     max_output_lengths,
     max_positions,
     next_token_logprobs,
@@ -67,7 +68,8 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
         if n_done:
             keep = (~done).nonzero().squeeze(1)  # (n',)
             cache.reorder(keep)
-            enc = enc.reorder(keep)
+            if not holds_source(cache):
+                enc = enc.reorder(keep)
             active, best = active[keep], best[keep]
             first_limit = int(max_len[active].min())
         last = best[:, None]  # (n,) -> (n,1)

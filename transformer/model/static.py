@@ -82,6 +82,12 @@ class StaticCache:
         self.rows = 0  # live rows, 0 before the first step
         self.length = 0  # target positions decoded
 
+    @property
+    def holds_source(self) -> bool:
+        """Whether the buffers hold the source's keys/values (from the first step on): ``reorder`` moves them,
+        and the search's encoder output is not read again (searches then skip reordering it)."""
+        return self.rows > 0
+
     def reorder(self, new_order: Tensor) -> None:
         """Keep rows ``new_order`` (n',) of the live rows, moved to the front; their sources go with them."""
         self.decoder.reorder(self, new_order, sources_changed=True)
