@@ -136,6 +136,21 @@ def test_beam_step_pads_missing_candidates_with_empty_slots():
     assert cand_beams.eq(0).all()
 
 
+@pytest.mark.parametrize("sentences,beam,vocab,n", [(3, 4, 50, 8), (2, 2, 9, 4), (5, 3, 1000, 6)])
+def test_beam_step_takes_the_best_of_all_continuations(sentences, beam, vocab, n):
+    """beam_step takes each beam's own best n first, then the best of those: the same candidates as one
+    top-k over all K * V continuations of a sentence (with empty slots and -inf tokens too)."""
+    torch.manual_seed(vocab)
+    scores = torch.randn(sentences, beam) * 3
+    scores[0, -1] = float("-inf")  # an empty slot
+    logprobs = torch.log_softmax(torch.randn(sentences, beam, vocab) * 4, dim=-1)
+    logprobs[:, :, PAD_ID] = float("-inf")
+    cand_scores, cand_beams, cand_tokens = beam_step(scores, logprobs, n)
+    best, flat = (scores.unsqueeze(2) + logprobs).view(sentences, -1).topk(n, dim=1)
+    assert torch.equal(cand_scores, best)
+    assert torch.equal(cand_beams, flat // vocab) and torch.equal(cand_tokens, flat % vocab)
+
+
 def test_length_penalty_formula():
     assert length_penalty(1, 0.6) == pytest.approx(1.0)
     assert length_penalty(7, 1.0) == pytest.approx(2.0)

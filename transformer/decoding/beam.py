@@ -61,32 +61,43 @@ def beam_step(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tens
     Returns:
         (candidate scores, sorted descending; the beam each extends; the token each appends).
     """
-    batch_size, beam, vocab = logprobs.shape
-    cand_scores, flat = _top_continuations(scores, logprobs, n_candidates)  # (B,taken)
-    cand_beams, cand_tokens = torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
-    taken = flat.size(1)
-    if taken < n_candidates:
-        empty = (batch_size, n_candidates - taken)
+    cand_scores, cand_beams, cand_tokens = _top_continuations(scores, logprobs, n_candidates)  # (B,taken)
+    missing = n_candidates - cand_scores.size(1)
+    if missing > 0:
+        empty = (cand_scores.size(0), missing)
         cand_scores = torch.cat([cand_scores, cand_scores.new_full(empty, NEG_INF)], dim=1)
         cand_beams = torch.cat([cand_beams, cand_beams.new_zeros(empty)], dim=1)
         cand_tokens = torch.cat([cand_tokens, cand_tokens.new_full(empty, PAD_ID)], dim=1)
     return cand_scores, cand_beams, cand_tokens
 
 
-def _top_continuations(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tensor, Tensor]:
-    """scores (B,K), logprobs (B,K,V) -> the best ``min(n_candidates, K * V)`` summed scores of each
-    sentence, sorted descending, and their flat indices ``beam * V + token``: two (B,taken) tensors."""
+def _top_continuations(scores: Tensor, logprobs: Tensor, n_candidates: int) -> tuple[Tensor, Tensor, Tensor]:
+    """scores (B,K), logprobs (B,K,V) -> the best ``min(n_candidates, K * V)`` summed scores of each sentence,
+    sorted descending, with the beam each extends and the token each appends: three (B,taken) tensors.
+
+    With several beams, in two stages: each beam's own best ``n_candidates`` tokens (adding the beam's score
+    keeps the order within a beam, so a sentence's best continuations are among them), then the best of
+    those ``K * n_candidates``. That is one top-k over (B*K, V) rows and a small one, instead of one over
+    (B, K*V): on a GPU the long rows took PyTorch's multi-block top-k, slower and with host work per call.
+    """
     batch_size, beam, vocab = logprobs.shape
-    total = scores.unsqueeze(2) + logprobs  # (B,K,1) + (B,K,V) -> (B,K,V)
-    return total.view(batch_size, beam * vocab).topk(min(n_candidates, beam * vocab), dim=1)
+    if beam == 1 or n_candidates >= vocab:
+        total = scores.unsqueeze(2) + logprobs  # (B,K,1) + (B,K,V) -> (B,K,V)
+        cand_scores, flat = total.view(batch_size, beam * vocab).topk(min(n_candidates, beam * vocab), dim=1)
+        return cand_scores, torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
+    own_best, own_tokens = logprobs.topk(n_candidates, dim=2)  # (B,K,N): each beam's best tokens
+    total = scores.unsqueeze(2) + own_best  # (B,K,1) + (B,K,N) -> (B,K,N)
+    cand_scores, flat = total.view(batch_size, beam * n_candidates).topk(n_candidates, dim=1)  # (B,N)
+    cand_tokens = own_tokens.view(batch_size, beam * n_candidates).gather(1, flat)  # (B,N)
+    return cand_scores, torch.div(flat, n_candidates, rounding_mode="floor"), cand_tokens
 
 
-def _on_host(cand_scores: Tensor, flat: Tensor, vocab: int, n_candidates: int) -> tuple[np.ndarray, ...]:
-    """:func:`beam_step`'s split of flat indices into beams and tokens, and its padding, done on the host
-    after one copy of each tensor: (scores, beams, tokens), each (B,N) numpy."""
-    cand_scores, flat = cand_scores.cpu().numpy(), flat.cpu().numpy()  # (B,taken)
-    cand_beams, cand_tokens = flat // vocab, flat % vocab
-    missing = n_candidates - flat.shape[1]
+def _on_host(cand_scores: Tensor, cand_beams: Tensor, cand_tokens: Tensor, n_candidates: int) -> tuple[np.ndarray, ...]:
+    """:func:`beam_step`'s padding, done on the host after one copy of the scores and one of the beams and
+    tokens: (scores, beams, tokens), each (B,N) numpy."""
+    cand_scores = cand_scores.cpu().numpy()  # (B,taken)
+    cand_beams, cand_tokens = torch.stack([cand_beams, cand_tokens]).cpu().numpy()  # (B,taken) each
+    missing = n_candidates - cand_scores.shape[1]
     if missing > 0:
         pad = ((0, 0), (0, missing))
         cand_scores = np.pad(cand_scores, pad, constant_values=NEG_INF)
@@ -161,7 +172,7 @@ def beam_search(
                 eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
                 logprobs = torch.where(torch.tensor(at_limit, device=device)[:, None, None], eos_only, logprobs)
             cand_scores, cand_beams, cand_tokens = _on_host(
-                *_top_continuations(scores, logprobs, 2 * beam), logprobs.size(2), 2 * beam)  # each (n,2K)
+                *_top_continuations(scores, logprobs, 2 * beam), 2 * beam)  # each (n,2K)
         cand_eos = cand_tokens == EOS_ID  # (n,2K)
 
         # Finish the EOS candidates that rank among the K best (bookkeeping: the only per-hypothesis loop).
