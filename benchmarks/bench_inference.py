@@ -15,6 +15,11 @@ Multi30k validation sentences, all systems stepped batch by batch round-robin. E
 source token ids and the same length limit (``--max-len`` output tokens, EOS included); PAD and BOS are
 never generated. The greedy outputs are compared token for token.
 
+On ``--device cuda`` CTranslate2 runs on the GPU too, where it loads (float32, or bfloat16 with ``--bf16``;
+no int8 rows there): its wheels open CUDA 12's cuBLAS by name, so a machine with CUDA 13 only needs
+``libcublas.so.12`` / ``libcublasLt.so.12`` on ``LD_LIBRARY_PATH`` (BENCHMARKS.md, GPU, session 11, ran
+them as links to CUDA 13's cuBLAS); otherwise it is left out with a message.
+
     python benchmarks/bench_inference.py --device cpu --train-seconds 240
 """
 
