@@ -36,6 +36,7 @@ from transformer.decoding.common import (
     BANNED,
     NEG_INF,
     Hypothesis,
+    eos_only_where,
     fused_applies,
     fused_candidates,
     holds_source,
@@ -167,10 +168,7 @@ def beam_search(
         else:
             logprobs = next_token_logprobs(logits).view(n, width, -1)  # (n*w,V) -> (n,w,V)
             if any(at_limit):
-                # The last allowed position: only EOS may follow.
-                eos_only = torch.full_like(logprobs, NEG_INF)
-                eos_only[:, :, EOS_ID] = logprobs[:, :, EOS_ID]
-                logprobs = torch.where(torch.tensor(at_limit, device=device)[:, None, None], eos_only, logprobs)
+                logprobs = eos_only_where(logprobs, torch.tensor(at_limit, device=device))
             cand_scores, cand_beams, cand_tokens = _on_host(
                 *_top_continuations(scores, logprobs, 2 * beam), 2 * beam)  # each (n,2K)
         cand_eos = cand_tokens == EOS_ID  # (n,2K)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from transformer.data.vocab import BOS_ID, PAD_ID
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
 
@@ -83,6 +83,18 @@ def next_token_logprobs(logits: Tensor) -> Tensor:
     logprobs[:, PAD_ID] = NEG_INF
     logprobs[:, BOS_ID] = NEG_INF
     return logprobs
+
+
+def eos_only_where(logprobs: Tensor, at_limit: Tensor) -> Tensor:
+    """Rows at their last allowed position (``at_limit``) may only continue with EOS: every other token's
+    log-probability becomes -inf there.
+
+    Shapes:
+        logprobs (N,...,V), at_limit (N,) bool -> (N,...,V)
+    """
+    eos_only = torch.full_like(logprobs, NEG_INF)
+    eos_only[..., EOS_ID] = logprobs[..., EOS_ID]
+    return torch.where(at_limit.view(-1, *[1] * (logprobs.dim() - 1)), eos_only, logprobs)
 
 
 def fused_candidates() -> Optional[Callable[..., list[Tensor]]]:

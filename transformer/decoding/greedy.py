@@ -10,8 +10,8 @@ from torch import Tensor
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding.common import (
     BANNED,
-    NEG_INF,
     Hypothesis,
+    eos_only_where,
     fused_applies,
     fused_candidates,
     holds_source,
@@ -54,10 +54,7 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
             logprobs = next_token_logprobs(logits)  # (n,V)
             if step + 1 >= first_limit:
                 at_limit = step + 1 >= max_len[active]  # (n,)
-                # The last allowed position: only EOS may follow.
-                eos_only = torch.full_like(logprobs, NEG_INF)
-                eos_only[:, EOS_ID] = logprobs[:, EOS_ID]
-                logprobs = torch.where(at_limit[:, None], eos_only, logprobs)
+                logprobs = eos_only_where(logprobs, at_limit)
             best_logprob, best = logprobs.max(dim=-1)  # (n,), (n,)
         out_tokens[active, step] = best
         logprob[active] += best_logprob

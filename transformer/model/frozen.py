@@ -469,14 +469,18 @@ class FrozenEncoderOut(EncoderOut):
         if self.shared:
             rows = new_order if self.kv_rows is None else self.kv_rows.index_select(0, new_order)
             return FrozenEncoderOut(memory, src_mask, self.padded, self.cross_kv, rows, True)
-        cross_kv = [(k.index_select(0, new_order), v.index_select(0, new_order)) for k, v in self.cross_kv]
-        return FrozenEncoderOut(memory, src_mask, self.padded, cross_kv)
+        return FrozenEncoderOut(memory, src_mask, self.padded, _select_rows(self.cross_kv, new_order))
 
     def row_cross_kv(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer, each row's own keys and values (B,H,S,Dh): copies where rows share a source."""
         if self.kv_rows is None:
             return self.cross_kv
-        return [(k.index_select(0, self.kv_rows), v.index_select(0, self.kv_rows)) for k, v in self.cross_kv]
+        return _select_rows(self.cross_kv, self.kv_rows)
+
+
+def _select_rows(cross_kv: list[tuple[Tensor, Tensor]], rows: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, rows ``rows`` (B,) of the keys and values (M,H,S,Dh) -> (B,H,S,Dh)."""
+    return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cross_kv]
 
 
 class _FrozenEncoder(_FrozenStack):
