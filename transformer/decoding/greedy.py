@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,46 +34,57 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
     Returns:
         one :class:`Hypothesis` per sentence, in batch order; ``score`` equals ``logprob`` (no length penalty).
     """
-    batch_size = src_tokens.size(0)
-    max_len = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model))  # (B,)
+    batch_size, device = src_tokens.size(0), src_tokens.device
+    limit = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model)).cpu().numpy()  # (B,)
     enc = model.encode(src_tokens)
     cache = model.new_cache()
-    active = torch.arange(batch_size, device=src_tokens.device)  # original index of each row
-    last = torch.full((batch_size, 1), BOS_ID, dtype=torch.long, device=src_tokens.device)  # (B,1)
-    logprob = torch.zeros(batch_size, dtype=torch.float32, device=src_tokens.device)
-    # (B, max_len): the output of each original row, EOS-filled past its end
-    out_tokens = torch.full((batch_size, int(max_len.max())), EOS_ID, dtype=torch.long, device=src_tokens.device)
-    first_limit = int(max_len.min())  # no active row reaches its length limit before this step
+    # The bookkeeping is on the host (numpy), from one read of each step's tokens and log-probabilities.
+    active = np.arange(batch_size)  # original index of each row
+    out_tokens = np.full((batch_size, int(limit.max())), EOS_ID, dtype=np.int64)  # EOS-filled past each end
+    logprob = np.zeros(batch_size, dtype=np.float32)  # summed in float32, as on the device
+    last = torch.full((batch_size, 1), BOS_ID, dtype=torch.long, device=device)  # (B,1)
+    no_scores = torch.zeros(batch_size, 1, device=device)  # the fused candidates' hypothesis scores: none
+    first_limit = int(limit.min())  # no active row reaches its length limit before this step
     fused = fused_candidates()
-    for step in range(int(max_len.max())):
+    for step in range(int(limit.max())):
         logits = model.decode(last, enc, cache)[:, -1]  # (n,V)
+        n = logits.size(0)
         at_limit = None
         if step + 1 < first_limit and fused_applies(fused, logits):  # log-softmax and argmax in one compiled pass
-            best_logprob, _, best = (c[:, 0] for c in fused(logits, logits.new_zeros(logits.size(0), 1), 1,
-                                                            BANNED, PAD_ID))  # (n,) each
+            best_logprob, _, best = (c[:, 0] for c in fused(logits, no_scores[:n], 1, BANNED, PAD_ID))  # (n,) each
         else:
             logprobs = next_token_logprobs(logits)  # (n,V)
             if step + 1 >= first_limit:
-                at_limit = step + 1 >= max_len[active]  # (n,)
-                logprobs = eos_only_where(logprobs, at_limit)
+                at_limit = step + 1 >= limit[active]  # (n,) numpy
+                logprobs = eos_only_where(logprobs, torch.from_numpy(at_limit).to(device))
             best_logprob, best = logprobs.max(dim=-1)  # (n,), (n,)
-        out_tokens[active, step] = best
-        logprob[active] += best_logprob
-        done = best.eq(EOS_ID) if at_limit is None else best.eq(EOS_ID) | at_limit  # (n,)
-        n_done = int(done.sum())  # one host read per step
-        if n_done == done.numel():
+        tokens, token_logprobs = _to_host(best, best_logprob)  # (n,) each, numpy
+        out_tokens[active, step] = tokens
+        logprob[active] += token_logprobs
+        done = tokens == EOS_ID if at_limit is None else (tokens == EOS_ID) | at_limit  # (n,)
+        n_done = int(done.sum())
+        if n_done == n:
             break
         if n_done:
-            keep = (~done).nonzero().squeeze(1)  # (n',)
+            keep_host = np.flatnonzero(~done)  # (n',)
+            keep = torch.from_numpy(keep_host).to(device)
             cache.reorder(keep)
             if not holds_source(cache):
                 enc = enc.reorder(keep)
-            active, best = active[keep], best[keep]
-            first_limit = int(max_len[active].min())
-        last = best[:, None]  # (n,) -> (n,1)
+            active, best = active[keep_host], best.index_select(0, keep)
+            first_limit = int(limit[active].min())
+        last = best.view(-1, 1)  # (n,) -> (n,1)
     hyps = []
-    for i, row in enumerate(out_tokens.tolist()):
+    for row, score in zip(out_tokens.tolist(), logprob.tolist()):
         tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row
-        score = float(logprob[i])
         hyps.append(Hypothesis(tokens, score, score))
     return hyps
+
+
+def _to_host(best: Tensor, best_logprob: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """A step's tokens (n,) long and their log-probabilities (n,) float32 -> numpy, in one copy from a device
+    (on the CPU, views of the same memory)."""
+    if best.device.type == "cpu":
+        return best.numpy(), best_logprob.float().numpy()
+    both = torch.stack((best.double(), best_logprob.double())).cpu().numpy()  # (2,n): ids and float32 are exact
+    return both[0].astype(np.int64), both[1].astype(np.float32)

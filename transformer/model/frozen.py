@@ -269,6 +269,20 @@ def _layer_norm(norm: nn.LayerNorm) -> tuple:
     return (norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps)
 
 
+def _norm_kernel(native: Optional[Any]) -> Optional[Any]:
+    """The extension's ``add_layer_norm`` (LayerNorm of a residual sum in one pass, AVX2; the compiled step's
+    LayerNorms) where it runs on this CPU, else None (ATen's add and layer_norm)."""
+    return native.add_layer_norm if native is not None and native.panels_supported() else None
+
+
+def _norm(kernel: Optional[Any], x: Tensor, norm: tuple, residual: Optional[Tensor] = None) -> Tensor:
+    """LayerNorm(x + residual) (N,D) -> (N,D) with ``norm`` from :func:`_layer_norm`, by ``kernel`` (from
+    :func:`_norm_kernel`) or ATen."""
+    if kernel is not None:
+        return kernel(x, residual, norm[1], norm[2], norm[3])
+    return F.layer_norm(x if residual is None else x + residual, *norm)
+
+
 # --- the decoder step ---------------------------------------------------------------------------------
 
 
@@ -363,17 +377,23 @@ class _FrozenLayer:
         # a decoder step's attention of one new position: the extension's attend_one (csrc/decoder_step.cpp)
         self.attend = (native.attend_one if role == "decoder" and native is not None and native.panels_supported()
                        else None)
+        self.norm_kernel = _norm_kernel(native)
+        # an encoder's self-attention over its real tokens only: the extension's attend_spans
+        self.attend_spans = (native.attend_spans if role == "encoder" and native is not None
+                             and native.panels_supported() else None)
 
     def _residual(self, x: Tensor, norm: tuple, sublayer: Any, *args: Any) -> Tensor:
         """``norm(x + sublayer(x))`` (the paper), or ``x + sublayer(norm(x))`` with ``norm_first``."""
         if self.norm_first:
-            return x + sublayer(F.layer_norm(x, *norm), *args)
-        return F.layer_norm(x + sublayer(x, *args), *norm)
+            return x + sublayer(_norm(self.norm_kernel, x, norm), *args)
+        return _norm(self.norm_kernel, x, norm, sublayer(x, *args))
 
     def _self_attention(self, y: Tensor, b: int, t: int, cache: Optional[KVCache], mask: Optional[Tensor],
-                        is_causal: bool, rows: Optional[Tensor]) -> Tensor:
+                        is_causal: bool, rows: Optional[Tensor], spans: Optional[Tensor] = None) -> Tensor:
         d = y.size(1)
         h = d // self.head_dim
+        if spans is not None:  # y: the real tokens of B sentences, sentence b's in rows spans[b]..spans[b+1]-1
+            return self.self_out(self.attend_spans(self.qkv(y), spans, h))  # (N,3D) -> (N,D) -> (N,D)
         qkv = self.qkv(y).contiguous()  # (N,3D); SDPA's fused CPU kernel wants unit-stride heads
         if rows is not None:  # y holds the real tokens only: put them back in their (B*T) places for attention
             qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, rows, qkv)
@@ -407,13 +427,15 @@ class _FrozenLayer:
     def __call__(self, x: Tensor, b: int, t: int, cache: Optional[LayerCache] = None,
                  self_mask: Optional[Tensor] = None, is_causal: bool = False,
                  cross_kv: Optional[tuple[Tensor, Tensor]] = None, memory_mask: Optional[Tensor] = None,
-                 rows: Optional[Tensor] = None, kv_rows: Optional[Tensor] = None) -> Tensor:
+                 rows: Optional[Tensor] = None, kv_rows: Optional[Tensor] = None,
+                 spans: Optional[Tensor] = None) -> Tensor:
         """x (N,D) -> (N,D): N = B*T rows, or with ``rows`` (N,) only the rows of real tokens among the B*T
         (an encoder skipping its padding). A decoder layer appends its keys/values to ``cache`` and attends
         to the source's ``cross_kv`` (each (B,H,S,Dh), or (M,H,S,Dh) with ``kv_rows`` (B,): row i's source is
-        row ``kv_rows[i]``)."""
+        row ``kv_rows[i]``). ``spans`` (B+1,): an encoder layer with ``attend_spans`` whose x holds the real
+        tokens only, sentence b's in rows spans[b]..spans[b+1]-1 (then ``rows`` and ``self_mask`` are unused)."""
         x = self._residual(x, self.self_norm, self._self_attention, b, t,
-                           cache.self_attn if cache is not None else None, self_mask, is_causal, rows)
+                           cache.self_attn if cache is not None else None, self_mask, is_causal, rows, spans)
         if self.cross:
             x = self._residual(x, self.cross_norm, self._cross_attention, b, t, cross_kv, memory_mask, kv_rows)
         return self._residual(x, self.ffn_norm, self._feed_forward)
@@ -430,6 +452,7 @@ class _FrozenStack:
         self.max_positions = stack.embed_positions.max_positions
         self.layers = [_FrozenLayer(layer, cfg, role, native) for layer in stack.layers]
         self.final_norm = _layer_norm(stack.final_norm) if stack.final_norm is not None else None
+        self.norm_kernel = _norm_kernel(native)
 
     def embed_tokens(self, tokens: Tensor, offset: int = 0, position: Optional[Tensor] = None) -> Tensor:
         """tokens (B,T) at positions offset.. -> x (B*T,D): TokenEmbedding + PositionalEncoding, same ops.
@@ -445,7 +468,7 @@ class _FrozenStack:
         return x.view(b * t, self.d_model)
 
     def finish(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, *self.final_norm) if self.final_norm is not None else x
+        return _norm(self.norm_kernel, x, self.final_norm) if self.final_norm is not None else x
 
 
 @dataclass
@@ -487,8 +510,9 @@ class _FrozenEncoder(_FrozenStack):
     """The encoder: what :class:`~transformer.model.transformer.Encoder` computes, in the frozen layout.
 
     Like CTranslate2, it skips padding: the position-wise parts (projections, feed-forward, LayerNorms) run on
-    the real tokens only, and only attention sees the padded (B,S) layout. Padding positions of the memory
-    are zeros (the model leaves other values there; attention masks them out either way).
+    the real tokens only, and only attention sees the padded (B,S) layout; with the compiled extension's
+    ``attend_spans``, attention too runs on the real tokens, each over its own sentence's. Padding positions
+    of the memory are zeros (the model leaves other values there; attention masks them out either way).
     """
 
     def __call__(self, src_tokens: Tensor) -> tuple[EncoderOut, Optional[Tensor]]:
@@ -501,8 +525,11 @@ class _FrozenEncoder(_FrozenStack):
         rows = src_mask.view(-1).nonzero().squeeze(1) if padded else None  # (N,) real tokens
         if rows is not None:
             x = x.index_select(0, rows)  # (N,D)
+        spans = None  # with attend_spans, attention too runs on the real tokens only, sentence by sentence
+        if self.layers and self.layers[0].attend_spans is not None:
+            spans = F.pad(src_mask.sum(1).cumsum(0), (1, 0))  # (B+1,)
         for layer in self.layers:
-            x = layer(x, b, s, self_mask=attn_mask, rows=rows)
+            x = layer(x, b, s, self_mask=attn_mask, rows=rows, spans=spans)
         x = self.finish(x)
         memory = x if rows is None else x.new_zeros(b * s, self.d_model).index_copy_(0, rows, x)
         return EncoderOut(memory.view(b, s, self.d_model), src_mask, padded), rows
@@ -524,6 +551,9 @@ class _FrozenDecoder(_FrozenStack):
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
         self.native = _compiled_step(self, model, module) if module is not None else None
+        # the compiled step computes the logits too where the output map runs in panels (float32 or int8)
+        self.native_logits = self.native is not None and (isinstance(self.output, _Int8Panels)
+                                                          or getattr(self.output, "panels", None) is not None)
 
     def project_memory(self, memory: Tensor, rows: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
         """Every layer's cross-attention keys and values (each (B,H,S,Dh)) of ``memory`` (B,S,D), in one
@@ -567,24 +597,33 @@ class _FrozenDecoder(_FrozenStack):
     def _native_step(self, tokens: Tensor, cache: DecoderCache, cross_kv: Optional[list[tuple[Tensor, Tensor]]],
                      memory_mask: Optional[Tensor], kv_rows: Optional[Tensor]) -> Tensor:
         """:meth:`step` for one new position (T = 1) in the compiled step: the same calls, without Python
-        between them. Python grows the KV buffers; the compiled step writes this position into them."""
+        between them, from the token embedding to the logits (to the last layer's output, then :meth:`logits`
+        here, where the output map has no panels). Python grows the KV buffers; the compiled step writes this
+        position into them and into the histories' tables of rows."""
         b = tokens.size(0)
         past = cache.length
-        x = self.embed_tokens(tokens, offset=past)  # (B,D)
-        shape = x.new_empty(b, self.n_heads, 0, self.d_model // self.n_heads)  # (B,H,0,Dh): the buffers' shape
+        check_positions(past + 1, self.max_positions)
+        shape = self.embed.new_empty(b, self.n_heads, 0, self.d_model // self.n_heads)  # (B,H,0,Dh): the buffers'
         caches = [layer_cache.self_attn for layer_cache in cache.layers]
-        tables = []  # (B,past+1) each: this step's position goes to buffer rows 0..B-1
         for kv in caches:
-            if isinstance(kv, IndexedKV):
-                tables.append(kv.claim(1, shape))
-            else:
-                kv.reserve(1, shape)
-        x = self.native.forward(x, [kv.k for kv in caches], [kv.v for kv in caches], past, tables,
-                                [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()],
-                                memory_mask, kv_rows, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
+            kv.reserve(1, shape)
+        tables = [kv.rows for kv in caches if isinstance(kv, IndexedKV)]  # (B,capacity) each
+        ks, vs = [kv.k for kv in caches], [kv.v for kv in caches]
+        cross_k, cross_v = [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()]
+        if self.native_logits:
+            logits = self.native.step(tokens, ks, vs, past, tables, cross_k, cross_v, memory_mask, kv_rows,
+                                      COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"], PANEL_ROWS["output"])  # (B,V)
+        else:
+            x = self.embed_tokens(tokens, offset=past)  # (B,D)
+            for table in tables:  # this step's position goes to buffer rows 0..B-1
+                table[:, past] = torch.arange(b)
+            rows = [table[:, : past + 1] for table in tables]
+            x = self.native.forward(x, ks, vs, past, rows, cross_k, cross_v, memory_mask, kv_rows,
+                                    COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
+            logits = self.logits(x)
         for kv in caches:
             kv.length += 1
-        return self.logits(x).reshape(b, 1, -1)
+        return logits.view(b, 1, -1)
 
     def logits(self, x: Tensor) -> Tensor:
         """The last layer's output x (N,D) -> logits (N,V): final LayerNorm (pre-LN), output projection, bias."""
@@ -626,6 +665,11 @@ def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> An
         maps = [layer.qkv, layer.self_out, layer.fc1, layer.fc2] + ([layer.cross_q, layer.cross_out] if layer.cross else [])
         norms = [layer.self_norm, layer.ffn_norm] + ([layer.cross_norm] if layer.cross else [])  # (shape, w, b, eps)
         step.add_layer([dense(m) for m in maps], [t for n in norms for t in n[1:3]], [n[3] for n in norms])
+    final = decoder.final_norm or ((), none, none, 1e-5)  # (shape, w, b, eps)
+    output = decoder.output
+    step.set_ends(decoder.embed, float(decoder.embed_scale), decoder.positions, [final[1], final[2]], final[3],
+                  dense(output) if isinstance(output, (_Dense, _Int8Panels)) else [none] * 10,
+                  decoder.final_logits_bias if decoder.final_logits_bias is not None else none)
     return step
 
 

@@ -167,6 +167,14 @@ void check_panels(const char* name, const Tensor& x, const Tensor& panels, at::S
   TORCH_CHECK(ok, name, ": float32 x, contiguous ", at::toString(dtype), " panels, padded float32 bias (and scales)");
 }
 
+// max(y, 0) over `rows` rows of `columns` outputs at y (row stride ld): a product's ReLU, applied to a panel's
+// outputs while they are in cache (the same values as ATen's relu after the product)
+void relu_block(float* y, int64_t rows, int64_t ld, int columns) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int c = 0; c < columns; ++c) y[r * ld + c] = std::max(y[r * ld + c], 0.f);
+  }
+}
+
 #ifdef TRANSFORMER_X86
 // All rows of x (N, in), in tiles of up to 6, by one float32 panel (in, 16) into out's columns of that panel.
 template <bool Scaled>
@@ -180,8 +188,9 @@ void tile_rows(const float* x, int64_t rows, int64_t k_dim, const float* panel, 
 }
 #endif
 
-// x (N, in) float32; panels (P, in, 16); bias (P * 16,) -> (N, out)
-Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias, int64_t out_features) {
+// x (N, in) float32; panels (P, in, 16); bias (P * 16,) -> (N, out), then max(., 0) where `relu`
+Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias, int64_t out_features,
+                    bool relu = false) {
   check_panels("panel_linear", x_in, panels, at::kFloat, {bias}, out_features);
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
@@ -196,15 +205,17 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
       tile_rows<false>(xp, rows, k_dim, wp + j * k_dim * kPanel, bp + j * kPanel, op + j * kPanel, out_features,
                        columns, nullptr);
+      if (relu) relu_block(op + j * kPanel, rows, out_features, columns);
     }
   });
 #endif
   return out;
 }
 
-// x (N, in) float32; panels (P, in, 16) int8; scales, bias (P * 16,) float32 -> (N, out) = (x Q^T) * s + b
+// x (N, in) float32; panels (P, in, 16) int8; scales, bias (P * 16,) float32 -> (N, out) = (x Q^T) * s + b, then
+// max(., 0) where `relu`
 Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor& scales, const Tensor& bias,
-                         int64_t out_features) {
+                         int64_t out_features, bool relu = false) {
   check_panels("panel_linear_int8", x_in, panels, at::kChar, {scales, bias}, out_features);
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
@@ -224,11 +235,12 @@ Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor&
       if (rows <= kTileRows) {  // one tile, converting the weights as it goes
         kTilesOf<int8_t, true>[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns,
                                      sp + j * kPanel);
-        continue;
+      } else {
+        convert_panel(panel, k_dim, buffer.data());
+        tile_rows<true>(xp, rows, k_dim, buffer.data(), bp + j * kPanel, op + j * kPanel, out_features, columns,
+                        sp + j * kPanel);
       }
-      convert_panel(panel, k_dim, buffer.data());
-      tile_rows<true>(xp, rows, k_dim, buffer.data(), bp + j * kPanel, op + j * kPanel, out_features, columns,
-                      sp + j * kPanel);
+      if (relu) relu_block(op + j * kPanel, rows, out_features, columns);
     }
   });
 #endif
@@ -406,6 +418,142 @@ Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   return out;
 }
 
+// An encoder's self-attention over its real tokens only: qkv (N, 3D) holds the q, k, v of a batch's real
+// source tokens, sentence after sentence (sentence b's tokens are rows starts[b] .. starts[b + 1] - 1), and
+// each token attends to its own sentence's tokens, with attend_row. ATen's attention runs on the padded
+// (B, S) layout instead: the padding's queries and keys too (about half of a Multi30k batch of 32), and the
+// copies into and out of that layout. -> (N, D), the heads side by side, as the output projection takes them.
+Tensor attend_spans(const Tensor& qkv_in, const Tensor& starts_in, int64_t heads) {
+  TORCH_CHECK(panels_supported(), "attend_spans needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(qkv_in.dim() == 2 && qkv_in.scalar_type() == at::kFloat && heads > 0 && qkv_in.size(1) % (3 * heads) == 0,
+              "attend_spans: float32 qkv (N, 3D) with D a multiple of the heads");
+  TORCH_CHECK(starts_in.dim() == 1 && starts_in.scalar_type() == at::kLong && starts_in.numel() >= 1,
+              "attend_spans: starts (B + 1,) int64");
+  Tensor qkv = qkv_in.contiguous(), starts = starts_in.contiguous();
+  const int64_t n = qkv.size(0), d = qkv.size(1) / 3, dh = d / heads, b = starts.numel() - 1;
+  const int64_t* st = starts.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] == 0 && st[b] == n, "attend_spans: starts run from 0 to N");
+  std::vector<int64_t> sentence(n);  // the sentence of each row
+  int64_t longest = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK(st[i] <= st[i + 1], "attend_spans: starts must not decrease");
+    longest = std::max(longest, st[i + 1] - st[i]);
+    for (int64_t r = st[i]; r < st[i + 1]; ++r) sentence[r] = i;
+  }
+  Tensor out = at::empty({n, d}, qkv.options());
+  if (n == 0) return out;
+  const float* qp = qkv.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * dh));
+  at::parallel_for(0, n * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(longest);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / heads, head = i % heads, first = st[sentence[r]];
+      const float* key0 = qp + first * 3 * d + head * dh;
+      attend_row(qp + r * 3 * d + head * dh, key0 + d, 3 * d, key0 + 2 * d, 3 * d, nullptr, 0, 0, nullptr,
+                 st[sentence[r] + 1] - first, dh, scale, scores.data(), op + r * d + head * dh);
+    }
+  });
+  return out;
+}
+
+// --- LayerNorm of a residual sum ---------------------------------------------------------------------
+//
+// A decoder step's sub-layers end in LayerNorm(x + sublayer(x)) (post-LN) or start with LayerNorm(x) (pre-LN):
+// at a few rows ATen's add and layer_norm cost 3-20 us a call on the benchmark CPU, mostly the calls' own
+// cost (allocations, the threads' start). Here the sum and its normalisation are one pass per row: the sum
+// written out, its mean, the mean of its squared deviations (two passes over the row, in float32), then
+// (v - mean) / sqrt(var + eps) * w + b. Rows are split among the threads from a few hundred on (an encoder's
+// source tokens). The frozen Python layers call the same function (frozen._FrozenLayer), so the compiled
+// step and the Python step agree bit for bit; against ATen's layer_norm it agrees to float32 rounding.
+
+#ifdef TRANSFORMER_X86
+// the sum of d floats, 8 lanes at a time (two chains), then the rest one at a time
+__attribute__((target("avx2,fma"))) inline float row_sum(const float* v, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(v + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(v + i + 8));
+  }
+  if (i + 8 <= d) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(v + i));
+    i += 8;
+  }
+  float total = sum_8(_mm256_add_ps(a0, a1));
+  for (; i < d; ++i) total += v[i];
+  return total;
+}
+
+// the sum of (v_i - mean)^2 likewise
+__attribute__((target("avx2,fma"))) inline float row_squares(const float* v, int64_t d, float mean) {
+  const __m256 m = _mm256_set1_ps(mean);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const __m256 e0 = _mm256_sub_ps(_mm256_loadu_ps(v + i), m), e1 = _mm256_sub_ps(_mm256_loadu_ps(v + i + 8), m);
+    a0 = _mm256_fmadd_ps(e0, e0, a0);
+    a1 = _mm256_fmadd_ps(e1, e1, a1);
+  }
+  if (i + 8 <= d) {
+    const __m256 e0 = _mm256_sub_ps(_mm256_loadu_ps(v + i), m);
+    a0 = _mm256_fmadd_ps(e0, e0, a0);
+    i += 8;
+  }
+  float total = sum_8(_mm256_add_ps(a0, a1));
+  for (; i < d; ++i) total += (v[i] - mean) * (v[i] - mean);
+  return total;
+}
+
+// one row: out = LayerNorm(x + r) (r may be null)
+__attribute__((target("avx2,fma"))) void norm_row(const float* x, const float* r, const float* w, const float* b,
+                                                 float eps, int64_t d, float* out) {
+  int64_t i = 0;
+  if (r != nullptr) {
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(r + i)));
+    for (; i < d; ++i) out[i] = x[i] + r[i];
+  } else {
+    std::memcpy(out, x, sizeof(float) * d);
+  }
+  const float mean = row_sum(out, d) / static_cast<float>(d);
+  const float rstd = 1.f / std::sqrt(row_squares(out, d, mean) / static_cast<float>(d) + eps);
+  const __m256 m = _mm256_set1_ps(mean), s = _mm256_set1_ps(rstd);
+  for (i = 0; i + 8 <= d; i += 8) {
+    const __m256 y = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(out + i), m), s);
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(y, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
+  }
+  for (; i < d; ++i) out[i] = (out[i] - mean) * rstd * w[i] + b[i];
+}
+#endif
+
+// x (N, D), residual (N, D) or none, weight, bias (D,) float32 -> LayerNorm(x + residual) (N, D)
+Tensor add_layer_norm(const Tensor& x_in, const std::optional<Tensor>& residual, const Tensor& weight,
+                      const Tensor& bias, double eps) {
+  TORCH_CHECK(panels_supported(), "add_layer_norm needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat && weight.numel() == x_in.size(1) && bias.numel() == x_in.size(1),
+              "add_layer_norm: float32 x (N, D), weight and bias (D,)");
+  const bool has_residual = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_residual || residual->sizes() == x_in.sizes(), "add_layer_norm: residual (N, D) like x");
+  Tensor x = x_in.contiguous(), r = has_residual ? residual->contiguous() : Tensor();
+  Tensor w = weight.contiguous(), b = bias.contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  Tensor out = at::empty({n, d}, x.options());
+#ifdef TRANSFORMER_X86
+  const float* xp = x.data_ptr<float>();
+  const float* rp = has_residual ? r.data_ptr<float>() : nullptr;
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) norm_row(xp + i * d, rp ? rp + i * d : nullptr, wp, bp, e, d, op + i * d);
+  });
+#endif
+  return out;
+}
+
 // --- a search step's candidates -----------------------------------------------------------------------
 //
 // What a search does with a step's logits: log-softmax over the vocabulary, add each hypothesis's score, and
@@ -556,30 +704,37 @@ struct Dense {
   Tensor int8_panels;  // (ceil(out/16), in, 16) int8, or undefined
   Tensor scales;       // (ceil(out/16) * 16,)
 
-  Tensor operator()(const Tensor& x, int64_t column_rows, int64_t panel_rows) const {  // (N, in) -> (N, out)
+  // (N, in) -> (N, out); then max(., 0) where `relu` (in the panels' epilogue where they run it)
+  Tensor operator()(const Tensor& x, int64_t column_rows, int64_t panel_rows, bool relu = false) const {
     const int64_t rows = x.size(0);
     if (int8_panels.defined()) {
-      return panel_linear_int8(x, int8_panels, scales, bias_panels, bias.size(0));
+      return panel_linear_int8(x, int8_panels, scales, bias_panels, bias.size(0), relu);
     }
     if (rows <= panel_rows && panels.defined()) {
-      return panel_linear(x, panels, bias_panels, bias.size(0));
+      return panel_linear(x, panels, bias_panels, bias.size(0), relu);
     }
+    Tensor y;
     if (rows == 1 && blocks_w.defined()) {
       const int64_t p = blocks_w.size(0);
-      return at::baddbmm(blocks_b, blocks_w, x.t().expand({p, -1, 1})).view({1, -1});
+      y = at::baddbmm(blocks_b, blocks_w, x.t().expand({p, -1, 1})).view({1, -1});
+    } else if (rows >= 2 && rows <= column_rows) {
+      y = at::addmm(bias_col, weight, x.t()).t();  // (out, N) -> (N, out), a transposed view
+    } else {
+      y = at::addmm(bias, x, weight_t);
     }
-    if (rows >= 2 && rows <= column_rows) {
-      return at::addmm(bias_col, weight, x.t()).t();  // (out, N) -> (N, out), a transposed view
-    }
-    return at::addmm(bias, x, weight_t);
+    return relu ? at::relu(y) : y;
   }
 };
 
+// LayerNorm(x [+ residual]): add_layer_norm where `fast` (a CPU with AVX2 and FMA; frozen.py's layers then
+// call it too), else ATen's add and layer_norm (the Python step's calls then)
 struct Norm {
   Tensor weight, bias;
-  double eps;
-  Tensor operator()(const Tensor& x) const {
-    return at::layer_norm(x, {weight.size(0)}, weight, bias, eps);
+  double eps = 1e-5;
+  bool fast = false;
+  Tensor operator()(const Tensor& x, const std::optional<Tensor>& residual = std::nullopt) const {
+    if (fast) return add_layer_norm(x, residual, weight, bias, eps);
+    return at::layer_norm(residual ? x + *residual : x, {weight.size(0)}, weight, bias, eps);
   }
 };
 
@@ -602,7 +757,8 @@ Dense make_dense(const std::vector<Tensor>& t) {
 
 class DecoderStep {
  public:
-  // fast_attention: attend_one instead of ATen's attention (frozen.py passes panels_supported())
+  // fast_attention: attend_one, add_layer_norm and the KV cache's writes by rows instead of ATen's attention,
+  // add, layer_norm and copy_ (frozen.py passes panels_supported(), and its Python layers then use the same)
   DecoderStep(int64_t n_heads, bool norm_first, bool gelu, bool fast_attention)
       : n_heads_(n_heads), norm_first_(norm_first), gelu_(gelu), fast_attention_(fast_attention) {}
 
@@ -614,24 +770,68 @@ class DecoderStep {
     l.self_out = make_dense(dense.at(1));
     l.fc1 = make_dense(dense.at(2));
     l.fc2 = make_dense(dense.at(3));
-    l.self_norm = Norm{norms.at(0), norms.at(1), eps.at(0)};
-    l.ffn_norm = Norm{norms.at(2), norms.at(3), eps.at(1)};
+    l.self_norm = Norm{norms.at(0), norms.at(1), eps.at(0), fast_attention_};
+    l.ffn_norm = Norm{norms.at(2), norms.at(3), eps.at(1), fast_attention_};
     l.cross = dense.size() == 6;
     if (l.cross) {
       l.cross_q = make_dense(dense.at(4));
       l.cross_out = make_dense(dense.at(5));
-      l.cross_norm = Norm{norms.at(4), norms.at(5), eps.at(2)};
+      l.cross_norm = Norm{norms.at(4), norms.at(5), eps.at(2), fast_attention_};
     }
     layers_.push_back(std::move(l));
   }
 
-  // x (N, D): the embedded new position of each row. k_cache[i], v_cache[i]: layer i's buffers (N, H, C, Dh),
-  // C > length; this step's keys/values go to position `length`. With self_rows (one per layer, each
-  // (N, length + 1)), the buffers are (M, H, C, Dh), M >= N: row r's position j lies in buffer row
-  // self_rows[i][r, j], and this step's keys/values go to rows 0..N-1 (self_rows[i][:, length] = 0..N-1).
-  // cross_k[i], cross_v[i]: (N, H, S, Dh), or (M, H, S, Dh) with cross_rows (N,): row r's source keys are row
-  // cross_rows[r]. memory_mask: (N, 1, 1, S) bool, true where a source token is real, or none. Returns (N, D),
-  // before the final LayerNorm.
+  // What comes before and after the layers: the token embedding (V, D) scaled by `scale`, the positions (P, D),
+  // the final LayerNorm (pre-LN; empty tensors where there is none), the output map and its extra bias (empty
+  // where there is none)
+  void set_ends(const Tensor& embed, double scale, const Tensor& positions, const std::vector<Tensor>& final_norm,
+                double eps, const std::vector<Tensor>& output, const Tensor& logits_bias) {
+    embed_ = embed;
+    scale_ = scale;
+    positions_ = positions;
+    has_final_norm_ = final_norm.at(0).numel() > 0;
+    final_norm_ = Norm{final_norm.at(0), final_norm.at(1), eps, fast_attention_};
+    output_ = make_dense(output);
+    logits_bias_ = logits_bias.numel() > 0 ? logits_bias : Tensor();
+  }
+
+  // tokens (N, 1) int64: each row's new token, at position `length` (the cached positions before it).
+  // k_cache[i], v_cache[i]: layer i's buffers (N, H, C, Dh), C > length; this step's keys/values go to position
+  // `length`. With tables (one per layer, each (N, C') int64, C' > length), the buffers are (M, H, C, Dh),
+  // M >= N: row r's position j lies in buffer row tables[i][r, j]; this step writes tables[i][r, length] = r and
+  // its keys/values to buffer rows 0..N-1. cross_k[i], cross_v[i]: (N, H, S, Dh), or (M, H, S, Dh) with
+  // cross_rows (N,): row r's source keys are row cross_rows[r]. memory_mask: (N, 1, 1, S) bool, true where a
+  // source token is real, or none. column_rows, panel_rows: the layers' product forms (frozen.py's COLUMN_ROWS and
+  // PANEL_ROWS for the decoder), output_panel_rows: the output map's. Returns the logits (N, V).
+  Tensor step(const Tensor& tokens, const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache,
+              int64_t length, const std::vector<Tensor>& tables, const std::vector<Tensor>& cross_k,
+              const std::vector<Tensor>& cross_v, const std::optional<Tensor>& memory_mask,
+              const std::optional<Tensor>& cross_rows, int64_t column_rows, int64_t panel_rows,
+              int64_t output_panel_rows) const {
+    at::NoGradGuard no_grad;
+    TORCH_CHECK(embed_.defined(), "DecoderStep.step: set_ends first");
+    TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && length < positions_.size(0),
+                "DecoderStep.step: tokens (N, 1) at a position within the model's positions");
+    const int64_t n = tokens.size(0);
+    // TokenEmbedding + PositionalEncoding, the Python step's ops: (N, 1, D) * scale + (1, D)
+    Tensor x = (at::embedding(embed_, tokens) * scale_ + positions_.narrow(0, length, 1)).view({n, -1});
+    std::vector<Tensor> rows;
+    for (const Tensor& t : tables) {
+      TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kLong && t.size(0) == n && t.size(1) > length,
+                  "DecoderStep.step: tables (N, C) int64 with room for this position");
+      int64_t* tp = t.data_ptr<int64_t>();
+      for (int64_t r = 0; r < n; ++r) tp[r * t.stride(0) + length * t.stride(1)] = r;
+      rows.push_back(t.narrow(1, 0, length + 1));
+    }
+    x = forward(x, k_cache, v_cache, length, rows, cross_k, cross_v, memory_mask, cross_rows, column_rows,
+                panel_rows);
+    if (has_final_norm_) x = final_norm_(x);
+    Tensor logits = output_(x, 0, output_panel_rows);
+    return logits_bias_.defined() ? logits + logits_bias_ : logits;
+  }
+
+  // x (N, D): the embedded new position of each row; the rest as step's (self_rows: the tables, (N, length + 1),
+  // already written). Returns (N, D), before the final LayerNorm.
   Tensor forward(Tensor x, const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache, int64_t length,
                  const std::vector<Tensor>& self_rows, const std::vector<Tensor>& cross_k,
                  const std::vector<Tensor>& cross_v, const std::optional<Tensor>& memory_mask,
@@ -647,16 +847,20 @@ class DecoderStep {
       const Layer& l = layers_[i];
       // self-attention
       Tensor y = norm_first_ ? l.self_norm(x) : x;
-      Tensor qkv = l.qkv(y, column_rows, panel_rows).contiguous().view({n, 1, 3, h, dh}).permute({2, 0, 3, 1, 4});
-      Tensor q = qkv[0], k = qkv[1], v = qkv[2];  // (N, H, 1, Dh)
-      k_cache[i].narrow(0, 0, n).narrow(2, length, 1).copy_(k);
-      v_cache[i].narrow(0, 0, n).narrow(2, length, 1).copy_(v);
+      Tensor qkv = l.qkv(y, column_rows, panel_rows).contiguous();  // (N, 3D): q, k, v of each head
+      write_position(qkv, 1, k_cache[i], length);
+      write_position(qkv, 2, v_cache[i], length);
+      Tensor q = qkv.view({n, 1, 3, h, dh}).permute({2, 0, 3, 1, 4})[0];  // (N, H, 1, Dh)
       Tensor keys = k_cache[i].narrow(2, 0, length + 1), values = v_cache[i].narrow(2, 0, length + 1);
       std::optional<Tensor> rows = self_rows.empty() ? std::nullopt : std::optional<Tensor>(self_rows[i]);
       Tensor a = fast_attention_ ? attend_one(q, keys, values, std::nullopt, rows)  // (N, D)
                                  : at::scaled_dot_product_attention(q, keys, values).transpose(1, 2).reshape({n, d});
       Tensor s = l.self_out(a, column_rows, panel_rows);
-      x = norm_first_ ? x + s : l.self_norm(x + s);
+      if (norm_first_) {
+        x = x + s;
+      } else {
+        x = l.self_norm(x, s);
+      }
       // cross-attention
       if (l.cross) {
         y = norm_first_ ? l.cross_norm(x) : x;
@@ -668,32 +872,72 @@ class DecoderStep {
                              .transpose(1, 2)
                              .reshape({n, d});
         s = l.cross_out(c, column_rows, panel_rows);
-        x = norm_first_ ? x + s : l.cross_norm(x + s);
+        if (norm_first_) {
+          x = x + s;
+        } else {
+          x = l.cross_norm(x, s);
+        }
       }
       // feed-forward
       y = norm_first_ ? l.ffn_norm(x) : x;
-      Tensor f = l.fc1(y, column_rows, panel_rows);
-      f = gelu_ ? at::gelu(f) : at::relu(f);
+      Tensor f = gelu_ ? at::gelu(l.fc1(y, column_rows, panel_rows)) : l.fc1(y, column_rows, panel_rows, true);
       s = l.fc2(f, column_rows, panel_rows);
-      x = norm_first_ ? x + s : l.ffn_norm(x + s);
+      if (norm_first_) {
+        x = x + s;
+      } else {
+        x = l.ffn_norm(x, s);
+      }
     }
     return x;
   }
 
  private:
+  // this position's keys (part 1) or values (part 2) of qkv (N, 3D) -> buffer rows 0..N-1 of cache (M, H, C, Dh)
+  // at position `length`
+  void write_position(const Tensor& qkv, int64_t part, const Tensor& cache, int64_t length) const {
+    const int64_t n = qkv.size(0), h = n_heads_, dh = qkv.size(1) / 3 / h;
+    TORCH_CHECK(cache.dim() == 4 && cache.size(0) >= n && cache.size(1) == h && cache.size(2) > length &&
+                    cache.size(3) == dh && cache.stride(3) == 1 && cache.scalar_type() == at::kFloat,
+                "DecoderStep: KV buffers (M >= N, H, C > length, Dh) float32");
+    const float* src = qkv.data_ptr<float>() + part * h * dh;
+    float* dst = cache.data_ptr<float>() + length * cache.stride(2);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t head = 0; head < h; ++head) {
+        std::memcpy(dst + r * cache.stride(0) + head * cache.stride(1), src + r * qkv.stride(0) + head * dh,
+                    sizeof(float) * dh);
+      }
+    }
+  }
+
   int64_t n_heads_;
   bool norm_first_, gelu_, fast_attention_;
   std::vector<Layer> layers_;
+  Tensor embed_, positions_, logits_bias_;
+  double scale_ = 1.0;
+  bool has_final_norm_ = false;
+  Norm final_norm_;
+  Dense output_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderStep>(m, "DecoderStep")
       .def(pybind11::init<int64_t, bool, bool, bool>())
       .def("add_layer", &DecoderStep::add_layer)
+      .def("set_ends", &DecoderStep::set_ends)
+      .def("step", &DecoderStep::step)
       .def("forward", &DecoderStep::forward);
-  m.def("panel_linear", &panel_linear, "x (N, in) @ W^T + b with W as (P, in, 16) column panels -> (N, out)");
+  m.def("panel_linear", &panel_linear, "x (N, in) @ W^T + b with W as (P, in, 16) column panels -> (N, out)",
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("bias"), pybind11::arg("out_features"),
+        pybind11::arg("relu") = false);
   m.def("panel_linear_int8", &panel_linear_int8,
-        "(x (N, in) @ Q^T) * s + b with int8 Q as (P, in, 16) column panels, s per output -> (N, out)");
+        "(x (N, in) @ Q^T) * s + b with int8 Q as (P, in, 16) column panels, s per output -> (N, out)",
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("scales"), pybind11::arg("bias"),
+        pybind11::arg("out_features"), pybind11::arg("relu") = false);
+  m.def("attend_spans", &attend_spans, "an encoder's self-attention over real tokens: qkv (N, 3D), sentence b "
+        "in rows starts[b] .. starts[b + 1] - 1, heads -> (N, D)");
+  m.def("add_layer_norm", &add_layer_norm, "LayerNorm(x (N, D) + residual (N, D) or None) with weight, bias (D,)",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("eps"));
   m.def("attend_one", &attend_one, "attention of one query per row and head: q (N, H, 1, Dh), k, v (N, H, L, Dh), "
         "mask (N, 1, 1, L) or None; with kv_rows (N,), row r attends to k[kv_rows[r]], v[kv_rows[r]] -> (N, H * Dh)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(),
