@@ -137,24 +137,26 @@ class _Dense:
             self.bias_panels = _padded(self.bias, out)  # (P*16,)
             self.native = native
 
-    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out), possibly a transposed view
+    def __call__(self, x: Tensor, relu: bool = False) -> Tensor:
+        """x (N, in) -> (N, out), possibly a transposed view; then ReLU where ``relu`` (in the product's
+        epilogue where it has one: the panels, oneDNN)."""
         if not self.cpu:
-            return F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias)
+            return F.relu(y) if relu else y
         rows = x.size(0)
         if self.panels is not None and rows <= PANEL_ROWS[self.role]:
-            return self.native.panel_linear(x, self.panels, self.bias_panels, self.weight.size(0))
+            return self.native.panel_linear(x, self.panels, self.bias_panels, self.weight.size(0), relu)
+        if self.packed is not None and rows >= PACKED_FROM_ROWS[self.role]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "relu" if relu else "none", [], "")
         if rows == 1 and self.blocks is not None:
             weight, bias = self.blocks  # (P, out/P, in), (P, out/P, 1)
-            return torch.baddbmm(bias, weight, x.t().expand(weight.size(0), -1, 1)).view(1, -1)  # (P,out/P,1) -> (1,out)
-        if self.packed is not None and rows >= PACKED_FROM_ROWS[self.role]:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if 2 <= rows <= COLUMN_ROWS[self.role]:
-            if self.bias is None:
-                return torch.mm(self.weight, x.t()).t()
-            return torch.addmm(self.bias_col, self.weight, x.t()).t()  # (out, N) -> (N, out)
-        if self.bias is None:
-            return torch.mm(x, self.weight_t)
-        return torch.addmm(self.bias, x, self.weight_t)
+            y = torch.baddbmm(bias, weight, x.t().expand(weight.size(0), -1, 1)).view(1, -1)  # (P,out/P,1) -> (1,out)
+        elif 2 <= rows <= COLUMN_ROWS[self.role]:
+            y = (torch.mm(self.weight, x.t()) if self.bias is None
+                 else torch.addmm(self.bias_col, self.weight, x.t())).t()  # (out, N) -> (N, out)
+        else:
+            y = torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        return F.relu(y) if relu else y
 
 
 class _Int8:
@@ -163,8 +165,9 @@ class _Int8:
     def __init__(self, weight_q: Tensor, bias: Optional[Tensor]) -> None:  # weight_q (out, in) qint8 per channel
         self.packed = torch.ops.quantized.linear_prepack(weight_q, bias)
 
-    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
-        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+    def __call__(self, x: Tensor, relu: bool = False) -> Tensor:  # (N, in) -> (N, out)
+        y = torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+        return F.relu(y) if relu else y
 
 
 class _Int8Panels:
@@ -185,8 +188,9 @@ class _Int8Panels:
         self.bias_panels = _padded(self.bias, out)  # (P*16,)
         self.native = native
 
-    def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
-        return self.native.panel_linear_int8(x, self.int8_panels, self.scales, self.bias_panels, self.bias.size(0))
+    def __call__(self, x: Tensor, relu: bool = False) -> Tensor:  # (N, in) -> (N, out), then ReLU where ``relu``
+        return self.native.panel_linear_int8(x, self.int8_panels, self.scales, self.bias_panels, self.bias.size(0),
+                                             relu)
 
     def float_weight(self) -> Tensor:
         """The float32 weight ``Q * s`` (out, in) that this map multiplies by."""
@@ -422,7 +426,9 @@ class _FrozenLayer:
         return self.cross_out(a.transpose(1, 2).reshape(b * t, d))  # (N,D)
 
     def _feed_forward(self, y: Tensor) -> Tensor:
-        return self.fc2(self.activation(self.fc1(y)))  # (N,D) -> (N,F) -> (N,D)
+        if self.activation is F.relu:  # in the product's epilogue
+            return self.fc2(self.fc1(y, relu=True))  # (N,D) -> (N,F) -> (N,D)
+        return self.fc2(self.activation(self.fc1(y)))
 
     def __call__(self, x: Tensor, b: int, t: int, cache: Optional[LayerCache] = None,
                  self_mask: Optional[Tensor] = None, is_causal: bool = False,
@@ -548,6 +554,7 @@ class _FrozenDecoder(_FrozenStack):
                                       for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
                                     role="encoder", native=module)  # runs over the source's rows, as the encoder does
         self.output = _linear(model.output.lm_head, role="output", native=module)  # panels: int8 only
+        self.source_heads = module.source_heads if module is not None else None
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
         self.native = _compiled_step(self, model, module) if module is not None else None
@@ -562,6 +569,9 @@ class _FrozenDecoder(_FrozenStack):
         h, dh, n_layers = self.n_heads, d // self.n_heads, len(self.layers)
         x = memory.reshape(b * s, d)
         kv = self.cross_kv(x if rows is None else x.index_select(0, rows))  # (N, L*2*D)
+        if self.source_heads is not None:  # the padded, per-head layout in one pass
+            kv = self.source_heads(kv, rows, b, s, n_layers, h)  # (L,2,B,H,S,Dh)
+            return [(kv[i, 0], kv[i, 1]) for i in range(n_layers)]
         if rows is not None:
             kv = kv.new_zeros(b * s, kv.size(1)).index_copy_(0, rows, kv)  # (B*S, L*2*D)
         kv = kv.reshape(b, s, n_layers, 2, h, dh).permute(2, 3, 0, 4, 1, 5).contiguous()  # (L,2,B,H,S,Dh)

@@ -458,6 +458,54 @@ Tensor attend_spans(const Tensor& qkv_in, const Tensor& starts_in, int64_t heads
   return out;
 }
 
+// The decoder's cross-attention keys and values of a source, from the one product over its real tokens:
+// kv (N, L * 2 * D), row i the token at position positions[i] of the padded (B, S) layout (or, without
+// positions, N = B * S in order) -> (L, 2, B, H, S, Dh) contiguous, zeros at the padding: what attend_one and
+// ATen's attention read. One pass, where scattering into the padded layout and then permuting it is two
+// copies and a fill.
+Tensor source_heads(const Tensor& kv_in, const std::optional<Tensor>& positions, int64_t batch, int64_t length,
+                    int64_t layers, int64_t heads) {
+  TORCH_CHECK(kv_in.dim() == 2 && kv_in.scalar_type() == at::kFloat && layers > 0 && heads > 0 &&
+                  kv_in.size(1) % (2 * layers * heads) == 0,
+              "source_heads: float32 kv (N, L * 2 * D)");
+  Tensor kv = kv_in.contiguous();
+  const int64_t n = kv.size(0), width = kv.size(1), dh = width / (2 * layers * heads);
+  std::vector<int64_t> row_of(batch * length, -1);  // the kv row of each (b, s), -1 at padding
+  if (positions.has_value() && positions->defined()) {
+    TORCH_CHECK(positions->dim() == 1 && positions->scalar_type() == at::kLong && positions->numel() == n,
+                "source_heads: positions (N,) int64");
+    Tensor p = positions->contiguous();
+    const int64_t* pp = p.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(pp[i] >= 0 && pp[i] < batch * length, "source_heads: a position outside B x S");
+      row_of[pp[i]] = i;
+    }
+  } else {
+    TORCH_CHECK(n == batch * length, "source_heads: without positions, kv has B x S rows");
+    for (int64_t i = 0; i < n; ++i) row_of[i] = i;
+  }
+  Tensor out = at::empty({layers, 2, batch, heads, length, dh}, kv.options());
+  const float* src = kv.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  // block (l, part, b, head): S rows of Dh, from columns ((l * 2 + part) * H + head) * Dh of kv
+  at::parallel_for(0, layers * 2 * batch * heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t head = block % heads, b = (block / heads) % batch, lp = block / (heads * batch);
+      const int64_t column = (lp * heads + head) * dh;
+      float* out_block = dst + block * length * dh;
+      for (int64_t t = 0; t < length; ++t) {
+        const int64_t row = row_of[b * length + t];
+        if (row < 0) {
+          std::memset(out_block + t * dh, 0, sizeof(float) * dh);
+        } else {
+          std::memcpy(out_block + t * dh, src + row * width + column, sizeof(float) * dh);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // --- LayerNorm of a residual sum ---------------------------------------------------------------------
 //
 // A decoder step's sub-layers end in LayerNorm(x + sublayer(x)) (post-LN) or start with LayerNorm(x) (pre-LN):
@@ -935,6 +983,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("out_features"), pybind11::arg("relu") = false);
   m.def("attend_spans", &attend_spans, "an encoder's self-attention over real tokens: qkv (N, 3D), sentence b "
         "in rows starts[b] .. starts[b + 1] - 1, heads -> (N, D)");
+  m.def("source_heads", &source_heads, "kv (N, L*2*D) of the real tokens at positions (N,) of B x S (or None: "
+        "all) -> (L, 2, B, H, S, Dh), zeros at the padding", pybind11::arg("kv"), pybind11::arg("positions"),
+        pybind11::arg("batch"), pybind11::arg("length"), pybind11::arg("layers"), pybind11::arg("heads"));
   m.def("add_layer_norm", &add_layer_norm, "LayerNorm(x (N, D) + residual (N, D) or None) with weight, bias (D,)",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("eps"));
