@@ -19,8 +19,8 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   1.2-3.7x faster than MKL on the benchmark CPU, for the encoder from two rows, and for the decoder from 64
   (``benchmarks/bench_micro.py --parts frozen``).
 * On the CPU, once ``transformer build-native`` has compiled it (:mod:`transformer.model.native`), a step of
-  one new position runs in C++ (``csrc/decoder_step.cpp``): the same calls in the same order, bit for bit
-  the Python step's results, without the interpreter between them (about a fifth of a step at one row).
+  one new position runs in C++ (``csrc/decoder_step.cpp``), from the token embedding to the logits: the same
+  calls in the same order, bit for bit the Python step's results, without the interpreter between them.
   The same build brings ``panel_linear``, a product for few rows (AVX2 and FMA) by the weight cut into
   column panels that are each one sequential stream of memory; it replaces the forms above for the
   decoder's, the encoder's and the output projection's products up to ``PANEL_ROWS`` (256) rows (1.1-2.9x
@@ -30,7 +30,11 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   of a sentence share its source's cross-attention keys (:class:`FrozenEncoderOut`), and the self-attention
   history is reordered by a table of rows instead of copies (:class:`IndexedKV`); and ``step_candidates``,
   which a search uses for a step's log-softmax and best continuations (:mod:`transformer.decoding.common`).
-  ``freeze(model, native=False)`` keeps the Python step and the forms above.
+  Since session 12 it also brings ``add_layer_norm`` (LayerNorm of a residual sum in one pass, for every
+  frozen LayerNorm: ATen's add and layer_norm cost more in calls than in arithmetic at a step's few rows),
+  ReLU in the products' epilogue, ``attend_spans`` (the encoder's self-attention over its real tokens only,
+  each over its own sentence's: no padded layout) and ``source_heads`` (the cross-attention keys and values
+  laid out per head in one pass). ``freeze(model, native=False)`` keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give. Where the compiled extension is

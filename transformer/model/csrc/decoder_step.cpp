@@ -1,10 +1,12 @@
 // One decoder step of a frozen model (transformer/model/frozen.py), run from C++ instead of Python.
 //
-// The same ATen calls, in the same order, as _FrozenDecoder.step for one new position on the CPU (float32):
-// what this saves is the Python interpreter between the calls (about 0.5 ms a step at one row on the
-// benchmark CPU, a fifth of the step: benchmarks/bench_micro.py --parts overhead). Built on demand by
+// What _FrozenDecoder.step computes for one new position on the CPU (float32 or int8 weights), from the token
+// embedding to the logits, with the same calls in the same order (this file's kernels where the Python step
+// calls them too: products, attention, LayerNorm), so the two agree bit for bit: what this saves is the Python
+// interpreter between the calls and the fixed cost of ATen's small calls (allocations, the threads' start),
+// which at a few rows are a large part of a step. Built on demand by
 // transformer/model/native.py with torch.utils.cpp_extension; Python keeps the KV cache (it grows the
-// buffers, this writes the new position into them), the output projection and the search.
+// buffers; this writes the new position into them and into the histories' tables of rows) and the search.
 //
 // It also holds panel_linear, a product for the few rows of a decoder step (below): with the weights read
 // once, in the order they lie in memory, it is 1.1-2.9x faster than MKL's and oneDNN's forms at 1-64 rows of
