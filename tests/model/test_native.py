@@ -92,6 +92,8 @@ def test_panel_linear_computes_linear(rows, out_features, in_features):
         torch.testing.assert_close(dense(x), linear(x), rtol=1e-5, atol=1e-5)
         no_bias = _Dense(linear.weight, None, "decoder", native.build())
         torch.testing.assert_close(no_bias(x), x @ linear.weight.t(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(dense(x, relu=True), torch.relu(dense(x)))  # ReLU in the epilogue: the same values
+        assert dense(x[:0]).shape == (0, out_features)
     with pytest.raises(RuntimeError, match="panel_linear"):
         native.build().panel_linear(torch.randn(rows, in_features + 1), dense.panels, dense.bias_panels, out_features)
 
@@ -257,6 +259,8 @@ def test_panel_linear_int8_computes_the_int8_weights_product(out_features, in_fe
         assert int8(x[:0]).shape == (0, out_features)
         no_bias = _Int8Panels(w_q, None, native.build())
         torch.testing.assert_close(no_bias(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
+        for rows in (3, 40):  # ReLU in the epilogue, of the fused tile and of the converted panel
+            assert torch.equal(int8(x[:rows], relu=True), torch.relu(whole[:rows]))
     with pytest.raises(RuntimeError, match="panel_linear_int8"):
         native.build().panel_linear_int8(torch.randn(2, in_features + 1), int8.int8_panels, int8.scales,
                                          int8.bias_panels, out_features)
@@ -423,3 +427,76 @@ def test_build_native_command(capsys, monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         native._loaded.clear()
+
+
+@pytest.mark.parametrize("rows,width", [(1, 256), (7, 20), (300, 256), (5, 3)])  # 300 rows: split among threads
+def test_add_layer_norm_computes_layer_norm(rows, width):
+    """LayerNorm(x + residual) and LayerNorm(x) in one pass against ATen's add and layer_norm."""
+    if not native.build().panels_supported():
+        pytest.skip("add_layer_norm needs a CPU with AVX2 and FMA")
+    torch.manual_seed(rows + width)
+    norm = torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(rows, width + 2)[:, 1 : 1 + width] * 3 + 1  # not contiguous, not centred
+    residual = torch.randn(rows, width)
+    kernel = native.build().add_layer_norm
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(x, residual, norm.weight, norm.bias, norm.eps), norm(x + residual),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kernel(x, None, norm.weight, norm.bias, norm.eps), norm(x), rtol=1e-5, atol=1e-5)
+    assert kernel(x[:0], None, norm.weight, norm.bias, 1e-5).shape == (0, width)
+    with pytest.raises(RuntimeError, match="add_layer_norm"):
+        kernel(x, residual[:, :-1], norm.weight, norm.bias, 1e-5)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(4, 64), (2, 5)])
+def test_attend_spans_is_each_sentences_own_attention(heads, head_dim):
+    """attend_spans over the packed real tokens of sentences of different lengths (one of none) equals SDPA
+    on the padded layout with its padding mask, at the real tokens."""
+    if not native.build().panels_supported():
+        pytest.skip("attend_spans needs a CPU with AVX2 and FMA")
+    torch.manual_seed(head_dim)
+    lengths = [5, 1, 0, 9, 3]
+    b, s, d = len(lengths), max(lengths), heads * head_dim
+    mask = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]  # (B,S)
+    qkv = torch.randn(b * s, 3 * d)
+    real = mask.view(-1).nonzero().squeeze(1)
+    q, k, v = qkv.view(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (B,H,S,Dh) each
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    ref = ref.transpose(1, 2).reshape(b * s, d)[real]  # (N,D): the real tokens' rows
+    spans = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0))
+    got = native.build().attend_spans(qkv[real], spans, heads)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="attend_spans"):
+        native.build().attend_spans(qkv[real], spans + 1, heads)
+
+
+def test_source_heads_is_the_padded_layout_per_head():
+    """source_heads scatters the real tokens' keys/values into (L, 2, B, H, S, Dh), zeros at the padding:
+    what the padded product, reshaped and permuted, gives."""
+    torch.manual_seed(0)
+    b, s, layers, heads, dh = 3, 6, 2, 4, 8
+    mask = torch.arange(s)[None, :] < torch.tensor([6, 2, 4])[:, None]
+    kv = torch.randn(b * s, layers * 2 * heads * dh) * mask.view(-1, 1)  # zeros at the padding
+    expected = kv.view(b, s, layers, 2, heads, dh).permute(2, 3, 0, 4, 1, 5)  # (L,2,B,H,S,Dh)
+    real = mask.view(-1).nonzero().squeeze(1)
+    source_heads = native.build().source_heads
+    assert torch.equal(source_heads(kv[real], real, b, s, layers, heads), expected)
+    assert torch.equal(source_heads(kv, None, b, s, layers, heads), expected)
+    with pytest.raises(RuntimeError, match="source_heads"):
+        source_heads(kv[real], real + b * s, b, s, layers, heads)
+
+
+@torch.no_grad()
+def test_compiled_step_without_the_output_panels_stops_at_the_last_layer():
+    """Where the output map has no panels, the compiled step runs the layers and Python the logits (the form
+    used on a CPU whose output map runs elsewhere): the same logits as the whole compiled step."""
+    model = _transformer()
+    whole, layers_only = freeze(model, native=True), freeze(model, native=True)
+    layers_only.decoder.native_logits = False
+    src, tgt = SRC, _tokens(SRC.size(0), 6)
+    enc = whole.encode(src)
+    a, b = whole.new_cache(), layers_only.new_cache()
+    for t in range(tgt.size(1)):
+        assert torch.equal(whole.decode(tgt[:, t : t + 1], enc, a), layers_only.decode(tgt[:, t : t + 1], enc, b))

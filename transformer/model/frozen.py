@@ -557,7 +557,7 @@ class _FrozenDecoder(_FrozenStack):
             self.cross_kv = _linear(*[m for layer in model.decoder.layers
                                       for m in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
                                     role="encoder", native=module)  # runs over the source's rows, as the encoder does
-        self.output = _linear(model.output.lm_head, role="output", native=module)  # panels: int8 only
+        self.output = _linear(model.output.lm_head, role="output", native=module)
         self.source_heads = module.source_heads if module is not None else None
         bias = model.output.final_logits_bias
         self.final_logits_bias = bias.detach() if bias is not None else None
