@@ -619,19 +619,18 @@ class _FrozenDecoder(_FrozenStack):
         check_positions(past + 1, self.max_positions)
         shape = self.embed.new_empty(b, self.n_heads, 0, self.d_model // self.n_heads)  # (B,H,0,Dh): the buffers'
         caches = [layer_cache.self_attn for layer_cache in cache.layers]
+        indexed = [kv for kv in caches if isinstance(kv, IndexedKV)]
         for kv in caches:
             kv.reserve(1, shape)
-        tables = [kv.rows for kv in caches if isinstance(kv, IndexedKV)]  # (B,capacity) each
         ks, vs = [kv.k for kv in caches], [kv.v for kv in caches]
         cross_k, cross_v = [kv[0] for kv in cross_kv or ()], [kv[1] for kv in cross_kv or ()]
-        if self.native_logits:
-            logits = self.native.step(tokens, ks, vs, past, tables, cross_k, cross_v, memory_mask, kv_rows,
-                                      COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"], PANEL_ROWS["output"])  # (B,V)
+        if self.native_logits:  # the step writes this position's column of each table: (B,capacity) each
+            logits = self.native.step(tokens, ks, vs, past, [kv.rows for kv in indexed], cross_k, cross_v,
+                                      memory_mask, kv_rows, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"],
+                                      PANEL_ROWS["output"])  # (B,V)
         else:
             x = self.embed_tokens(tokens, offset=past)  # (B,D)
-            for table in tables:  # this step's position goes to buffer rows 0..B-1
-                table[:, past] = torch.arange(b)
-            rows = [table[:, : past + 1] for table in tables]
+            rows = [kv.claim(1, shape) for kv in indexed]  # (B,past+1) each
             x = self.native.forward(x, ks, vs, past, rows, cross_k, cross_v, memory_mask, kv_rows,
                                     COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"])  # (B,D)
             logits = self.logits(x)

@@ -151,10 +151,10 @@ constexpr PanelTile<W> kTilesOf[kTileRows + 1] = {nullptr,
                                                   panel_tile<4, W, Scaled>,
                                                   panel_tile<5, W, Scaled>,
                                                   panel_tile<6, W, Scaled>};
-// float32 panels read once (one tile of rows): prefetched as a stream that passes the caches by (about 1.25x
-// the memory bandwidth of a T0 prefetch on the benchmark CPU, where a step's 19 MB of float32 weights never
-// stay in its 8 MB L3 anyway). Not for several tiles, which read a panel again, nor for int8 panels (4.8 MB a
-// step, which the L3 keeps from one step to the next).
+// float32 panels read once (one tile of rows): prefetched as a stream that passes the caches by (faster than a
+// T0 prefetch on the benchmark CPU: a one-row step in benchmarks/bench_step.py, BENCHMARKS.md session 12), where
+// a step's 19 MB of float32 weights never stay in its 8 MB L3 anyway. Not for several tiles, which read a panel
+// again, nor for int8 panels (4.8 MB a step, which the L3 keeps from one step to the next).
 constexpr PanelTile<float> kStreamTiles[kTileRows + 1] = {nullptr,
                                                           panel_tile<1, float, false, true>,
                                                           panel_tile<2, float, false, true>,
