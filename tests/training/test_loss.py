@@ -47,3 +47,60 @@ def test_bf16_logits_are_computed_in_float32():
     target = torch.randint(1, 7, (2, 3))
     loss, _ = label_smoothed_nll_loss(logits.bfloat16(), target, 0.1)
     assert loss.dtype == torch.float32
+
+
+def _reference(logits, target, eps, ignore_index=0):
+    """The loss through autograd's own ops: log-softmax, a gather and a mean (the formula, unfused)."""
+    lprobs = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.size(-1))
+    target = target.reshape(-1)
+    keep = target.ne(ignore_index)
+    nll = -lprobs.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    smooth = -lprobs.mean(dim=-1)
+    nll_sum = nll.masked_fill(~keep, 0.0).sum()
+    return (1 - eps) * nll_sum + eps * smooth.masked_fill(~keep, 0.0).sum(), nll_sum
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("nll_weight", [0.0, 0.7, -3.0])  # -3: a negative weight on the loss takes the multiply
+@pytest.mark.parametrize("shape", [(2, 5, 13), (300, 5000)])  # (300, 5000): several row blocks
+def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight, inplace):
+    torch.manual_seed(0)
+    base = torch.randn(*shape) * 4
+    target = torch.randint(1, shape[-1], shape[:-1])
+    target.view(-1)[:3] = 0  # ignored positions
+    ref_leaf, leaf = base.clone().requires_grad_(), base.clone().requires_grad_()
+    ref_loss, ref_nll = _reference(ref_leaf, target, 0.1)
+    (ref_loss + nll_weight * ref_nll).backward()
+    loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, inplace_backward=inplace)
+    (loss + nll_weight * nll).backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-4, atol=1e-5)
+    assert leaf.grad.view(-1, shape[-1])[:3].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_inplace_backward_writes_the_gradient_over_the_logits():
+    torch.manual_seed(0)
+    leaf = torch.randn(4, 9, requires_grad=True)
+    logits = leaf * 2.0
+    target = torch.randint(1, 9, (4,))
+    loss, _ = label_smoothed_nll_loss(logits, target, 0.1, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(logits.detach(), leaf.grad / 2.0)  # the logits now hold dloss/dlogits
+    kept = torch.randn(4, 9, requires_grad=True)
+    before = (kept * 1.0).detach().clone()
+    copy_logits = kept * 1.0
+    label_smoothed_nll_loss(copy_logits, target, 0.1)[0].backward()
+    assert torch.equal(copy_logits.detach(), before)  # the default leaves them alone
+
+
+def test_bf16_logits_get_a_bf16_gradient_close_to_float32():
+    torch.manual_seed(0)
+    base = torch.randn(6, 7, 50)
+    target = torch.randint(1, 50, (6, 7))
+    low = base.bfloat16().requires_grad_()
+    ref = base.bfloat16().float().requires_grad_()
+    label_smoothed_nll_loss(low * 1, target, 0.1, inplace_backward=True)[0].backward()
+    _reference(ref, target, 0.1)[0].backward()
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.float(), ref.grad, rtol=2e-2, atol=2e-3)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from transformer.config import ModelConfig
 from transformer.model.attention import KVCache, MultiHeadAttention
+from transformer.model.dropout import Dropout
 
 
 class FeedForward(nn.Module):
@@ -25,7 +26,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
         self.activation = F.relu if activation == "relu" else F.gelu
-        self.dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B,T,D) -> (B,T,D)
         return self.fc2(self.dropout(self.activation(self.fc1(x))))
@@ -41,16 +42,16 @@ class EncoderLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.activation_dropout)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, src_mask: Optional[Tensor]) -> Tensor:
         """x (B,S,D); src_mask (B,1,1,S) True = real token, or None when nothing is padded."""
         if self.norm_first:
             h = self.self_attn_norm(x)
-            x = x + self.dropout(self.self_attn(h, h, attn_mask=src_mask))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, x, attn_mask=src_mask)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+            x = self.dropout.residual(x, self.self_attn(h, h, attn_mask=src_mask))
+            return self.dropout.residual(x, self.ffn(self.ffn_norm(x)))
+        x = self.self_attn_norm(self.dropout.residual(x, self.self_attn(x, x, attn_mask=src_mask)))
+        return self.ffn_norm(self.dropout.residual(x, self.ffn(x)))
 
 
 @dataclass
@@ -81,7 +82,7 @@ class DecoderLayer(nn.Module):
             self.cross_attn = None
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.activation_dropout)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def _self_attention(
         self, x: Tensor, self_attn_mask: Optional[Tensor], is_causal: bool, cache: Optional[LayerCache]
@@ -111,11 +112,11 @@ class DecoderLayer(nn.Module):
         """x (B,T,D); memory (B,S,D) with memory_mask (B,1,1,S); self-attention masked by
         ``is_causal`` or an explicit ``self_attn_mask`` (B|1,1,T,T_total)."""
         if self.norm_first:
-            x = x + self.dropout(self._self_attention(self.self_attn_norm(x), self_attn_mask, is_causal, cache))
+            x = self.dropout.residual(x, self._self_attention(self.self_attn_norm(x), self_attn_mask, is_causal, cache))
             if self.cross_attn is not None:
-                x = x + self.dropout(self._cross_attention(self.cross_attn_norm(x), memory, memory_mask, cache))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.self_attn_norm(x + self.dropout(self._self_attention(x, self_attn_mask, is_causal, cache)))
+                x = self.dropout.residual(x, self._cross_attention(self.cross_attn_norm(x), memory, memory_mask, cache))
+            return self.dropout.residual(x, self.ffn(self.ffn_norm(x)))
+        x = self.self_attn_norm(self.dropout.residual(x, self._self_attention(x, self_attn_mask, is_causal, cache)))
         if self.cross_attn is not None:
-            x = self.cross_attn_norm(x + self.dropout(self._cross_attention(x, memory, memory_mask, cache)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+            x = self.cross_attn_norm(self.dropout.residual(x, self._cross_attention(x, memory, memory_mask, cache)))
+        return self.ffn_norm(self.dropout.residual(x, self.ffn(x)))

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from transformer.config import ModelConfig
 from transformer.data.vocab import PAD_ID
+from transformer.model.dropout import Dropout
 from transformer.model.embeddings import PositionalEncoding, TokenEmbedding
 from transformer.model.layers import DecoderLayer, EncoderLayer, LayerCache
 
@@ -92,7 +93,7 @@ class Decoder(nn.Module):
         scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         self.embed_tokens = TokenEmbedding(vocab_size, cfg.d_model, PAD_ID, scale)
         self.embed_positions = PositionalEncoding(cfg.max_positions, cfg.d_model, cfg.positional == "learned")
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
 
@@ -125,7 +126,7 @@ class Encoder(nn.Module):
         scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         self.embed_tokens = TokenEmbedding(vocab_size, cfg.d_model, PAD_ID, scale)
         self.embed_positions = PositionalEncoding(cfg.max_positions, cfg.d_model, cfg.positional == "learned")
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
 
