@@ -442,6 +442,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only profile our training step (torch.profiler)")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=20)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: leave glibc's allocator as it is (default: as the trainer, train.keep_freed_memory)")
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-preset", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-peer", default="", help=argparse.SUPPRESS)
@@ -450,6 +452,10 @@ def main() -> None:
     args.peers = [p for p in args.peers.split(",") if p]
     if args.compile and "ours_compiled" not in args.peers:
         args.peers.append("ours_compiled")
+    if args.device == "cpu" and not args.system_malloc:
+        from transformer.training.host_memory import keep_freed_memory
+
+        args.kept_memory = keep_freed_memory()  # for every peer alike: large blocks reused, as in our trainer
     if args.child_memory:
         memory_child(args)
         return
@@ -460,6 +466,10 @@ def main() -> None:
     info = machine_info(args.device)
     dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
     print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")
+    if device.type == "cpu":
+        print("host allocator: " + ("glibc, large blocks from the heap and freed memory kept (as the trainer's "
+                                    "train.keep_freed_memory)" if getattr(args, "kept_memory", False)
+                                    else "as the system has it"))
     shapes = []
     for name in args.presets:
         batch, length = synthetic_shape(args, name)

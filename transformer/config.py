@@ -91,6 +91,7 @@ class TrainConfig:
     time_limit_minutes: Optional[float] = None  # stop (and save) after this much wall time
     precision: str = "fp32"  # "fp32", "bf16" (autocast), "fp16" (CUDA, with a grad scaler)
     compile: bool = False  # torch.compile the model
+    keep_freed_memory: bool = True  # CPU, glibc: large blocks from the heap, freed memory kept (fewer page faults)
     log_every: int = 50
     valid_every: int = 1000
     save_every: int = 1000
