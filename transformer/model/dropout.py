@@ -6,7 +6,7 @@ training step after the matrix products (5-7% at the ``small`` preset). Here one
 generator (``torch.randint`` over the full int64 range) makes four 16-bit lanes, and each lane is kept when
 it is at least a threshold: a keep probability of ``1 - round(p * 65536) / 65536`` (``p`` to within
 1/131072), with the kept elements scaled by the inverse of that probability, so the expectation is exact.
-The mask costs about a quarter of ``bernoulli_``'s time, comes from ``torch``'s default generator (so
+The mask is several times cheaper than ``bernoulli_``, comes from ``torch``'s default generator (so
 ``torch.manual_seed`` and the trainer's saved RNG state reproduce it), and is a plain tensor that autograd
 saves for the backward pass, as PyTorch's own CPU dropout saves its mask.
 

@@ -4,8 +4,8 @@ glibc's ``malloc`` maps every block above a threshold (32 MiB at most) afresh wi
 when freed, and returns the top of its heap to the system when more than a threshold is free there. A
 training step frees and allocates the same large tensors every time (the logits of a 2048-token batch over
 8000 types are 65 MB), so each step paid a page fault, and the zeroing of a page, for every 4 KiB of them:
-about 21,000 faults a step at the ``small`` preset with 2048-token batches, against about 500 with the
-settings below (``M_MMAP_MAX = 0``: every block from the heap; ``M_TRIM_THRESHOLD = 1 GiB``: freed memory
+tens of thousands of faults a step at the ``small`` preset with 2048-token batches, against hundreds with
+the settings below (``M_MMAP_MAX = 0``: every block from the heap; ``M_TRIM_THRESHOLD = 1 GiB``: freed memory
 stays for the next step). PyTorch's own CPU tuning guide makes the same point by swapping in jemalloc or
 tcmalloc; this needs nothing installed. The price is that the process keeps its peak heap for its lifetime.
 Other C libraries (no ``mallopt``) are left as they are. ``train.keep_freed_memory: false`` turns it off.
