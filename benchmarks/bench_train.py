@@ -8,6 +8,9 @@ Two parts:
    Reported: target tokens/s, model FLOP/s and MFU against the fp32 GEMM peak measured at the model's
    own shapes in the same run (formula: :func:`benchmarks.common.train_step_flops`), peak RSS of a
    fresh process per config (CUDA: ``torch.cuda.max_memory_allocated``), and our speed as a ratio.
+   Our step's matrix products are also replayed alone (captured from one real step with their
+   shapes and strides, timed in the same rounds): the floor they set on our step, and so the highest
+   MFU the step could reach if everything else in it took no time.
    The three models are stepped round-robin so that load from other processes falls on all alike.
 2. ``real``: Multi30k en-de, each toolkit batching as its users do: ours with token buckets
    (``TokenBatchSampler``, padded tokens per side <= ``--max-tokens``), Hugging Face with shuffled
@@ -28,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -154,6 +158,52 @@ def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool)
     return step
 
 
+_PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def products_alone(step, device: torch.device) -> tuple[Callable[[], None], int, float]:
+    """The matrix products of one ``step()`` (mm/addmm/bmm/baddbmm, as the dispatcher sees them, forward,
+    backward and optimiser), captured once with their shapes, strides and dtypes, and a call that replays
+    them alone, in order, on random operands of the same layout. Returns (replay, count, FLOPs).
+
+    The replay's time is the step's floor from its products: what the step would take if everything else
+    (attention, norms, the loss, dropout, Adam, Python, the autograd engine) were free. Attention inside
+    ``scaled_dot_product_attention`` is not among them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    recorded = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in _PRODUCTS:
+                recorded.append((func, [(a.shape, a.stride(), a.dtype) if isinstance(a, Tensor) else a
+                                        for a in args], dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    sync(device)
+
+    def operand(meta):
+        if not (isinstance(meta, tuple) and len(meta) == 3 and isinstance(meta[0], torch.Size)):
+            return meta
+        shape, stride, dtype = meta
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+
+    calls, flops = [], 0
+    for func, metas, kwargs in recorded:
+        operands = [operand(m) for m in metas]
+        mats = [o for o in operands if isinstance(o, Tensor)][-2:]  # the two factors (addmm's bias first)
+        flops += 2 * math.prod(mats[0].shape) * mats[1].shape[-1]  # (..., m, k) x (..., k, n)
+        calls.append((func, operands, kwargs))
+
+    def replay() -> None:
+        for func, operands, kwargs in calls:
+            func(*operands, **kwargs)
+
+    return replay, len(calls), float(flops)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -225,6 +275,11 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
             params[name] = n_params(model)
             steps[name] = lambda fn=fn: fn(src, tgt_in, tgt_out)
         peers = [name for name in args.peers if name in steps]
+        floor = None
+        if "ours" in steps:  # our step's products alone, timed in the same rounds: the floor they set
+            replay, n_products, product_flops = products_alone(steps["ours"], device)
+            steps["ours_products"] = replay
+            floor = (n_products, product_flops)
         # The GEMM peak again, at this preset's best shape, timed in the same rounds as the models.
         mine = [g for g in gemms if (g.m, g.k, g.n) in gemm_shapes(cfg, batch, length, args.vocab)]
         best = max(mine, key=lambda g: g.gflops)
@@ -270,6 +325,22 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
             ratio = f"{row['speedup_ours']:.2f}x" if ours else "-"
             print(f"| {PEER_NAMES[name]} | {row['params'] / 1e6:.1f}M | {t:.3f} ({row['s_per_step_median']:.3f}) | "
                   f"{row['tok_s']:.0f} | {row['gflops']:.1f} | {100 * row['mfu']:.1f}% | {rss} | {ratio} |")
+        products = None
+        if floor:
+            n_products, product_flops = floor
+            t_products = min(times["ours_products"])
+            products = {"count": n_products, "gflop": product_flops / 1e9, "s_best": t_products,
+                        "s_median": statistics.median(times["ours_products"]),
+                        "gflops": product_flops / t_products / 1e9,
+                        "mfu_ceiling": flops / t_products / 1e9 / peak}
+            print(f"our step's {n_products} matrix products alone (replayed with the same shapes, strides and "
+                  f"dtypes, in the same rounds): {t_products:.3f} s best ({products['s_median']:.3f}), "
+                  f"{product_flops / 1e9:.1f} GFLOP at {products['gflops']:.1f} GFLOP/s "
+                  f"({100 * products['gflops'] / peak:.0f}% of the peak)")
+            if ours:
+                print(f"  so MFU could reach at most {100 * products['mfu_ceiling']:.1f}% if all the rest were free; "
+                      f"the rest takes {ours - t_products:.3f} s of our {ours:.3f} s step "
+                      f"({100 * (ours - t_products) / ours:.0f}%)")
         if ours:
             print(f"goal: MFU >= 85% of the GEMM peak; ours {100 * rows['ours']['mfu']:.1f}% "
                   f"({rows['ours']['mfu'] / 0.85:.2f}x of the goal)")
@@ -278,7 +349,8 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
             print(f"against the {ref.label()} GEMM ({ref.gflops / 1e3:.1f} TFLOP/s), MFU: "
                   + ", ".join(f"{PEER_NAMES[n]} {100 * r['gflops'] / ref.gflops:.1f}%" for n, r in rows.items()))
         results["synthetic"][preset_name] = {"batch": batch, "length": length, "flops_per_step": flops,
-                                            "gemm_peak_round_robin": peak, "peers": rows}
+                                            "gemm_peak_round_robin": peak, "peers": rows,
+                                            "ours_products_alone": products}
 
 
 # --- part 2: real data ------------------------------------------------------------------------------
