@@ -148,7 +148,7 @@ def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool)
     def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:
         with autocast(device, bf16):
             logits = forward(src, tgt_in)
-        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, inplace_backward=True)
+        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
         n_tokens = tgt_out.ne(PAD_ID).sum()
         (loss / n_tokens).backward()
         opt.step()

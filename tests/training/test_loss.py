@@ -71,7 +71,7 @@ def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight
     ref_leaf, leaf = base.clone().requires_grad_(), base.clone().requires_grad_()
     ref_loss, ref_nll = _reference(ref_leaf, target, 0.1)
     (ref_loss + nll_weight * ref_nll).backward()
-    loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, inplace_backward=inplace)
+    loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, overwrite_logits=inplace)
     (loss + nll_weight * nll).backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-4)
@@ -79,12 +79,12 @@ def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight
     assert leaf.grad.view(-1, shape[-1])[:3].abs().max() == 0  # ignored rows get no gradient
 
 
-def test_inplace_backward_writes_the_gradient_over_the_logits():
+def test_overwrite_logits_leaves_the_gradient_in_the_logits():
     torch.manual_seed(0)
     leaf = torch.randn(4, 9, requires_grad=True)
     logits = leaf * 2.0
     target = torch.randint(1, 9, (4,))
-    loss, _ = label_smoothed_nll_loss(logits, target, 0.1, inplace_backward=True)
+    loss, _ = label_smoothed_nll_loss(logits, target, 0.1, overwrite_logits=True)
     loss.backward()
     torch.testing.assert_close(logits.detach(), leaf.grad / 2.0)  # the logits now hold dloss/dlogits
     kept = torch.randn(4, 9, requires_grad=True)
@@ -94,13 +94,24 @@ def test_inplace_backward_writes_the_gradient_over_the_logits():
     assert torch.equal(copy_logits.detach(), before)  # the default leaves them alone
 
 
+def test_overwrite_logits_is_refused_by_autograd_when_an_earlier_op_saved_them():
+    # The forward pass overwrites float32 logits with their exponentials. If the op that made them saved
+    # its output for its own backward pass (exp does), autograd must refuse rather than use the overwritten
+    # values; the trainer's logits come from a linear layer, which saves only its inputs.
+    leaf = torch.randn(4, 9, requires_grad=True)
+    target = torch.randint(1, 9, (4,))
+    loss, _ = label_smoothed_nll_loss(leaf.exp(), target, 0.1, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_bf16_logits_get_a_bf16_gradient_close_to_float32():
     torch.manual_seed(0)
     base = torch.randn(6, 7, 50)
     target = torch.randint(1, 50, (6, 7))
     low = base.bfloat16().requires_grad_()
     ref = base.bfloat16().float().requires_grad_()
-    label_smoothed_nll_loss(low * 1, target, 0.1, inplace_backward=True)[0].backward()
+    label_smoothed_nll_loss(low * 1, target, 0.1, overwrite_logits=True)[0].backward()
     _reference(ref, target, 0.1)[0].backward()
     assert low.grad.dtype == torch.bfloat16
     torch.testing.assert_close(low.grad.float(), ref.grad, rtol=2e-2, atol=2e-3)

@@ -17,9 +17,11 @@ for the incoming gradient ``g`` of the token's loss. Both passes walk the (N, V)
 that stay in the cache, and neither allocates an (N, V) temporary: autograd's version makes four (the
 log-probabilities, their gradient, the gather's and the mean's), which at N x V = 2048 x 8000 are 65 MB
 each, and a large allocation that the C library maps afresh costs a page fault per 4 KiB on first touch.
-With ``inplace_backward=True`` the gradient is written over the logits themselves, so the backward pass
-allocates nothing of that size either (as Liger-Kernel's cross-entropy does); the trainer uses it, since
-nothing reads the logits after the loss.
+With ``overwrite_logits=True`` the logits' own storage is reused (as Liger-Kernel's cross-entropy does):
+float32 logits hold ``exp(z - max)`` after the forward pass, so the backward pass is a multiply, a
+subtraction and a scatter with no second ``exp`` (the exponential is the costliest step of the loss on the
+CPU, about 1 ns per element and thread through MKL's vector maths), and the gradient is written over them.
+The trainer uses it, since nothing reads the logits after the loss.
 """
 
 from __future__ import annotations
@@ -42,39 +44,63 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     """(loss_sum, nll_sum) of (N, V) logits; see the module docstring for the formulas."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, epsilon: float, ignore_index: int, inplace: bool):
+    def forward(ctx, logits: Tensor, target: Tensor, epsilon: float, ignore_index: int, overwrite: bool):
         n, vocab = logits.shape
         keep = target.ne(ignore_index)  # (N,)
         gold_ids = target.masked_fill(~keep, 0).unsqueeze(1)  # (N,1), a safe index on ignored rows
-        lse = logits.new_empty(n, dtype=torch.float32)  # (N,)
-        gold = torch.empty_like(lse)
-        mean = torch.empty_like(lse)
-        for start, end in _row_blocks(n, vocab):
-            block = logits[start:end].float()  # (n_b,V); a view when the logits are float32
-            torch.logsumexp(block, 1, out=lse[start:end])
-            gold[start:end] = block.gather(1, gold_ids[start:end]).squeeze(1)
-            torch.mean(block, 1, out=mean[start:end])
+        gold = logits.gather(1, gold_ids).squeeze(1).float()  # (N,), read before any overwriting
+        mean = logits.new_empty(n, dtype=torch.float32)  # (N,)
+        # float32 logits that may be overwritten keep exp(z - max) in their place for the backward pass,
+        # which then needs no exp of its own; otherwise the backward pass recomputes it from lse.
+        keep_exps = overwrite and logits.dtype == torch.float32
+        if keep_exps:
+            top, total = torch.empty_like(mean), torch.empty_like(mean)
+            data = logits.detach()  # the same storage (and version counter): autograd sees the change
+            for start, end in _row_blocks(n, vocab):
+                block = data[start:end]  # (n_b,V)
+                torch.mean(block, 1, out=mean[start:end])
+                torch.amax(block, 1, out=top[start:end])
+                block.sub_(top[start:end].unsqueeze(1)).exp_()
+                torch.sum(block, 1, out=total[start:end])
+            lse = top + total.log()
+            norm = total  # the backward pass divides the stored exponentials by it
+        else:
+            lse = torch.empty_like(mean)
+            for start, end in _row_blocks(n, vocab):
+                block = logits[start:end].float()  # (n_b,V); a view when the logits are float32
+                torch.logsumexp(block, 1, out=lse[start:end])
+                torch.mean(block, 1, out=mean[start:end])
+            norm = lse
         keep_f = keep.float()
         nll_sum = ((lse - gold) * keep_f).sum()
         loss_sum = (1.0 - epsilon) * nll_sum + epsilon * ((lse - mean) * keep_f).sum()
-        ctx.save_for_backward(logits, lse, gold_ids, keep_f)
-        ctx.epsilon, ctx.inplace = epsilon, inplace
+        ctx.save_for_backward(logits, norm, gold_ids, keep_f)
+        ctx.epsilon, ctx.overwrite, ctx.keep_exps = epsilon, overwrite, keep_exps
         return loss_sum, nll_sum
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
-        logits, lse, gold_ids, keep_f = ctx.saved_tensors
+        logits, norm, gold_ids, keep_f = ctx.saved_tensors
         n, vocab = logits.shape
         eps = ctx.epsilon
         a = (grad_loss * (1.0 - eps) + grad_nll) * keep_f  # (N,) weight of -onehot(gold)
         b = grad_loss * eps * keep_f  # (N,) weight of -1/V
         c = a + b  # (N,) weight of softmax(z)
+        offset = (b / vocab).unsqueeze(1)  # (N,1)
+        if ctx.keep_exps:  # logits hold exp(z - max) and norm their row sums: softmax = exps / norm
+            scale = (c / norm).unsqueeze(1)  # (N,1)
+            grad = logits.detach()
+            for start, end in _row_blocks(n, vocab):
+                out = grad[start:end]
+                out.mul_(scale[start:end]).sub_(offset[start:end])
+                out.scatter_add_(1, gold_ids[start:end], -a[start:end].unsqueeze(1))
+            return grad, None, None, None, None
+        lse = norm
         # c * exp(z - lse) = exp(z - (lse - log c)): one subtraction and one exp per element. log 0 = -inf
         # gives exp(-inf) = 0 on ignored rows; a negative c (an unusual objective) takes the multiply.
         scale_in_exp = bool((c >= 0).all())
         shift = (lse - torch.log(c) if scale_in_exp else lse).unsqueeze(1)  # (N,1)
-        offset = (b / vocab).unsqueeze(1)  # (N,1)
-        grad = logits if ctx.inplace else torch.empty_like(logits)
+        grad = logits if ctx.overwrite else torch.empty_like(logits)
         for start, end in _row_blocks(n, vocab):
             src = logits[start:end]
             out = grad[start:end]
@@ -94,15 +120,16 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
 
 
 def label_smoothed_nll_loss(
-    logits: Tensor, target: Tensor, epsilon: float, ignore_index: int = PAD_ID, inplace_backward: bool = False
+    logits: Tensor, target: Tensor, epsilon: float, ignore_index: int = PAD_ID, overwrite_logits: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Summed label-smoothed loss and summed negative log-likelihood over non-pad target tokens.
 
     Computed in float32 whatever the logits' dtype (bf16/fp16 log-softmax loses too much precision).
 
     Args:
-        inplace_backward: write the gradient over ``logits`` in the backward pass instead of into a new
-            tensor (saves an (N, V) allocation). Only when nothing reads ``logits`` after ``backward()``.
+        overwrite_logits: reuse the storage of ``logits``: float32 logits hold their exponentials after the
+            forward pass, and every dtype holds its gradient after the backward pass (no (N, V) allocation,
+            and one exp per element instead of two). Only when nothing reads ``logits`` after the loss.
     Shapes:
         logits (B,T,V) or (N,V); target (B,T) or (N,) of token ids.
     Returns:
@@ -112,7 +139,7 @@ def label_smoothed_nll_loss(
     """
     flat = logits.reshape(-1, logits.size(-1))  # (N,V)
     return _LabelSmoothedCrossEntropy.apply(flat, target.reshape(-1), float(epsilon), ignore_index,
-                                            inplace_backward)
+                                            overwrite_logits)
 
 
 def count_tokens(target: Tensor, ignore_index: int = PAD_ID) -> int:

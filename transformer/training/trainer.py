@@ -96,8 +96,8 @@ def batch_loss(module: nn.Module, batch: Any, epsilon: float) -> tuple[torch.Ten
         logits = module(batch.tgt_input)
     else:
         logits = module(batch.src_tokens, batch.tgt_input)
-    # Nothing reads the logits after the loss, so its backward pass may write the gradient over them.
-    return label_smoothed_nll_loss(logits, batch.tgt_output, epsilon, inplace_backward=torch.is_grad_enabled())
+    # Nothing reads the logits after the loss, so it may reuse their storage (exponentials, then the gradient).
+    return label_smoothed_nll_loss(logits, batch.tgt_output, epsilon, overwrite_logits=torch.is_grad_enabled())
 
 
 def accumulate_gradients(
