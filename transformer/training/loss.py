@@ -20,7 +20,7 @@ each, and a large allocation that the C library maps afresh costs a page fault p
 With ``overwrite_logits=True`` the logits' own storage is reused (as Liger-Kernel's cross-entropy does):
 float32 logits hold ``exp(z - max)`` after the forward pass, so the backward pass is a multiply, a
 subtraction and a scatter with no second ``exp`` (the exponential is the costliest step of the loss on the
-CPU, about 1 ns per element and thread through MKL's vector maths), and the gradient is written over them.
+CPU), and the gradient is written over them.
 The trainer uses it, since nothing reads the logits after the loss.
 """
 
