@@ -29,10 +29,11 @@
    row blocks), at 1 to 64 rows of the layers' shapes, warm and with the caches flushed before each call
    (a step reads 19 MB of weights, more than this CPU's 8 MB L3, so its products read cold weights). Needs
    ``transformer build-native``.
-9. ``int8-panels`` (session 9): ``panel_linear_int8`` (int8 weights with per-channel scales, float32
-   activations: what ``--quantize int8`` runs where the extension is built) against ``panel_linear`` with
-   the same weights in float32 and against PyTorch's dynamic int8
-   Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows, warm and cold.
+9. ``int8-panels`` (session 9, since session 15 ``panel_linear_w8a8``): the int8 product that
+   ``--quantize int8`` runs where the extension is built (int8 weights with per-channel scales, activations
+   rounded to int8 per row, int8 arithmetic) against ``panel_linear`` with the same weights in float32 and
+   against PyTorch's dynamic int8 Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows,
+   warm and cold.
 10. ``attention`` (session 9): the extension's ``attend_one`` (a decoder step's attention of one new position)
    against ATen's ``scaled_dot_product_attention``, per call and in whole compiled decoder steps.
 
@@ -431,8 +432,9 @@ def run_panels() -> None:
 
 
 def run_int8_panels() -> None:
-    """Session 9: panel_linear_int8 (int8 weights, float32 activations) against panel_linear with the same
-    weights in float32 and against PyTorch's dynamic int8 Linear (fbgemm), warm and cold."""
+    """The int8 product of ``--quantize int8`` (``panel_linear_w8a8``; session 9: int8 weights with float32
+    activations) against panel_linear with the same weights in float32 and against PyTorch's dynamic int8
+    Linear (fbgemm), warm and cold."""
     import warnings
 
     from transformer.model.frozen import _Dense, _Int8Panels
@@ -441,11 +443,11 @@ def run_int8_panels() -> None:
     if module is None:
         return
     flush = cache_flush()
-    print("\n== panel_linear_int8 against float32 panel_linear (same weights Q * s) and dynamic int8 (fbgemm), "
+    print("\n== panel_linear_w8a8 against float32 panel_linear (same weights Q * s) and dynamic int8 (fbgemm), "
           "us, best of 7; cold: caches flushed before each call ==")
-    print("| layer (in -> out) | rows | float32 panels | dynamic int8 | int8 panels | float32 / int8 panels "
-          "| cold: float32 panels | cold: dynamic int8 | cold: int8 panels | cold: float32 / int8 panels |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layer (in -> out) | rows | float32 panels | dynamic int8 | w8a8 | float32 / w8a8 | dynamic / w8a8 "
+          "| cold: float32 panels | cold: dynamic int8 | cold: w8a8 | cold: float32 / w8a8 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d_in, d_out, w, b in layer_weights():
         scale = w.abs().amax(1) / 127  # (out,) per-channel, symmetric
         with warnings.catch_warnings():
@@ -461,11 +463,15 @@ def run_int8_panels() -> None:
                 "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True),
                 "int8": lambda: int8(x),
             }
-            torch.testing.assert_close(forms["int8"](), forms["float32"](), rtol=1e-4, atol=1e-4)  # same weights
+            amax = x.abs().amax(1, keepdim=True)
+            rounded = torch.round(x * (127 / amax)) * (amax / 127)  # the rows as w8a8 rounds them
+            expected = module.panel_linear(rounded, dense.panels, dense.bias_panels, d_out)
+            torch.testing.assert_close(forms["int8"](), expected, rtol=1e-4, atol=1e-4)  # same weights and inputs
             warm = {k: best_seconds(fn, max(2, int(400 / rows))) * 1e6 for k, fn in forms.items()}
             cold = {k: cold_us(fn, flush) for k, fn in forms.items()}
             print(f"| {d_in} -> {d_out} | {rows} | {warm['float32']:.1f} | {warm['dynamic']:.1f} | {warm['int8']:.1f} "
-                  f"| {warm['float32'] / warm['int8']:.2f}x | {cold['float32']:.1f} | {cold['dynamic']:.1f} "
+                  f"| {warm['float32'] / warm['int8']:.2f}x | {warm['dynamic'] / warm['int8']:.2f}x "
+                  f"| {cold['float32']:.1f} | {cold['dynamic']:.1f} "
                   f"| {cold['int8']:.1f} | {cold['float32'] / cold['int8']:.2f}x |", flush=True)
 
 

@@ -236,46 +236,75 @@ def _quantized(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(weight, scale.double(), zeros, 0, torch.qint8)
 
 
-@pytest.mark.parametrize("out_features,in_features", [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1)])
-def test_panel_linear_int8_computes_the_int8_weights_product(out_features, in_features):
-    """(x Q^T) s + b with float32 x, whatever the number of rows (one fused tile or the converted panel), and
-    each row's result independent of the other rows."""
+def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) with each row rounded to 8 bits as panel_linear_w8a8 rounds it: round(x * 127 / max |x|)
+    (half to even), times max |x| / 127; all-zero rows stay zero."""
+    amax = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(x * inv) * (amax / 127)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1), (33, 2050)])
+def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_features):
+    """Each row rounded to int8 with its own scale, int8 x int8 products summed exactly (the int32 sums of
+    the rounded values, also at the extremes where AVX2's 16-bit pair sums could saturate: x = +-127 against
+    q = -128 and 127), whatever the number of rows (tiles of 4 and a rest), each row's result independent of
+    the other rows."""
     if not native.build().panels_supported():
-        pytest.skip("panel_linear_int8 needs a CPU with AVX2 and FMA")
+        pytest.skip("panel_linear_w8a8 needs a CPU with AVX2 and FMA")
     torch.manual_seed(out_features)
     linear = torch.nn.Linear(in_features, out_features)
     w_q = _quantized(linear.weight.detach())
+    q = w_q.int_repr()
+    q[:, 0], q[0, -1] = -128, 127  # PyTorch's per-channel quantisation gives -128 too
+    w_q = torch._make_per_channel_quantized_tensor(q, w_q.q_per_channel_scales(), w_q.q_per_channel_zero_points(), 0)
     int8 = _Int8Panels(w_q, linear.bias, native.build())
-    assert int8.int8_panels.dtype == torch.int8 and int8.int8_panels.shape == (-(-out_features // 16), in_features, 16)
-    weight = w_q.int_repr().float() * w_q.q_per_channel_scales().float()[:, None]  # Q * s (out, in)
-    torch.testing.assert_close(int8.float_weight(), weight)
+    groups = -(-in_features // 4)
+    assert int8.quad_panels.dtype == torch.int8 and int8.quad_panels.shape == (-(-out_features // 16), groups, 64)
+    assert torch.equal(int8.int8_weight(), w_q.int_repr())
+    q, s = w_q.int_repr().double(), w_q.q_per_channel_scales().double()  # (out, in), (out,)
     x = torch.randn(40, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
+    x[5] = 0  # an all-zero row
+    x[7, 0] = 1e3  # a row whose other values round to 0
+    x[8] = torch.where(torch.arange(in_features) % 2 == 0, 1.0, -1.0)  # every product +-127 * q
+    x[9] = -1.0  # -127 * -128 in the first column: the largest pair sums (2 * 127 * 128)
+    amax = x.abs().amax(1, keepdim=True)
+    xq = torch.round(x * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).double()  # (N, in) integers
+    sums = xq @ q.t()  # (N, out), exact in float64
+    expected = (sums * (amax.double() / 127) * s + linear.bias.detach().double()).float()
     with torch.no_grad():
         whole = int8(x)
-        torch.testing.assert_close(whole, x @ weight.t() + linear.bias, rtol=1e-5, atol=1e-5)
-        for rows in (1, 2, 6, 7, 13):  # one tile, a partial one, tiles of 6 on the converted panel and a rest
+        torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(whole, _rounded_rows(x) @ int8.float_weight().t() + linear.bias,
+                                   rtol=1e-4, atol=1e-4)
+        assert torch.equal(whole[5], linear.bias.detach())
+        for rows in (1, 3, 4, 5, 13):  # a partial tile, one, tiles of 4 and a rest
             assert torch.equal(int8(x[:rows]), whole[:rows]), rows
         assert torch.equal(torch.cat([int8(x[i : i + 1]) for i in range(40)]), whole)
         assert int8(x[:0]).shape == (0, out_features)
         no_bias = _Int8Panels(w_q, None, native.build())
-        torch.testing.assert_close(no_bias(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
-        for rows in (3, 40):  # ReLU in the epilogue, of the fused tile and of the converted panel
+        torch.testing.assert_close(no_bias(x), whole - linear.bias, rtol=1e-4, atol=1e-4)
+        for rows in (2, 40):  # ReLU in the epilogue
             assert torch.equal(int8(x[:rows], relu=True), torch.relu(whole[:rows]))
-    with pytest.raises(RuntimeError, match="panel_linear_int8"):
-        native.build().panel_linear_int8(torch.randn(2, in_features + 1), int8.int8_panels, int8.scales,
+    with pytest.raises(RuntimeError, match="panel_linear_w8a8"):
+        native.build().panel_linear_w8a8(torch.randn(2, 4 * groups + 4), int8.quad_panels, int8.scales,
                                          int8.bias_panels, out_features)
-    with pytest.raises(RuntimeError, match="panel_linear_int8"):  # float panels where int8 ones belong
-        native.build().panel_linear_int8(x, int8.int8_panels.float(), int8.scales, int8.bias_panels, out_features)
+    with pytest.raises(RuntimeError, match="panel_linear_w8a8"):  # float panels where int8 ones belong
+        native.build().panel_linear_w8a8(x, int8.quad_panels.float(), int8.scales, int8.bias_panels, out_features)
 
 
 def _dequantized_copy(model, int8_model):
-    """``model`` with each Linear's weight replaced by the float32 weight Q * s of its int8 copy."""
+    """``model`` with each Linear's weight replaced by the float32 weight Q * s of its int8 copy, and its input
+    rounded to 8 bits per row as panel_linear_w8a8 rounds it."""
     ref = copy.deepcopy(model)
     modules = dict(int8_model.named_modules())
     for name, module in ref.named_modules():
         if type(module) is torch.nn.Linear:
             w_q = modules[name].weight()
             module.weight = torch.nn.Parameter(w_q.int_repr().float() * w_q.q_per_channel_scales().float()[:, None])
+            module.register_forward_pre_hook(lambda _, args: (_rounded_rows(args[0]),))
+    # in eval mode the output layer multiplies by its weight without calling lm_head (transformer._OutputLayer)
+    ref.output.register_forward_pre_hook(lambda _, args: (_rounded_rows(args[0]),))
     return ref.eval()
 
 
@@ -283,10 +312,11 @@ def _dequantized_copy(model, int8_model):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows", [1, 7, 40])
 def test_int8_model_on_the_extension(variant, rows):
-    """An int8 model frozen with the extension runs int8 panels in the compiled step (bit for bit the Python
-    step on them) and computes what the float model with the int8 weights Q * s computes."""
+    """An int8 model frozen with the extension runs int8 products in the compiled step (bit for bit the Python
+    step on them) and computes what the float model with the int8 weights Q * s and its Linear layers' inputs
+    rounded to 8 bits per row computes."""
     if not native.build().panels_supported():
-        pytest.skip("panel_linear_int8 needs a CPU with AVX2 and FMA")
+        pytest.skip("panel_linear_w8a8 needs a CPU with AVX2 and FMA")
     model = _transformer(**variant)
     q = quantize(model, "int8")
     compiled, python = _compiled_and_python(q)
@@ -296,13 +326,18 @@ def test_int8_model_on_the_extension(variant, rows):
     src, tgt = SRC.repeat(rows, 1)[:rows], _tokens(rows, 8)
     enc, ref_enc = compiled.encode(src), ref.encode(src)
     a, b, c = compiled.new_cache(), python.new_cache(), ref.new_cache()
+    close_rows = []
     for t in range(tgt.size(1)):
         out = compiled.decode(tgt[:, t : t + 1], enc, a)
         assert torch.equal(out, python.decode(tgt[:, t : t + 1], enc, b)), f"step {t}"
-        torch.testing.assert_close(out, ref.decode(tgt[:, t : t + 1], ref_enc, c), rtol=1e-4, atol=1e-4)
+        expected = ref.decode(tgt[:, t : t + 1], ref_enc, c)  # (B,1,V)
+        # An activation within float rounding of a half step rounds the other way in one of the two (their
+        # float sums differ in order), which moves that row a little; every other row agrees to 1e-4.
+        close_rows.append((out - expected).abs().amax((1, 2)) <= 1e-4 + 1e-4 * expected.abs().amax((1, 2)))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0.05 * float(expected.abs().max()))
+    assert torch.cat(close_rows).float().mean() >= 0.9
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("rows", [1, PANEL_ROWS["decoder"], PANEL_ROWS["decoder"] + 1])
 def test_compiled_products_compute_what_the_model_computes(rows):
     """With the compiled step and panel_linear, the frozen decoder's logits are the model's (up to the sum

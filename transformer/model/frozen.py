@@ -38,10 +38,10 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
 * An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give. Where the compiled extension is
-  built, every int8 product (the output projection's too) runs in its ``panel_linear_int8``
-  (:class:`_Int8Panels`: int8 panels, float32 activations, at every number of rows), in the Python step and
-  the compiled step alike; without it, in PyTorch's fbgemm dynamic product (:class:`_Int8`, which also
-  quantises the activations).
+  built, every int8 product (the output projection's too) runs in its ``panel_linear_w8a8``
+  (:class:`_Int8Panels`: int8 weights, each activation row rounded to int8 with its own scale, int8
+  arithmetic, at every number of rows), in the Python step and the compiled step alike; without it, in
+  PyTorch's fbgemm dynamic product (:class:`_Int8`, which rounds the whole batch with one scale).
 
 On a GPU the products are cuBLAS's ``F.linear`` by the (fused) weights, and by default the decoder step runs on
 a static KV cache replayed as CUDA graphs (:mod:`transformer.model.static`; ``freeze(model, graphs=False)``
@@ -175,36 +175,51 @@ class _Int8:
 
 
 class _Int8Panels:
-    """An int8 map on the compiled extension: ``(x Q^T) s + b`` with the int8 weight Q (out, in) cut into
-    column panels (as :class:`_Dense`'s float32 ones, a quarter of their bytes) and its per-channel scales s,
-    by ``panel_linear_int8`` at every number of rows. The activations stay float32: each weight is converted
-    to float32 just before it is used, and each output's sum is scaled once. So it computes the float32
-    product by the weight ``Q * s`` (up to float32 rounding), where PyTorch's dynamic int8 product (without
-    the extension: :class:`_Int8`) also rounds the activations to 8 bits; and a row's result does not
-    depend on the other rows of the batch."""
+    """An int8 map on the compiled extension, what CTranslate2's int8 path computes: each row of x is rounded
+    to int8 with its own scale sx = max |x| / 127, multiplied by the int8 weight Q (out, in) in int8
+    arithmetic with exact int32 sums, and each sum ends as ``sum * sx * s + b`` (s: the per-channel weight
+    scales), by ``panel_linear_w8a8`` at every number of rows. A row's result depends on that row alone
+    (PyTorch's dynamic int8 product, which runs without the extension (:class:`_Int8`), rounds the whole batch
+    with one scale, to 7 bits). The weight is stored as "quad panels" (:func:`_quad_panels`)."""
 
     def __init__(self, weight_q: Tensor, bias: Optional[Tensor], native: Any) -> None:  # weight_q (out, in) qint8
         q = weight_q.int_repr()  # (out, in) int8
         out = q.size(0)
-        self.int8_panels = _column_panels(q)  # (P, in, 16) int8
+        self.in_features = q.size(1)
+        self.quad_panels = _quad_panels(q)  # (P, ceil(in / 4), 64) int8
         self.scales = _padded(weight_q.q_per_channel_scales().float(), out)  # (P*16,)
         self.bias = bias.detach().float() if bias is not None else torch.zeros(out)  # (out,)
         self.bias_panels = _padded(self.bias, out)  # (P*16,)
         self.native = native
 
     def __call__(self, x: Tensor, relu: bool = False) -> Tensor:  # (N, in) -> (N, out), then ReLU where ``relu``
-        return self.native.panel_linear_int8(x, self.int8_panels, self.scales, self.bias_panels, self.bias.size(0),
+        return self.native.panel_linear_w8a8(x, self.quad_panels, self.scales, self.bias_panels, self.bias.size(0),
                                              relu)
 
+    def int8_weight(self) -> Tensor:
+        """The int8 weight Q (out, in) that the quad panels hold."""
+        p, groups, _ = self.quad_panels.shape
+        q = self.quad_panels.view(p, groups, PANEL_WIDTH, 4).permute(0, 2, 1, 3).reshape(p * PANEL_WIDTH, groups * 4)
+        return q[: self.bias.size(0), : self.in_features]
+
     def float_weight(self) -> Tensor:
-        """The float32 weight ``Q * s`` (out, in) that this map multiplies by."""
-        out = self.bias.size(0)
-        q = self.int8_panels.transpose(0, 1).reshape(self.int8_panels.size(1), -1)[:, :out].t()  # (out, in)
-        return q.float() * self.scales[:out, None]
+        """The float32 weight ``Q * s`` (out, in) that this map multiplies the rounded activations by."""
+        return self.int8_weight().float() * self.scales[: self.bias.size(0), None]
+
+
+def _quad_panels(q: Tensor) -> Tensor:
+    """An int8 weight (out, in) -> P = ceil(out / 16) panels of ceil(in / 4) groups of 64 bytes (P, G, 64):
+    group g of panel j holds ``q[16j + c, 4g + i]`` at ``4c + i`` (zeros past ``out`` and ``in``): one 32-byte
+    load is 8 output columns by 4 consecutive inputs, the operand of ``csrc/decoder_step.cpp``'s int8 tiles."""
+    out, d_in = q.shape
+    p, groups = -(-out // PANEL_WIDTH), -(-d_in // 4)
+    padded = q.new_zeros(p * PANEL_WIDTH, groups * 4)
+    padded[:out, :d_in] = q
+    return padded.view(p, PANEL_WIDTH, groups, 4).permute(0, 2, 1, 3).reshape(p, groups, 4 * PANEL_WIDTH).contiguous()
 
 
 def _column_panels(weight: Tensor) -> Tensor:
-    """``weight`` (out, in), float32 or int8 -> ``weight^T`` as P = ceil(out / 16) column panels (P, in, 16),
+    """``weight`` (out, in) float32 -> ``weight^T`` as P = ceil(out / 16) column panels (P, in, 16),
     each one contiguous block, zeros past ``out`` (the layout of ``csrc/decoder_step.cpp``)."""
     out, d_in = weight.shape
     n_panels = -(-out // PANEL_WIDTH)
@@ -665,7 +680,7 @@ def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> An
 
     def dense(m: Union[_Dense, _Int8Panels]) -> list[Tensor]:
         if isinstance(m, _Int8Panels):
-            return [none, none, m.bias, none, none, none, none, m.bias_panels, m.int8_panels, m.scales]
+            return [none, none, m.bias, none, none, none, none, m.bias_panels, m.quad_panels, m.scales]
         bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
         return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or (none, none)),
                 *((m.panels, m.bias_panels) if m.panels is not None else (none, none)), none, none]
@@ -787,7 +802,7 @@ def freeze(model: nn.Module, graphs: Optional[bool] = None, native: Optional[boo
     GPU, one of the fused q/k/v and cross-attention k/v weights); later changes to ``model`` do not reach it.
 
     ``native``: the compiled CPU extension (the decoder step, ``panel_linear`` and, for an int8 model,
-    ``panel_linear_int8``): None uses it if it is built, True builds it if needed (raising
+    ``panel_linear_w8a8``): None uses it if it is built, True builds it if needed (raising
     :class:`TransformerError` where it cannot), False keeps the Python step and MKL's, oneDNN's and (int8)
     PyTorch's fbgemm products.
 

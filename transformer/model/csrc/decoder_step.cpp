@@ -58,63 +58,33 @@ constexpr int kPanel = 16;     // output columns per panel: two 8-float AVX regi
 constexpr int kTileRows = 6;   // rows per tile: 12 accumulators, 2 weight registers, 1 broadcast
 constexpr int kPrefetch = 1024;  // prefetch the panel this many bytes ahead, one cache line per 64 bytes
 
-// The same with int8 weights, W = Q * s (Q int8 (out, in), s one float32 scale per output channel): the
-// int8 panels hold Q^T (a quarter of the float32 panels' bytes). Each weight is converted to float32
-// right before its FMA, and each sum ends as sum * s + b: the activations stay float32, only the weights are
-// int8. From 7 rows a panel is converted once into a float32 buffer and the scaled float32 tiles run on it:
-// the same operations in the same order, so a row's result does not depend on the number of rows.
-
 #ifdef TRANSFORMER_X86
-// 16 weights of a panel's row k -> two vectors of 8 float32: loaded, or (int8) sign-extended and converted
-__attribute__((target("avx2,fma"))) inline void load_16(const float* w, __m256& w0, __m256& w1) {
-  w0 = _mm256_loadu_ps(w);
-  w1 = _mm256_loadu_ps(w + 8);
-}
-
-__attribute__((target("avx2,fma"))) inline void load_16(const int8_t* q, __m256& w0, __m256& w1) {
-  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
-}
-
-// A tile of R rows over one panel of weights W (float, or int8). Scaled (int8 panels, or float32 ones converted
-// from them): the sums start from zero and end as sum * scale + bias; otherwise they start from the bias.
-template <int R, typename W, bool Scaled, bool Stream = false>
-__attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx, const W* panel, int64_t k_dim,
-                                                   const float* bias, float* out, int64_t ldo, int columns,
-                                                   const float* scale) {
-  constexpr int64_t kLineRows = 64 / (kPanel * sizeof(W));  // panel rows per cache line: 1 (float), 4 (int8)
-  constexpr int64_t kAhead = kPrefetch / (kPanel * sizeof(W));
+// A tile of R rows over one float32 panel: the sums start from the bias. Stream: the panel is prefetched past
+// the caches (read once), else into them.
+template <int R, bool Stream = false>
+__attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
+                                                   const float* bias, float* out, int64_t ldo, int columns) {
+  constexpr int64_t kAhead = kPrefetch / (kPanel * sizeof(float));
   __m256 acc0[R], acc1[R];
   const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    acc0[r] = Scaled ? _mm256_setzero_ps() : b0;
-    acc1[r] = Scaled ? _mm256_setzero_ps() : b1;
+    acc0[r] = b0;
+    acc1[r] = b1;
   }
-  for (int64_t k = 0; k < k_dim; ++k) {
-    if (k % kLineRows == 0) {
-      const char* ahead = reinterpret_cast<const char*>(panel + (k + kAhead) * kPanel);
-      if (Stream) {
-        _mm_prefetch(ahead, _MM_HINT_NTA);
-      } else {
-        _mm_prefetch(ahead, _MM_HINT_T0);
-      }
+  for (int64_t k = 0; k < k_dim; ++k) {  // one cache line (16 floats) per k
+    const char* ahead = reinterpret_cast<const char*>(panel + (k + kAhead) * kPanel);
+    if (Stream) {
+      _mm_prefetch(ahead, _MM_HINT_NTA);
+    } else {
+      _mm_prefetch(ahead, _MM_HINT_T0);
     }
-    __m256 w0, w1;
-    load_16(panel + k * kPanel, w0, w1);
+    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
       acc0[r] = _mm256_fmadd_ps(w0, xb, acc0[r]);
       acc1[r] = _mm256_fmadd_ps(w1, xb, acc1[r]);
-    }
-  }
-  if (Scaled) {
-    const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      acc0[r] = _mm256_fmadd_ps(acc0[r], s0, b0);
-      acc1[r] = _mm256_fmadd_ps(acc1[r], s1, b1);
     }
   }
   alignas(32) float tail[R * kPanel];  // the last panel's columns past `out` are not written
@@ -130,38 +100,21 @@ __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx,
   }
 }
 
-// one int8 panel (in, 16) -> float32 (in, 16), unscaled
-__attribute__((target("avx2,fma"))) void convert_panel(const int8_t* panel, int64_t k_dim, float* dst) {
-  for (int64_t k = 0; k < k_dim; ++k) {
-    __m256 w0, w1;
-    load_16(panel + k * kPanel, w0, w1);
-    _mm256_storeu_ps(dst + k * kPanel, w0);
-    _mm256_storeu_ps(dst + k * kPanel + 8, w1);
-  }
-}
-
-// the tiles by number of rows (index 1..6): float32 panels from the bias, scaled float32 ones, int8 ones
-template <typename W>
-using PanelTile = void (*)(const float*, int64_t, const W*, int64_t, const float*, float*, int64_t, int, const float*);
-template <typename W, bool Scaled>
-constexpr PanelTile<W> kTilesOf[kTileRows + 1] = {nullptr,
-                                                  panel_tile<1, W, Scaled>,
-                                                  panel_tile<2, W, Scaled>,
-                                                  panel_tile<3, W, Scaled>,
-                                                  panel_tile<4, W, Scaled>,
-                                                  panel_tile<5, W, Scaled>,
-                                                  panel_tile<6, W, Scaled>};
-// float32 panels read once (one tile of rows): prefetched as a stream that passes the caches by (faster than a
-// T0 prefetch on the benchmark CPU: a one-row step in benchmarks/bench_step.py, BENCHMARKS.md session 12), where
-// a step's 19 MB of float32 weights never stay in its 8 MB L3 anyway. Not for several tiles, which read a panel
-// again, nor for int8 panels (4.8 MB a step, which the L3 keeps from one step to the next).
-constexpr PanelTile<float> kStreamTiles[kTileRows + 1] = {nullptr,
-                                                          panel_tile<1, float, false, true>,
-                                                          panel_tile<2, float, false, true>,
-                                                          panel_tile<3, float, false, true>,
-                                                          panel_tile<4, float, false, true>,
-                                                          panel_tile<5, float, false, true>,
-                                                          panel_tile<6, float, false, true>};
+// the tiles by number of rows (index 1..6)
+using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int);
+constexpr PanelTile kTiles[kTileRows + 1] = {nullptr,         panel_tile<1>, panel_tile<2>, panel_tile<3>,
+                                             panel_tile<4>,   panel_tile<5>, panel_tile<6>};
+// panels read once (one tile of rows): prefetched as a stream that passes the caches by (faster than a T0
+// prefetch on the benchmark CPU: a one-row step in benchmarks/bench_step.py, BENCHMARKS.md session 12), where a
+// step's 19 MB of float32 weights never stay in its 8 MB L3 anyway. Not for several tiles, which read a panel
+// again.
+constexpr PanelTile kStreamTiles[kTileRows + 1] = {nullptr,
+                                                   panel_tile<1, true>,
+                                                   panel_tile<2, true>,
+                                                   panel_tile<3, true>,
+                                                   panel_tile<4, true>,
+                                                   panel_tile<5, true>,
+                                                   panel_tile<6, true>};
 #endif
 
 bool panels_supported() {
@@ -172,19 +125,16 @@ bool panels_supported() {
 #endif
 }
 
-// The checks both products share: x (N, in) float32; panels (P, in, 16) contiguous, of `dtype`; each of
-// `vectors` (bias, scales) contiguous float32 (P * 16,); out_features within the last panel.
-void check_panels(const char* name, const Tensor& x, const Tensor& panels, at::ScalarType dtype,
-                  std::initializer_list<Tensor> vectors, int64_t out_features) {
-  TORCH_CHECK(panels_supported(), name, " needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x.size(1) == panels.size(1), name,
-              ": x (N, in), panels (P, in, 16)");
-  bool ok = x.scalar_type() == at::kFloat && panels.scalar_type() == dtype && panels.is_contiguous() &&
-            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel;
-  for (const Tensor& v : vectors) {
-    ok = ok && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == panels.size(0) * kPanel;
-  }
-  TORCH_CHECK(ok, name, ": float32 x, contiguous ", at::toString(dtype), " panels, padded float32 bias (and scales)");
+// x (N, in) float32; panels (P, in, 16) contiguous float32; bias contiguous float32 (P * 16,); out_features
+// within the last panel
+void check_panels(const Tensor& x, const Tensor& panels, const Tensor& bias, int64_t out_features) {
+  TORCH_CHECK(panels_supported(), "panel_linear needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x.size(1) == panels.size(1),
+              "panel_linear: x (N, in), panels (P, in, 16)");
+  const bool ok = x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
+                  out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel &&
+                  bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == panels.size(0) * kPanel;
+  TORCH_CHECK(ok, "panel_linear: float32 x, contiguous float32 panels, padded float32 bias");
 }
 
 // max(y, 0) over `rows` rows of `columns` outputs at y (row stride ld): a product's ReLU, applied to a panel's
@@ -195,23 +145,10 @@ void relu_block(float* y, int64_t rows, int64_t ld, int columns) {
   }
 }
 
-#ifdef TRANSFORMER_X86
-// All rows of x (N, in), in tiles of up to 6, by one float32 panel (in, 16) into out's columns of that panel.
-template <bool Scaled>
-void tile_rows(const float* x, int64_t rows, int64_t k_dim, const float* panel, const float* bias, float* out,
-               int64_t out_features, int columns, const float* scale) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-    const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
-    kTilesOf<float, Scaled>[r](x + r0 * k_dim, k_dim, panel, k_dim, bias, out + r0 * out_features, out_features,
-                               columns, scale);
-  }
-}
-#endif
-
 // x (N, in) float32; panels (P, in, 16); bias (P * 16,) -> (N, out), then max(., 0) where `relu`
 Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias, int64_t out_features,
                     bool relu = false) {
-  check_panels("panel_linear", x_in, panels, at::kFloat, {bias}, out_features);
+  check_panels(x_in, panels, bias, out_features);
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
   Tensor out = at::empty({rows, out_features}, x.options());
@@ -224,12 +161,15 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
+      const float* panel = wp + j * k_dim * kPanel;
       if (rows <= kTileRows) {
-        kStreamTiles[rows](xp, k_dim, wp + j * k_dim * kPanel, k_dim, bp + j * kPanel, op + j * kPanel, out_features,
-                           columns, nullptr);
+        kStreamTiles[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns);
       } else {
-        tile_rows<false>(xp, rows, k_dim, wp + j * k_dim * kPanel, bp + j * kPanel, op + j * kPanel, out_features,
-                         columns, nullptr);
+        for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {  // further tiles over the panel while it is in cache
+          const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+          kTiles[r](xp + r0 * k_dim, k_dim, panel, k_dim, bp + j * kPanel, op + r0 * out_features + j * kPanel,
+                    out_features, columns);
+        }
       }
       if (relu) relu_block(op + j * kPanel, rows, out_features, columns);
     }
@@ -238,33 +178,131 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   return out;
 }
 
-// x (N, in) float32; panels (P, in, 16) int8; scales, bias (P * 16,) float32 -> (N, out) = (x Q^T) * s + b, then
-// max(., 0) where `relu`
-Tensor panel_linear_int8(const Tensor& x_in, const Tensor& panels, const Tensor& scales, const Tensor& bias,
+// --- panel_linear_w8a8: int8 weights and int8 activations, int32 sums ------------------------------------
+//
+// What CTranslate2's int8 path computes: each row of x is rounded to int8 with its own scale (sx = max |x| /
+// 127), the products are summed exactly in int32, and each sum ends as sum * sx * s + b. AVX2 has no int8 x
+// int8 multiply; vpmaddubsw multiplies unsigned by signed bytes, so each product is formed as |q| * (sign(q) x)
+// (the weight's sign moved onto x: vpsignb; |q| <= 128 fits the unsigned operand, also for q = -128, which
+// PyTorch's per-channel quantisation gives; |x| <= 127 the signed one), which cannot saturate the 16-bit pair
+// sums (2 * 128 * 127 < 2^15); vpmaddwd then adds pairs into int32. 32 multiply-adds take four such
+// instructions where float32 takes four FMAs of 8, at about twice the rate on the benchmark CPUs. Rounding x to
+// 8 bits is what CTranslate2 and PyTorch's dynamic int8 product also do (the latter with one scale for the
+// whole batch); a row's result here depends on that row alone.
+//
+// The weights are "quad panels" (P, ceil(in / 4), 64) int8: panel j, group g holds Q[16j + c, 4g + i] at
+// 4c + i (zeros past `in` and `out`), so one 32-byte load gives 8 columns x 4 consecutive k, what vpmaddubsw and
+// vpmaddwd reduce into one int32 per column.
+
+constexpr int kQuadRows = 3;  // rows per tile: 6 int32 accumulators, 4 weight registers, 1 broadcast
+
+#ifdef TRANSFORMER_X86
+// rows of x (N, in) float32 -> int8 round(x * 127 / max |x|) (N, k_pad), zero-padded, and sx = max |x| / 127
+// (N,) (rounding half to even, as torch.round)
+TRANSFORMER_AVX2 void quantize_rows(const float* x, int64_t rows, int64_t k_dim, int64_t k_pad, int8_t* q,
+                                    float* sx) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * k_dim;
+    int8_t* qr = q + r * k_pad;
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= k_dim; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xr + k)));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float amax = 0.f;
+    for (float v : lanes) amax = std::max(amax, v);
+    for (; k < k_dim; ++k) amax = std::max(amax, std::abs(xr[k]));
+    sx[r] = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k + 8 <= k_dim; k += 8) {
+      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv));  // |v| <= 127
+      const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), _mm_packs_epi16(v16, v16));
+    }
+    for (; k < k_dim; ++k) qr[k] = static_cast<int8_t>(std::nearbyint(xr[k] * inv));
+    for (k = k_dim; k < k_pad; ++k) qr[k] = 0;
+  }
+}
+
+// R rows (int8 q, row stride ldq, scales sx) by one quad panel (groups, 64) into out's 16 columns
+template <int R>
+TRANSFORMER_AVX2 void quad_tile(const int8_t* q, int64_t ldq, const float* sx, const int8_t* panel, int64_t groups,
+                                const float* scale, const float* bias, float* out, int64_t ldo, int columns) {
+  __m256i acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (g + 16) * 64), _MM_HINT_T0);  // a cache line per group
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64 + 32));
+    const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);  // |-128| reads as 128 unsigned
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t xq;
+      std::memcpy(&xq, q + r * ldq + 4 * g, 4);
+      const __m256i xb = _mm256_set1_epi32(xq);
+      acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones));
+      acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones));
+    }
+  }
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+  alignas(32) float tail[R * kPanel];  // the last panel's columns past `out` are not written
+  const bool full = columns == kPanel;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m256 xr = _mm256_set1_ps(sx[r]);
+    float* dst = full ? out + r * ldo : tail + r * kPanel;
+    _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc0[r]), _mm256_mul_ps(s0, xr), b0));
+    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc1[r]), _mm256_mul_ps(s1, xr), b1));
+  }
+  if (!full) {
+    for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
+  }
+}
+
+using QuadTile = void (*)(const int8_t*, int64_t, const float*, const int8_t*, int64_t, const float*, const float*,
+                          float*, int64_t, int);
+constexpr QuadTile kQuadTiles[kQuadRows + 1] = {nullptr, quad_tile<1>, quad_tile<2>, quad_tile<3>};
+#endif
+
+// x (N, in) float32; quad panels (P, ceil(in / 4), 64) int8; scales, bias (P * 16,) float32 -> (N, out) =
+// (round(x / sx) Q^T) * sx * s + b with sx = max |x| / 127 per row, then max(., 0) where `relu`
+Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor& scales, const Tensor& bias,
                          int64_t out_features, bool relu = false) {
-  check_panels("panel_linear_int8", x_in, panels, at::kChar, {scales, bias}, out_features);
+  TORCH_CHECK(panels_supported(), "panel_linear_w8a8 needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == 4 * kPanel &&
+                  panels.size(1) == (x_in.size(1) + 3) / 4,
+              "panel_linear_w8a8: x (N, in), quad panels (P, ceil(in / 4), 64)");
+  bool ok = x_in.scalar_type() == at::kFloat && panels.scalar_type() == at::kChar && panels.is_contiguous() &&
+            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel;
+  for (const Tensor& v : {scales, bias}) {
+    ok = ok && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == panels.size(0) * kPanel;
+  }
+  TORCH_CHECK(ok, "panel_linear_w8a8: float32 x, contiguous int8 quad panels, padded float32 bias and scales");
   Tensor x = x_in.contiguous();
-  const int64_t rows = x.size(0), k_dim = x.size(1), n_panels = panels.size(0);
+  const int64_t rows = x.size(0), k_dim = x.size(1), groups = panels.size(1), n_panels = panels.size(0);
   Tensor out = at::empty({rows, out_features}, x.options());
   if (rows == 0) return out;
 #ifdef TRANSFORMER_X86
-  const float* xp = x.data_ptr<float>();
+  const int64_t k_pad = 4 * groups;
+  std::vector<int8_t> q(rows * k_pad);
+  std::vector<float> sx(rows);
+  quantize_rows(x.data_ptr<float>(), rows, k_dim, k_pad, q.data(), sx.data());
   const int8_t* wp = panels.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(rows > kTileRows ? k_dim * kPanel : 0);  // a panel in float32, from 7 rows
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
-      const int8_t* panel = wp + j * k_dim * kPanel;
-      if (rows <= kTileRows) {  // one tile, converting the weights as it goes
-        kTilesOf<int8_t, true>[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns,
-                                     sp + j * kPanel);
-      } else {
-        convert_panel(panel, k_dim, buffer.data());
-        tile_rows<true>(xp, rows, k_dim, buffer.data(), bp + j * kPanel, op + j * kPanel, out_features, columns,
-                        sp + j * kPanel);
+      for (int64_t r0 = 0; r0 < rows; r0 += kQuadRows) {
+        const int r = static_cast<int>(std::min<int64_t>(kQuadRows, rows - r0));
+        kQuadTiles[r](q.data() + r0 * k_pad, k_pad, sx.data() + r0, wp + j * groups * 64, groups, sp + j * kPanel,
+                      bp + j * kPanel, op + r0 * out_features + j * kPanel, out_features, columns);
       }
       if (relu) relu_block(op + j * kPanel, rows, out_features, columns);
     }
@@ -765,7 +803,7 @@ std::vector<Tensor> step_candidates(const Tensor& logits_in, const Tensor& score
 // frozen._Dense's forms below oneDNN's threshold: up to panel_rows rows by panel_linear (where the weight has
 // panels), one row as row blocks (baddbmm), 2..column_rows rows as the transposed product W x^T, otherwise
 // x W_t. The bias is always defined (zeros where the model has none). An int8 map (frozen._Int8Panels) has
-// int8 panels and scales only, and runs panel_linear_int8 at every number of rows.
+// quad panels and scales only, and runs panel_linear_w8a8 at every number of rows.
 struct Dense {
   Tensor weight;       // (out, in)
   Tensor weight_t;     // (in, out)
@@ -775,14 +813,14 @@ struct Dense {
   Tensor blocks_b;     // (P, out/P, 1)
   Tensor panels;       // (ceil(out/16), in, 16) or undefined
   Tensor bias_panels;  // (ceil(out/16) * 16,)
-  Tensor int8_panels;  // (ceil(out/16), in, 16) int8, or undefined
+  Tensor quad_panels;  // (ceil(out/16), ceil(in/4), 64) int8, or undefined
   Tensor scales;       // (ceil(out/16) * 16,)
 
   // (N, in) -> (N, out); then max(., 0) where `relu` (in the panels' epilogue where they run it)
   Tensor operator()(const Tensor& x, int64_t column_rows, int64_t panel_rows, bool relu = false) const {
     const int64_t rows = x.size(0);
-    if (int8_panels.defined()) {
-      return panel_linear_int8(x, int8_panels, scales, bias_panels, bias.size(0), relu);
+    if (quad_panels.defined()) {
+      return panel_linear_w8a8(x, quad_panels, scales, bias_panels, bias.size(0), relu);
     }
     if (rows <= panel_rows && panels.defined()) {
       return panel_linear(x, panels, bias_panels, bias.size(0), relu);
@@ -818,8 +856,8 @@ struct Layer {
   bool cross = false;
 };
 
-// weight, weight_t, bias, bias_col, blocks_w, blocks_b, panels, bias_panels, int8_panels, scales: an empty
-// tensor where the map has no such form (an int8 map: bias, bias_panels, int8_panels and scales only)
+// weight, weight_t, bias, bias_col, blocks_w, blocks_b, panels, bias_panels, quad_panels, scales: an empty
+// tensor where the map has no such form (an int8 map: bias, bias_panels, quad_panels and scales only)
 Dense make_dense(const std::vector<Tensor>& t) {
   TORCH_CHECK(t.size() == 10, "a dense map takes 10 tensors");
   auto maybe = [](const Tensor& x) { return x.numel() > 0 ? x : Tensor(); };
@@ -1003,8 +1041,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "x (N, in) @ W^T + b with W as (P, in, 16) column panels -> (N, out)",
         pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("bias"), pybind11::arg("out_features"),
         pybind11::arg("relu") = false);
-  m.def("panel_linear_int8", &panel_linear_int8,
-        "(x (N, in) @ Q^T) * s + b with int8 Q as (P, in, 16) column panels, s per output -> (N, out)",
+  m.def("panel_linear_w8a8", &panel_linear_w8a8,
+        "(round(x / sx) @ Q^T) * sx * s + b: x (N, in) rounded to int8 per row (sx = max |x| / 127), int8 Q as "
+        "(P, ceil(in / 4), 64) quad panels, s per output -> (N, out)",
         pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("scales"), pybind11::arg("bias"),
         pybind11::arg("out_features"), pybind11::arg("relu") = false);
   m.def("attend_spans", &attend_spans, "an encoder's self-attention over real tokens: qkv (N, 3D), sentence b "
