@@ -291,7 +291,10 @@ Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor&
   const int64_t k_pad = 4 * groups;
   std::vector<int8_t> q(rows * k_pad);
   std::vector<float> sx(rows);
-  quantize_rows(x.data_ptr<float>(), rows, k_dim, k_pad, q.data(), sx.data());
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    quantize_rows(xp + begin * k_dim, end - begin, k_dim, k_pad, q.data() + begin * k_pad, sx.data() + begin);
+  });
   const int8_t* wp = panels.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
