@@ -464,7 +464,7 @@ def run_int8_panels() -> None:
                 "int8": lambda: int8(x),
             }
             amax = x.abs().amax(1, keepdim=True)
-            rounded = torch.round(x * (127 / amax)) * (amax / 127)  # the rows as w8a8 rounds them
+            rounded = torch.round(x * (torch.full_like(amax, 127.0) / amax)) * (amax / 127)  # as w8a8 rounds them
             expected = module.panel_linear(rounded, dense.panels, dense.bias_panels, d_out)
             torch.testing.assert_close(forms["int8"](), expected, rtol=1e-4, atol=1e-4)  # same weights and inputs
             warm = {k: best_seconds(fn, max(2, int(400 / rows))) * 1e6 for k, fn in forms.items()}

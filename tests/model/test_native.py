@@ -240,7 +240,7 @@ def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., in) with each row rounded to 8 bits as panel_linear_w8a8 rounds it: round(x * 127 / max |x|)
     (half to even), times max |x| / 127; all-zero rows stay zero."""
     amax = x.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # a division (127 / t is 127 * (1 / t))
     return torch.round(x * inv) * (amax / 127)
 
 
@@ -269,7 +269,7 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
     x[8] = torch.where(torch.arange(in_features) % 2 == 0, 1.0, -1.0)  # every product +-127 * q
     x[9] = -1.0  # -127 * -128 in the first column: the largest pair sums (2 * 127 * 128)
     amax = x.abs().amax(1, keepdim=True)
-    xq = torch.round(x * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).double()  # (N, in) integers
+    xq = torch.round(x * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)).double()  # (N, in) integers
     sums = xq @ q.t()  # (N, out), exact in float64
     expected = (sums * (amax.double() / 127) * s + linear.bias.detach().double()).float()
     with torch.no_grad():
