@@ -268,6 +268,7 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
     x[7, 0] = 1e3  # a row whose other values round to 0
     x[8] = torch.where(torch.arange(in_features) % 2 == 0, 1.0, -1.0)  # every product +-127 * q
     x[9] = -1.0  # -127 * -128 in the first column: the largest pair sums (2 * 127 * 128)
+    tiny = x[10] * 1e-39  # subnormal values, whose 127 / max |x| overflows float32
     amax = x.abs().amax(1, keepdim=True)
     xq = torch.round(x * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)).double()  # (N, in) integers
     sums = xq @ q.t()  # (N, out), exact in float64
@@ -278,6 +279,14 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
         torch.testing.assert_close(whole, _rounded_rows(x) @ int8.float_weight().t() + linear.bias,
                                    rtol=1e-4, atol=1e-4)
         assert torch.equal(whole[5], linear.bias.detach())
+        # weight scales of 1e30 keep the subnormal row's outputs in float32's normal range
+        big = torch._make_per_channel_quantized_tensor(w_q.int_repr(), w_q.q_per_channel_scales() * 1e30,
+                                                        w_q.q_per_channel_zero_points(), 0)
+        amax_t = tiny.abs().max().double()
+        tiny_q = torch.round(tiny.double() / amax_t * 127)  # (in,) integers
+        expected_tiny = (tiny_q @ q.t()) * (amax_t / 127) * (s * 1e30)
+        torch.testing.assert_close(_Int8Panels(big, None, native.build())(tiny[None])[0].double(), expected_tiny,
+                                   rtol=1e-4, atol=1e-30)
         for rows in (1, 3, 4, 5, 13):  # a partial tile, one, tiles of 4 and a rest
             assert torch.equal(int8(x[:rows]), whole[:rows]), rows
         assert torch.equal(torch.cat([int8(x[i : i + 1]) for i in range(40)]), whole)

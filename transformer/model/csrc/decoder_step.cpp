@@ -215,6 +215,11 @@ TRANSFORMER_AVX2 void quantize_rows(const float* x, int64_t rows, int64_t k_dim,
     for (; k < k_dim; ++k) amax = std::max(amax, std::abs(xr[k]));
     sx[r] = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    if (!std::isfinite(inv)) {  // max |x| below about 1e-37 (subnormal): x / max |x| * 127, which stays finite
+      for (k = 0; k < k_dim; ++k) qr[k] = static_cast<int8_t>(std::nearbyint(xr[k] / amax * 127.f));
+      for (k = k_dim; k < k_pad; ++k) qr[k] = 0;
+      continue;
+    }
     const __m256 vinv = _mm256_set1_ps(inv);
     for (k = 0; k + 8 <= k_dim; k += 8) {
       const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv));  // |v| <= 127
