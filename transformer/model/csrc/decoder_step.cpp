@@ -185,8 +185,10 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
 // int8 multiply; vpmaddubsw multiplies unsigned by signed bytes, so each product is formed as |q| * (sign(q) x)
 // (the weight's sign moved onto x: vpsignb; |q| <= 128 fits the unsigned operand, also for q = -128, which
 // PyTorch's per-channel quantisation gives; |x| <= 127 the signed one), which cannot saturate the 16-bit pair
-// sums (2 * 128 * 127 < 2^15); vpmaddwd then adds pairs into int32. 32 multiply-adds take four such
-// instructions where float32 takes four FMAs of 8, at about twice the rate on the benchmark CPUs. Rounding x to
+// sums (2 * 128 * 127 < 2^15); vpmaddwd then adds pairs into int32, vpaddd into the sums: per row, 32
+// multiply-adds in four instructions (the weight's vpabsb is shared by the tile's rows) where float32 needs four
+// FMAs, and the two multiplying ones issue twice per cycle on the benchmark CPUs: 1.3-1.4x float32 panel_linear
+// from 32 rows, 3x at one row (benchmarks/bench_micro.py --parts int8-panels, BENCHMARKS.md). Rounding x to
 // 8 bits is what CTranslate2 and PyTorch's dynamic int8 product also do (the latter with one scale for the
 // whole batch); a row's result here depends on that row alone.
 //
