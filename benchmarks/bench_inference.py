@@ -290,6 +290,22 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
 # --- measuring --------------------------------------------------------------------------------------
 
 
+def paired_bootstrap(hyp_a: list[str], hyp_b: list[str], refs: list[str], n: int, seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """BLEU(a) - BLEU(b) on all sentences, and the 2.5th and 97.5th percentiles of that difference over ``n``
+    resamples of the sentences (the same resample for both: Koehn's paired bootstrap, as sacreBLEU's
+    ``--paired-bs`` draws it), from sacreBLEU's per-sentence statistics."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    stats_a, stats_b = (np.array(bleu._extract_corpus_statistics(h, [refs])) for h in (hyp_a, hyp_b))
+    score = lambda st: bleu._compute_score_from_stats(st.sum(0).tolist()).score  # noqa: E731
+    index = np.random.default_rng(seed).integers(0, len(refs), size=(n, len(refs)))
+    diffs = np.array([score(stats_a[i]) - score(stats_b[i]) for i in index])
+    return score(stats_a) - score(stats_b), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
 def run_case(systems: dict, sources: list[list[int]], batch_size: int, beam: int, device) -> dict:
     """Translate all sources in batches, systems round-robin batch by batch; seconds, tokens, outputs."""
     stats = {n: {"time": 0.0, "tokens": 0, "outputs": []} for n in systems}
@@ -342,6 +358,8 @@ def main() -> None:
                              "or with the Python decoder step where the compiled one is built (CPU)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
+    parser.add_argument("--bootstrap", type=int, default=0,
+                        help="paired bootstrap resamples of the BLEU differences (int8 against CT2 int8, ...); 0: none")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     device = setup_device(args.device, args.threads)
@@ -359,6 +377,10 @@ def main() -> None:
     sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[: args.sentences])]
     with tempfile.TemporaryDirectory(dir=args.work_dir if os.path.isdir(args.work_dir) else None) as work:
         systems, frozen = make_systems(args, model, tok, device, work)
+        if device.type == "cpu" and frozen is not None:  # the extension's hash follows its source: rebuild after edits
+            print("compiled extension (transformer build-native): "
+                  + ("built" if frozen.decoder.native is not None else
+                     "NOT BUILT for this source: ours runs the Python step, ours int8 PyTorch's fbgemm products"))
         results = {"machine": info, "weights": weights, "gemm_peak_gflops": peak, "bandwidth_gbs": bandwidth,
                    "cases": {}}
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
@@ -386,6 +408,14 @@ def main() -> None:
                   + ", ".join(f"{NAMES[n]} {b:.2f}" for n, b in bleu.items()))
             for n, s in stats.items():
                 s["bleu"] = bleu[n]
+            if args.bootstrap:
+                hyps = {n: [tok.decode_tgt(o) for o in s["outputs"]] for n, s in stats.items()}
+                for a, b in (("ours_int8", "ct2_int8"), ("ours", "ct2_fp32"), ("ours_int8", "ours"),
+                             ("ct2_int8", "ct2_fp32")):
+                    if a in hyps and b in hyps:
+                        diff, low, high = paired_bootstrap(hyps[a], hyps[b], references, args.bootstrap)
+                        print(f"    BLEU {NAMES[a]} - {NAMES[b]}: {diff:+.2f}, 95% paired bootstrap interval "
+                              f"[{low:+.2f}, {high:+.2f}] ({args.bootstrap} resamples)")
             if beam == 1:
                 ref = stats["ours"]["outputs"]
                 for name in systems:
