@@ -31,7 +31,7 @@
    ``transformer build-native``.
 9. ``int8-panels`` (session 9, since session 15 ``panel_linear_w8a8``): the int8 product that
    ``--quantize int8`` runs where the extension is built (int8 weights with per-channel scales, activations
-   rounded to int8 per row, int8 arithmetic) against ``panel_linear`` with the same weights in float32 and
+   rounded per row to 7-bit unsigned values with a zero point, integer arithmetic) against ``panel_linear`` with the same weights in float32 and
    against PyTorch's dynamic int8 Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows,
    warm and cold.
 10. ``attention`` (session 9): the extension's ``attend_one`` (a decoder step's attention of one new position)
@@ -463,8 +463,10 @@ def run_int8_panels() -> None:
                 "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True),
                 "int8": lambda: int8(x),
             }
-            amax = x.abs().amax(1, keepdim=True)
-            rounded = torch.round(x * (torch.full_like(amax, 127.0) / amax)) * (amax / 127)  # as w8a8 rounds them
+            lo, hi = x.amin(1, keepdim=True).clamp_max(0), x.amax(1, keepdim=True).clamp_min(0)
+            inv = torch.full_like(lo, 127.0) / (hi - lo)  # each row as w8a8 rounds it: x ~ sx (u - z)
+            z = torch.round(-lo * inv)
+            rounded = ((torch.round(x * inv) + z).clamp(0, 127) - z) * ((hi - lo) / 127)
             expected = module.panel_linear(rounded, dense.panels, dense.bias_panels, d_out)
             torch.testing.assert_close(forms["int8"](), expected, rtol=1e-4, atol=1e-4)  # same weights and inputs
             warm = {k: best_seconds(fn, max(2, int(400 / rows))) * 1e6 for k, fn in forms.items()}

@@ -236,27 +236,37 @@ def _quantized(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(weight, scale.double(), zeros, 0, torch.qint8)
 
 
+def _unsigned_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, in) rounded per row as panel_linear_w8a8 rounds it -> (u (N, in), z (N, 1), sx (N, 1)), float64
+    values: lo = min(x, 0), hi = max(x, 0), sx = (hi - lo) / 127, z = round(-lo / sx), u = clamp(round(x / sx)
+    + z, 0, 127) (half to even; 127 / (hi - lo) as a division, as the kernel divides), so x ~ sx (u - z)."""
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
+    span = hi - lo
+    inv = torch.where(span > 0, torch.full_like(span, 127.0) / span, 0.0)  # (127 / t is 127 * (1 / t) in torch)
+    z = torch.round(-lo * inv)
+    u = (torch.round(x * inv) + z).clamp(0, 127)
+    return u.double(), z.double(), (span / 127).double()
+
+
 def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (..., in) with each row rounded to 8 bits as panel_linear_w8a8 rounds it: round(x * 127 / max |x|)
-    (half to even), times max |x| / 127; all-zero rows stay zero."""
-    amax = x.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # a division (127 / t is 127 * (1 / t))
-    return torch.round(x * inv) * (amax / 127)
+    """x (..., in) with each row rounded as panel_linear_w8a8 rounds it, back in float32: sx (u - z)."""
+    u, z, sx = _unsigned_rows(x.reshape(-1, x.size(-1)))
+    return ((u - z) * sx).float().reshape(x.shape)
 
 
 @pytest.mark.parametrize("out_features,in_features", [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1), (33, 2050)])
 def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_features):
-    """Each row rounded to int8 with its own scale, int8 x int8 products summed exactly (the int32 sums of
-    the rounded values, also at the extremes where AVX2's 16-bit pair sums could saturate: x = +-127 against
-    q = -128 and 127), whatever the number of rows (tiles of 4 and a rest), each row's result independent of
-    the other rows."""
+    """Each row rounded to 7-bit unsigned values with its own scale and zero point, the products by the int8
+    weights summed exactly (the int32 sums of the rounded values, also at the extremes where AVX2's 16-bit
+    pair sums could saturate: u = 127 against a pair of q = -128), whatever the number of rows (tiles of 3
+    and a rest), each row's result independent of the other rows."""
     if not native.build().panels_supported():
         pytest.skip("panel_linear_w8a8 needs a CPU with AVX2 and FMA")
     torch.manual_seed(out_features)
     linear = torch.nn.Linear(in_features, out_features)
     w_q = _quantized(linear.weight.detach())
     q = w_q.int_repr()
-    q[:, 0], q[0, -1] = -128, 127  # PyTorch's per-channel quantisation gives -128 too
+    q[:, :2], q[0, -1] = -128, 127  # PyTorch's per-channel quantisation gives -128 too
     w_q = torch._make_per_channel_quantized_tensor(q, w_q.q_per_channel_scales(), w_q.q_per_channel_zero_points(), 0)
     int8 = _Int8Panels(w_q, linear.bias, native.build())
     groups = -(-in_features // 4)
@@ -265,14 +275,15 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
     q, s = w_q.int_repr().double(), w_q.q_per_channel_scales().double()  # (out, in), (out,)
     x = torch.randn(40, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
     x[5] = 0  # an all-zero row
-    x[7, 0] = 1e3  # a row whose other values round to 0
-    x[8] = torch.where(torch.arange(in_features) % 2 == 0, 1.0, -1.0)  # every product +-127 * q
-    x[9] = -1.0  # -127 * -128 in the first column: the largest pair sums (2 * 127 * 128)
-    tiny = x[10] * 1e-39  # subnormal values, whose 127 / max |x| overflows float32
-    amax = x.abs().amax(1, keepdim=True)
-    xq = torch.round(x * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)).double()  # (N, in) integers
-    sums = xq @ q.t()  # (N, out), exact in float64
-    expected = (sums * (amax.double() / 127) * s + linear.bias.detach().double()).float()
+    x[7, 0] = 1e3  # a row whose other values round to the zero point
+    x[8] = torch.where(torch.arange(in_features) % 2 == 0, 1.0, -1.0)  # u = 0 and 127 (clamped from 128)
+    x[9] = 1.0  # u = 127 everywhere: 127 * -128 twice, the largest pair sums (2 * 127 * 128)
+    x[11] = x[11].abs()  # non-negative (after a ReLU): z = 0
+    tiny = x[10] * 1e-39  # subnormal values, whose 127 / (hi - lo) overflows float32
+    u, z, sx = _unsigned_rows(x)
+    assert u[9].eq(127).all() and z[11].eq(0).all()
+    sums = (u - z) @ q.t()  # (N, out), exact in float64
+    expected = (sums * sx * s + linear.bias.detach().double()).float()
     with torch.no_grad():
         whole = int8(x)
         torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
@@ -282,12 +293,14 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
         # weight scales of 1e30 keep the subnormal row's outputs in float32's normal range
         big = torch._make_per_channel_quantized_tensor(w_q.int_repr(), w_q.q_per_channel_scales() * 1e30,
                                                         w_q.q_per_channel_zero_points(), 0)
-        amax_t = tiny.abs().max().double()
-        tiny_q = torch.round(tiny.double() / amax_t * 127)  # (in,) integers
-        expected_tiny = (tiny_q @ q.t()) * (amax_t / 127) * (s * 1e30)
+        t = tiny.double()
+        lo, hi = min(t.min().item(), 0.0), max(t.max().item(), 0.0)
+        z_t = round(-lo / (hi - lo) * 127)
+        u_t = (torch.round(t / (hi - lo) * 127) + z_t).clamp(0, 127)  # (in,) integers
+        expected_tiny = ((u_t - z_t) @ q.t()) * ((hi - lo) / 127) * (s * 1e30)
         torch.testing.assert_close(_Int8Panels(big, None, native.build())(tiny[None])[0].double(), expected_tiny,
                                    rtol=1e-4, atol=1e-30)
-        for rows in (1, 3, 4, 5, 13):  # a partial tile, one, tiles of 4 and a rest
+        for rows in (1, 2, 3, 4, 13):  # a partial tile, one, tiles of 3 and a rest
             assert torch.equal(int8(x[:rows]), whole[:rows]), rows
         assert torch.equal(torch.cat([int8(x[i : i + 1]) for i in range(40)]), whole)
         assert int8(x[:0]).shape == (0, out_features)
@@ -296,15 +309,19 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
         for rows in (2, 40):  # ReLU in the epilogue
             assert torch.equal(int8(x[:rows], relu=True), torch.relu(whole[:rows]))
     with pytest.raises(RuntimeError, match="panel_linear_w8a8"):
-        native.build().panel_linear_w8a8(torch.randn(2, 4 * groups + 4), int8.quad_panels, int8.scales,
+        native.build().panel_linear_w8a8(torch.randn(2, 4 * groups + 4), int8.quad_panels, int8.colsums, int8.scales,
                                          int8.bias_panels, out_features)
     with pytest.raises(RuntimeError, match="panel_linear_w8a8"):  # float panels where int8 ones belong
-        native.build().panel_linear_w8a8(x, int8.quad_panels.float(), int8.scales, int8.bias_panels, out_features)
+        native.build().panel_linear_w8a8(x, int8.quad_panels.float(), int8.colsums, int8.scales, int8.bias_panels,
+                                         out_features)
+    with pytest.raises(RuntimeError, match="panel_linear_w8a8"):  # float column sums
+        native.build().panel_linear_w8a8(x, int8.quad_panels, int8.colsums.float(), int8.scales, int8.bias_panels,
+                                         out_features)
 
 
 def _dequantized_copy(model, int8_model):
     """``model`` with each Linear's weight replaced by the float32 weight Q * s of its int8 copy, and its input
-    rounded to 8 bits per row as panel_linear_w8a8 rounds it."""
+    rounded per row as panel_linear_w8a8 rounds it."""
     ref = copy.deepcopy(model)
     modules = dict(int8_model.named_modules())
     for name, module in ref.named_modules():
@@ -323,7 +340,7 @@ def _dequantized_copy(model, int8_model):
 def test_int8_model_on_the_extension(variant, rows):
     """An int8 model frozen with the extension runs int8 products in the compiled step (bit for bit the Python
     step on them) and computes what the float model with the int8 weights Q * s and its Linear layers' inputs
-    rounded to 8 bits per row computes."""
+    rounded per row (7-bit unsigned, a zero point) computes."""
     if not native.build().panels_supported():
         pytest.skip("panel_linear_w8a8 needs a CPU with AVX2 and FMA")
     model = _transformer(**variant)

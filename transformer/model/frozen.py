@@ -39,9 +39,10 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give. Where the compiled extension is
   built, every int8 product (the output projection's too) runs in its ``panel_linear_w8a8``
-  (:class:`_Int8Panels`: int8 weights, each activation row rounded to int8 with its own scale, int8
-  arithmetic, at every number of rows), in the Python step and the compiled step alike; without it, in
-  PyTorch's fbgemm dynamic product (:class:`_Int8`, which rounds the whole batch with one scale).
+  (:class:`_Int8Panels`: int8 weights, each activation row rounded to 7-bit unsigned values with its own
+  scale and zero point, integer arithmetic, at every number of rows), in the Python step and the compiled
+  step alike; without it, in PyTorch's fbgemm dynamic product (:class:`_Int8`, which rounds the whole batch
+  with one scale).
 
 On a GPU the products are cuBLAS's ``F.linear`` by the (fused) weights, and by default the decoder step runs on
 a static KV cache replayed as CUDA graphs (:mod:`transformer.model.static`; ``freeze(model, graphs=False)``
@@ -175,12 +176,13 @@ class _Int8:
 
 
 class _Int8Panels:
-    """An int8 map on the compiled extension, what CTranslate2's int8 path computes: each row of x is rounded
-    to int8 with its own scale sx = max |x| / 127, multiplied by the int8 weight Q (out, in) in int8
-    arithmetic with exact int32 sums, and each sum ends as ``sum * sx * s + b`` (s: the per-channel weight
-    scales), by ``panel_linear_w8a8`` at every number of rows. A row's result depends on that row alone
-    (PyTorch's dynamic int8 product, which runs without the extension (:class:`_Int8`), rounds the whole batch
-    with one scale, to 7 bits). The weight is stored as "quad panels" (:func:`_quad_panels`)."""
+    """An int8 map on the compiled extension: each row of x is rounded with its own scale sx and zero point z
+    to 7-bit unsigned values u (x ~ sx (u - z); the row's range widened to hold 0), multiplied by the int8
+    weight Q (out, in) in integer arithmetic with exact int32 sums, and each sum ends as
+    ``(sum - z colsum(Q)) * sx * s + b`` (s: the per-channel weight scales), by ``panel_linear_w8a8`` at every
+    number of rows. A row's result depends on that row alone (PyTorch's dynamic int8 product, which runs
+    without the extension (:class:`_Int8`), rounds the whole batch with one scale, to 7 bits too; CTranslate2
+    rounds each row symmetrically to 8 bits). The weight is stored as "quad panels" (:func:`_quad_panels`)."""
 
     def __init__(self, weight_q: Tensor, bias: Optional[Tensor], native: Any) -> None:  # weight_q (out, in) qint8
         q = weight_q.int_repr()  # (out, in) int8
@@ -188,13 +190,14 @@ class _Int8Panels:
         self.in_features = q.size(1)
         self.quad_panels = _quad_panels(q)  # (P, ceil(in / 4), 64) int8
         self.scales = _padded(weight_q.q_per_channel_scales().float(), out)  # (P*16,)
+        self.colsums = _padded(q.sum(1, dtype=torch.int32), out, torch.int32)  # (P*16,) each column's sum of Q
         self.bias = bias.detach().float() if bias is not None else torch.zeros(out)  # (out,)
         self.bias_panels = _padded(self.bias, out)  # (P*16,)
         self.native = native
 
     def __call__(self, x: Tensor, relu: bool = False) -> Tensor:  # (N, in) -> (N, out), then ReLU where ``relu``
-        return self.native.panel_linear_w8a8(x, self.quad_panels, self.scales, self.bias_panels, self.bias.size(0),
-                                             relu)
+        return self.native.panel_linear_w8a8(x, self.quad_panels, self.colsums, self.scales, self.bias_panels,
+                                             self.bias.size(0), relu)
 
     def int8_weight(self) -> Tensor:
         """The int8 weight Q (out, in) that the quad panels hold."""
@@ -228,9 +231,9 @@ def _column_panels(weight: Tensor) -> Tensor:
     return panels.view(d_in, n_panels, PANEL_WIDTH).transpose(0, 1).contiguous()
 
 
-def _padded(vector: Optional[Tensor], out: int) -> Tensor:
-    """A float32 (out,) vector (zeros for None) padded with zeros to the panels' P * 16 columns."""
-    padded = torch.zeros(-(-out // PANEL_WIDTH) * PANEL_WIDTH)
+def _padded(vector: Optional[Tensor], out: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An (out,) vector (zeros for None) padded with zeros to the panels' P * 16 columns, as ``dtype``."""
+    padded = torch.zeros(-(-out // PANEL_WIDTH) * PANEL_WIDTH, dtype=dtype)
     if vector is not None:
         padded[:out] = vector
     return padded
@@ -680,10 +683,10 @@ def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> An
 
     def dense(m: Union[_Dense, _Int8Panels]) -> list[Tensor]:
         if isinstance(m, _Int8Panels):
-            return [none, none, m.bias, none, none, none, none, m.bias_panels, m.quad_panels, m.scales]
+            return [none, none, m.bias, none, none, none, none, m.bias_panels, m.quad_panels, m.scales, m.colsums]
         bias = m.bias if m.bias is not None else m.weight.new_zeros(m.weight.size(0))
         return [m.weight, m.weight_t, bias, bias[:, None], *(m.blocks or (none, none)),
-                *((m.panels, m.bias_panels) if m.panels is not None else (none, none)), none, none]
+                *((m.panels, m.bias_panels) if m.panels is not None else (none, none)), none, none, none]
 
     if isinstance(decoder.layers[0].fc1, _Int8):  # PyTorch's dynamic int8 products: the Python step only
         return None
@@ -696,7 +699,7 @@ def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> An
     final = decoder.final_norm or ((), none, none, 1e-5)  # (shape, w, b, eps)
     output = decoder.output
     step.set_ends(decoder.embed, float(decoder.embed_scale), decoder.positions, [final[1], final[2]], final[3],
-                  dense(output) if isinstance(output, (_Dense, _Int8Panels)) else [none] * 10,
+                  dense(output) if isinstance(output, (_Dense, _Int8Panels)) else [none] * 11,
                   decoder.final_logits_bias if decoder.final_logits_bias is not None else none)
     return step
 

@@ -6,9 +6,9 @@ computed from that batch, and the product runs in PyTorch's x86 (fbgemm) int8 ke
 Decoding runs the copy frozen (:mod:`transformer.model.frozen`), and where the compiled extension is built
 (``transformer build-native``, a CPU with AVX2 and FMA) its products run instead in ``panel_linear_w8a8``
 (since session 15; sessions 9-14 kept float32 activations): the same int8 weights and scales, each
-activation row rounded to int8 with its own scale (CTranslate2's int8 scheme), int8 arithmetic with exact
-int32 sums, so a row's result does not depend on the batch; the weights a decoder step reads are a quarter
-of their float32 size.
+activation row rounded to 7-bit unsigned values with its own scale and zero point, integer arithmetic with
+exact int32 sums, so a row's result does not depend on the batch; the weights a decoder step reads are a
+quarter of their float32 size.
 Embeddings, LayerNorms, attention scores and the softmax stay in float32. Tied weights are not shared any
 more in the copy (the output projection gets its own int8 weight), which is why it is an inference-only copy
 of the model.

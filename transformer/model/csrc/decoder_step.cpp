@@ -178,65 +178,79 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   return out;
 }
 
-// --- panel_linear_w8a8: int8 weights and int8 activations, int32 sums ------------------------------------
+// --- panel_linear_w8a8: int8 weights, 8-bit activations, int32 sums --------------------------------------
 //
-// What CTranslate2's int8 path computes: each row of x is rounded to int8 with its own scale (sx = max |x| /
-// 127), the products are summed exactly in int32, and each sum ends as sum * sx * s + b. AVX2 has no int8 x
-// int8 multiply; vpmaddubsw multiplies unsigned by signed bytes, so each product is formed as |q| * (sign(q) x)
-// (the weight's sign moved onto x: vpsignb; |q| <= 128 fits the unsigned operand, also for q = -128, which
-// PyTorch's per-channel quantisation gives; |x| <= 127 the signed one), which cannot saturate the 16-bit pair
-// sums (2 * 128 * 127 < 2^15); vpmaddwd then adds pairs into int32, vpaddd into the sums: per row, 32
-// multiply-adds in four instructions (the weight's vpabsb is shared by the tile's rows) where float32 needs four
-// FMAs, and the two multiplying ones issue twice per cycle on the benchmark CPUs: 1.3-1.4x float32 panel_linear
-// from 32 rows, 3x at one row (benchmarks/bench_micro.py --parts int8-panels, BENCHMARKS.md). Rounding x to
-// 8 bits is what CTranslate2 and PyTorch's dynamic int8 product also do (the latter with one scale for the
-// whole batch); a row's result here depends on that row alone.
+// Each row of x is rounded with its own scale and zero point to unsigned values of 7 bits, u = clamp(round(x /
+// sx) + z, 0, 127) with sx = (hi - lo) / 127 over the row's range [lo, hi] widened to hold 0 (so x ~ sx (u - z),
+// and ReLU's zeros and the padding stay exact). The products u q by the int8 weights run in vpmaddubsw
+// (unsigned by signed bytes) and vpmaddwd: 7 bits are what keeps them exact, because the 16-bit pair sums
+// then stay below 2^15 (2 * 127 * 128), also for q = -128, which PyTorch's per-channel quantisation gives
+// (fbgemm rounds to 7 bits for the same reason, with one scale for the whole batch; CTranslate2 rounds
+// symmetrically to 8 bits). Per row, 32 multiply-adds take three instructions (vpmaddubsw, vpmaddwd, vpaddd)
+// where float32 needs four FMAs; the sums are exact in int32, and each ends as (sum - z * colsum) * sx * s + b
+// with the weight's column sums and per-channel scales s. A row's result depends on that row alone. Session
+// 15's first form rounded x symmetrically to 8 bits and moved the signs with vpsignb (four instructions per 32
+// multiply-adds): 1.26-1.30x slower from 32 rows, at equal BLEU (BENCHMARKS.md, session 15).
 //
 // The weights are "quad panels" (P, ceil(in / 4), 64) int8: panel j, group g holds Q[16j + c, 4g + i] at
 // 4c + i (zeros past `in` and `out`), so one 32-byte load gives 8 columns x 4 consecutive k, what vpmaddubsw and
 // vpmaddwd reduce into one int32 per column.
 
-constexpr int kQuadRows = 3;  // rows per tile: 6 int32 accumulators, 4 weight registers, 1 broadcast
+constexpr int kQuadRows = 3;  // rows per tile: 6 int32 accumulators, 2 weight registers, 1 broadcast
 
 #ifdef TRANSFORMER_X86
-// rows of x (N, in) float32 -> int8 round(x * 127 / max |x|) (N, k_pad), zero-padded, and sx = max |x| / 127
-// (N,) (rounding half to even, as torch.round)
-TRANSFORMER_AVX2 void quantize_rows(const float* x, int64_t rows, int64_t k_dim, int64_t k_pad, int8_t* q,
-                                    float* sx) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+// rows of x (N, in) float32 -> u = clamp(round(x / sx) + z, 0, 127) (N, k_pad) zero-padded, sx = (hi - lo) / 127
+// and z = round(-lo / sx) per row, with lo = min(x, 0) and hi = max(x, 0) (0 is exact: the padding's and ReLU's
+// zeros); x ~ sx (u - z). Rounding half to even, as torch.round; an all-zero row gives sx = 0, u = z = 0.
+TRANSFORMER_AVX2 void quantize_rows(const float* x, int64_t rows, int64_t k_dim, int64_t k_pad, uint8_t* u,
+                                    float* sx, int32_t* zero) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k_dim;
-    int8_t* qr = q + r * k_pad;
-    __m256 vmax = _mm256_setzero_ps();
+    uint8_t* ur = u + r * k_pad;
+    __m256 vmin = _mm256_setzero_ps(), vmax = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= k_dim; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xr + k)));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float amax = 0.f;
-    for (float v : lanes) amax = std::max(amax, v);
-    for (; k < k_dim; ++k) amax = std::max(amax, std::abs(xr[k]));
-    sx[r] = amax / 127.f;
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    if (!std::isfinite(inv)) {  // max |x| below about 1e-37 (subnormal): x / max |x| * 127, which stays finite
-      for (k = 0; k < k_dim; ++k) qr[k] = static_cast<int8_t>(std::nearbyint(xr[k] / amax * 127.f));
-      for (k = k_dim; k < k_pad; ++k) qr[k] = 0;
-      continue;
+    for (; k + 8 <= k_dim; k += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + k);
+      vmin = _mm256_min_ps(vmin, v);
+      vmax = _mm256_max_ps(vmax, v);
     }
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (k = 0; k + 8 <= k_dim; k += 8) {
-      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv));  // |v| <= 127
-      const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), _mm_packs_epi16(v16, v16));
+    alignas(32) float lows[8], highs[8];
+    _mm256_store_ps(lows, vmin);
+    _mm256_store_ps(highs, vmax);
+    float lo = 0.f, hi = 0.f;
+    for (int i = 0; i < 8; ++i) lo = std::min(lo, lows[i]), hi = std::max(hi, highs[i]);
+    for (; k < k_dim; ++k) lo = std::min(lo, xr[k]), hi = std::max(hi, xr[k]);
+    const float range = hi - lo;
+    sx[r] = range / 127.f;
+    float inv = range > 0.f ? 127.f / range : 0.f;
+    const bool tiny = !std::isfinite(inv);  // range below about 1e-37 (subnormal): x / range * 127 stays finite
+    const int32_t z = static_cast<int32_t>(std::nearbyint(tiny ? -lo / range * 127.f : -lo * inv));
+    zero[r] = z;
+    k = 0;
+    if (!tiny) {
+      const __m256 vinv = _mm256_set1_ps(inv);
+      const __m256i vz = _mm256_set1_epi32(z), v0 = _mm256_setzero_si256(), v127 = _mm256_set1_epi32(127);
+      for (; k + 8 <= k_dim; k += 8) {
+        __m256i v = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv)), vz);
+        v = _mm256_min_epi32(_mm256_max_epi32(v, v0), v127);
+        const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(ur + k), _mm_packus_epi16(v16, v16));
+      }
     }
-    for (; k < k_dim; ++k) qr[k] = static_cast<int8_t>(std::nearbyint(xr[k] * inv));
-    for (k = k_dim; k < k_pad; ++k) qr[k] = 0;
+    for (; k < k_dim; ++k) {
+      const float scaled = tiny ? xr[k] / range * 127.f : xr[k] * inv;
+      ur[k] = static_cast<uint8_t>(std::min(127, std::max(0, static_cast<int>(std::nearbyint(scaled)) + z)));
+    }
+    for (k = k_dim; k < k_pad; ++k) ur[k] = 0;
   }
 }
 
-// R rows (int8 q, row stride ldq, scales sx) by one quad panel (groups, 64) into out's 16 columns
+// R rows (u, row stride ldu, scales sx, zero points z) by one quad panel (groups, 64) with its column sums into
+// out's 16 columns: (sum_k u q - z * colsum) * sx * s + b
 template <int R>
-TRANSFORMER_AVX2 void quad_tile(const int8_t* q, int64_t ldq, const float* sx, const int8_t* panel, int64_t groups,
-                                const float* scale, const float* bias, float* out, int64_t ldo, int columns) {
+TRANSFORMER_AVX2 void quad_tile(const uint8_t* u, int64_t ldu, const float* sx, const int32_t* zero,
+                                const int8_t* panel, int64_t groups, const int32_t* colsum, const float* scale,
+                                const float* bias, float* out, int64_t ldo, int columns) {
   __m256i acc0[R], acc1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
@@ -245,16 +259,17 @@ TRANSFORMER_AVX2 void quad_tile(const int8_t* q, int64_t ldq, const float* sx, c
     _mm_prefetch(reinterpret_cast<const char*>(panel + (g + 16) * 64), _MM_HINT_T0);  // a cache line per group
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64 + 32));
-    const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);  // |-128| reads as 128 unsigned
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      int32_t xq;
-      std::memcpy(&xq, q + r * ldq + 4 * g, 4);
-      const __m256i xb = _mm256_set1_epi32(xq);
-      acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones));
-      acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones));
+      int32_t xu;
+      std::memcpy(&xu, u + r * ldu + 4 * g, 4);
+      const __m256i xb = _mm256_set1_epi32(xu);
+      acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
+      acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
     }
   }
+  const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum));
+  const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8));
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
   const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
   alignas(32) float tail[R * kPanel];  // the last panel's columns past `out` are not written
@@ -262,47 +277,56 @@ TRANSFORMER_AVX2 void quad_tile(const int8_t* q, int64_t ldq, const float* sx, c
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const __m256 xr = _mm256_set1_ps(sx[r]);
+    const __m256i zr = _mm256_set1_epi32(zero[r]);
+    const __m256i y0 = _mm256_sub_epi32(acc0[r], _mm256_mullo_epi32(zr, c0));
+    const __m256i y1 = _mm256_sub_epi32(acc1[r], _mm256_mullo_epi32(zr, c1));
     float* dst = full ? out + r * ldo : tail + r * kPanel;
-    _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc0[r]), _mm256_mul_ps(s0, xr), b0));
-    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc1[r]), _mm256_mul_ps(s1, xr), b1));
+    _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(y0), _mm256_mul_ps(s0, xr), b0));
+    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(y1), _mm256_mul_ps(s1, xr), b1));
   }
   if (!full) {
     for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
   }
 }
 
-using QuadTile = void (*)(const int8_t*, int64_t, const float*, const int8_t*, int64_t, const float*, const float*,
-                          float*, int64_t, int);
+using QuadTile = void (*)(const uint8_t*, int64_t, const float*, const int32_t*, const int8_t*, int64_t,
+                          const int32_t*, const float*, const float*, float*, int64_t, int);
 constexpr QuadTile kQuadTiles[kQuadRows + 1] = {nullptr, quad_tile<1>, quad_tile<2>, quad_tile<3>};
 #endif
 
-// x (N, in) float32; quad panels (P, ceil(in / 4), 64) int8; scales, bias (P * 16,) float32 -> (N, out) =
-// (round(x / sx) Q^T) * sx * s + b with sx = max |x| / 127 per row, then max(., 0) where `relu`
-Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor& scales, const Tensor& bias,
-                         int64_t out_features, bool relu = false) {
+// x (N, in) float32; quad panels (P, ceil(in / 4), 64) int8; colsums (P * 16,) int32 (each column's sum of Q);
+// scales, bias (P * 16,) float32 -> (N, out) = ((u - z) Q^T) * sx * s + b with u, z, sx per row from
+// quantize_rows, then max(., 0) where `relu`
+Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor& colsums, const Tensor& scales,
+                         const Tensor& bias, int64_t out_features, bool relu = false) {
   TORCH_CHECK(panels_supported(), "panel_linear_w8a8 needs a CPU with AVX2 and FMA");
   TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == 4 * kPanel &&
                   panels.size(1) == (x_in.size(1) + 3) / 4,
               "panel_linear_w8a8: x (N, in), quad panels (P, ceil(in / 4), 64)");
   bool ok = x_in.scalar_type() == at::kFloat && panels.scalar_type() == at::kChar && panels.is_contiguous() &&
-            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel;
+            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel &&
+            colsums.scalar_type() == at::kInt && colsums.is_contiguous() && colsums.numel() == panels.size(0) * kPanel;
   for (const Tensor& v : {scales, bias}) {
     ok = ok && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == panels.size(0) * kPanel;
   }
-  TORCH_CHECK(ok, "panel_linear_w8a8: float32 x, contiguous int8 quad panels, padded float32 bias and scales");
+  TORCH_CHECK(ok, "panel_linear_w8a8: float32 x, contiguous int8 quad panels, padded int32 column sums, padded "
+                  "float32 bias and scales");
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), groups = panels.size(1), n_panels = panels.size(0);
   Tensor out = at::empty({rows, out_features}, x.options());
   if (rows == 0) return out;
 #ifdef TRANSFORMER_X86
   const int64_t k_pad = 4 * groups;
-  std::vector<int8_t> q(rows * k_pad);
+  std::vector<uint8_t> u(rows * k_pad);
   std::vector<float> sx(rows);
+  std::vector<int32_t> zero(rows);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    quantize_rows(xp + begin * k_dim, end - begin, k_dim, k_pad, q.data() + begin * k_pad, sx.data() + begin);
+    quantize_rows(xp + begin * k_dim, end - begin, k_dim, k_pad, u.data() + begin * k_pad, sx.data() + begin,
+                  zero.data() + begin);
   });
   const int8_t* wp = panels.data_ptr<int8_t>();
+  const int32_t* cp = colsums.data_ptr<int32_t>();
   const float* sp = scales.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -311,8 +335,9 @@ Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor&
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
       for (int64_t r0 = 0; r0 < rows; r0 += kQuadRows) {
         const int r = static_cast<int>(std::min<int64_t>(kQuadRows, rows - r0));
-        kQuadTiles[r](q.data() + r0 * k_pad, k_pad, sx.data() + r0, wp + j * groups * 64, groups, sp + j * kPanel,
-                      bp + j * kPanel, op + r0 * out_features + j * kPanel, out_features, columns);
+        kQuadTiles[r](u.data() + r0 * k_pad, k_pad, sx.data() + r0, zero.data() + r0, wp + j * groups * 64, groups,
+                      cp + j * kPanel, sp + j * kPanel, bp + j * kPanel, op + r0 * out_features + j * kPanel,
+                      out_features, columns);
       }
       if (relu) relu_block(op + j * kPanel, rows, out_features, columns);
     }
@@ -825,12 +850,13 @@ struct Dense {
   Tensor bias_panels;  // (ceil(out/16) * 16,)
   Tensor quad_panels;  // (ceil(out/16), ceil(in/4), 64) int8, or undefined
   Tensor scales;       // (ceil(out/16) * 16,)
+  Tensor colsums;      // (ceil(out/16) * 16,) int32
 
   // (N, in) -> (N, out); then max(., 0) where `relu` (in the panels' epilogue where they run it)
   Tensor operator()(const Tensor& x, int64_t column_rows, int64_t panel_rows, bool relu = false) const {
     const int64_t rows = x.size(0);
     if (quad_panels.defined()) {
-      return panel_linear_w8a8(x, quad_panels, scales, bias_panels, bias.size(0), relu);
+      return panel_linear_w8a8(x, quad_panels, colsums, scales, bias_panels, bias.size(0), relu);
     }
     if (rows <= panel_rows && panels.defined()) {
       return panel_linear(x, panels, bias_panels, bias.size(0), relu);
@@ -866,13 +892,13 @@ struct Layer {
   bool cross = false;
 };
 
-// weight, weight_t, bias, bias_col, blocks_w, blocks_b, panels, bias_panels, quad_panels, scales: an empty
-// tensor where the map has no such form (an int8 map: bias, bias_panels, quad_panels and scales only)
+// weight, weight_t, bias, bias_col, blocks_w, blocks_b, panels, bias_panels, quad_panels, scales, colsums: an
+// empty tensor where the map has no such form (an int8 map: bias, bias_panels, quad_panels, scales, colsums only)
 Dense make_dense(const std::vector<Tensor>& t) {
-  TORCH_CHECK(t.size() == 10, "a dense map takes 10 tensors");
+  TORCH_CHECK(t.size() == 11, "a dense map takes 11 tensors");
   auto maybe = [](const Tensor& x) { return x.numel() > 0 ? x : Tensor(); };
   return Dense{maybe(t[0]), maybe(t[1]), t[2], maybe(t[3]), maybe(t[4]),
-               maybe(t[5]), maybe(t[6]), maybe(t[7]), maybe(t[8]), maybe(t[9])};
+               maybe(t[5]), maybe(t[6]), maybe(t[7]), maybe(t[8]), maybe(t[9]), maybe(t[10])};
 }
 
 }  // namespace
@@ -1052,9 +1078,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("bias"), pybind11::arg("out_features"),
         pybind11::arg("relu") = false);
   m.def("panel_linear_w8a8", &panel_linear_w8a8,
-        "(round(x / sx) @ Q^T) * sx * s + b: x (N, in) rounded to int8 per row (sx = max |x| / 127), int8 Q as "
-        "(P, ceil(in / 4), 64) quad panels, s per output -> (N, out)",
-        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("scales"), pybind11::arg("bias"),
+        "((u - z) @ Q^T) * sx * s + b: x (N, in) rounded per row to 7-bit unsigned u with scale sx and zero point z, "
+        "int8 Q as (P, ceil(in / 4), 64) quad panels with column sums, s per output -> (N, out)",
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("colsums"), pybind11::arg("scales"), pybind11::arg("bias"),
         pybind11::arg("out_features"), pybind11::arg("relu") = false);
   m.def("attend_spans", &attend_spans, "an encoder's self-attention over real tokens: qkv (N, 3D), sentence b "
         "in rows starts[b] .. starts[b + 1] - 1, heads -> (N, D)");
