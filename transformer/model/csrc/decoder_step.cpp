@@ -190,7 +190,7 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
 // where float32 needs four FMAs; the sums are exact in int32, and each ends as (sum - z * colsum) * sx * s + b
 // with the weight's column sums and per-channel scales s. A row's result depends on that row alone. Session
 // 15's first form rounded x symmetrically to 8 bits and moved the signs with vpsignb (four instructions per 32
-// multiply-adds): 1.26-1.30x slower from 32 rows, at equal BLEU (BENCHMARKS.md, session 15).
+// multiply-adds): clearly slower from 32 rows, at the same BLEU (BENCHMARKS.md, session 15).
 //
 // The weights are "quad panels" (P, ceil(in / 4), 64) int8: panel j, group g holds Q[16j + c, 4g + i] at
 // 4c + i (zeros past `in` and `out`), so one 32-byte load gives 8 columns x 4 consecutive k, what vpmaddubsw and
