@@ -364,6 +364,7 @@ def test_int8_model_on_the_extension(variant, rows):
     assert torch.cat(close_rows).float().mean() >= 0.9
 
 
+@torch.no_grad()
 @pytest.mark.parametrize("rows", [1, PANEL_ROWS["decoder"], PANEL_ROWS["decoder"] + 1])
 def test_compiled_products_compute_what_the_model_computes(rows):
     """With the compiled step and panel_linear, the frozen decoder's logits are the model's (up to the sum
