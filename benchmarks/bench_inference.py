@@ -402,14 +402,13 @@ def main() -> None:
                   f"| {ratio('ours', 'ours_eager')} | {ratio('ours', 'ours_nograph')} "
                   f"| {ratio('ours', 'ours_pystep')} |",
                   flush=True)
-            bleu = {n: sacrebleu.corpus_bleu([tok.decode_tgt(o) for o in s["outputs"]], [references]).score
-                    for n, s in stats.items()}
+            hyps = {n: [tok.decode_tgt(o) for o in s["outputs"]] for n, s in stats.items()}  # detokenised
+            bleu = {n: sacrebleu.corpus_bleu(h, [references]).score for n, h in hyps.items()}
             print(f"    BLEU against the references ({len(references)} sentences): "
                   + ", ".join(f"{NAMES[n]} {b:.2f}" for n, b in bleu.items()))
             for n, s in stats.items():
                 s["bleu"] = bleu[n]
             if args.bootstrap:
-                hyps = {n: [tok.decode_tgt(o) for o in s["outputs"]] for n, s in stats.items()}
                 for a, b in (("ours_int8", "ct2_int8"), ("ours", "ct2_fp32"), ("ours_int8", "ours"),
                              ("ct2_int8", "ct2_fp32")):
                     if a in hyps and b in hyps:
