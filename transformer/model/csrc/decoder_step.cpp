@@ -36,6 +36,7 @@
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -59,6 +60,24 @@ constexpr int kTileRows = 6;   // rows per tile: 12 accumulators, 2 weight regis
 constexpr int kPrefetch = 1024;  // prefetch the panel this many bytes ahead, one cache line per 64 bytes
 
 #ifdef TRANSFORMER_X86
+// R rows of a tile's 16 outputs (columns 0-7 in lo, 8-15 in hi) into out (row stride ldo): all 16, or the first
+// `columns` of them in the last panel, whose columns past `out` are not written
+template <int R>
+__attribute__((target("avx2,fma"))) inline void store_tile(const __m256 (&lo)[R], const __m256 (&hi)[R], float* out,
+                                                          int64_t ldo, int columns) {
+  alignas(32) float tail[R * kPanel];
+  const bool full = columns == kPanel;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* dst = full ? out + r * ldo : tail + r * kPanel;
+    _mm256_storeu_ps(dst, lo[r]);
+    _mm256_storeu_ps(dst + 8, hi[r]);
+  }
+  if (!full) {
+    for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
+  }
+}
+
 // A tile of R rows over one float32 panel: the sums start from the bias. Stream: the panel is prefetched past
 // the caches (read once), else into them.
 template <int R, bool Stream = false>
@@ -87,17 +106,7 @@ __attribute__((target("avx2,fma"))) void panel_tile(const float* x, int64_t ldx,
       acc1[r] = _mm256_fmadd_ps(w1, xb, acc1[r]);
     }
   }
-  alignas(32) float tail[R * kPanel];  // the last panel's columns past `out` are not written
-  const bool full = columns == kPanel;
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float* dst = full ? out + r * ldo : tail + r * kPanel;
-    _mm256_storeu_ps(dst, acc0[r]);
-    _mm256_storeu_ps(dst + 8, acc1[r]);
-  }
-  if (!full) {
-    for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
-  }
+  store_tile<R>(acc0, acc1, out, ldo, columns);
 }
 
 // the tiles by number of rows (index 1..6)
@@ -125,16 +134,27 @@ bool panels_supported() {
 #endif
 }
 
+// What both panel products check: float32 x; `panels` (P, ...) contiguous, of `dtype`; out_features within the
+// last of the P panels; each of `vectors` (bias, scales, column sums) contiguous, one value per panel column
+// (P * 16,), of its paired dtype
+bool panel_operands_fit(const Tensor& x, const Tensor& panels, at::ScalarType dtype, int64_t out_features,
+                        std::initializer_list<std::pair<Tensor, at::ScalarType>> vectors) {
+  bool ok = x.scalar_type() == at::kFloat && panels.scalar_type() == dtype && panels.is_contiguous() &&
+            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel;
+  for (const auto& [v, type] : vectors) {
+    ok = ok && v.scalar_type() == type && v.is_contiguous() && v.numel() == panels.size(0) * kPanel;
+  }
+  return ok;
+}
+
 // x (N, in) float32; panels (P, in, 16) contiguous float32; bias contiguous float32 (P * 16,); out_features
 // within the last panel
 void check_panels(const Tensor& x, const Tensor& panels, const Tensor& bias, int64_t out_features) {
   TORCH_CHECK(panels_supported(), "panel_linear needs a CPU with AVX2 and FMA");
   TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == kPanel && x.size(1) == panels.size(1),
               "panel_linear: x (N, in), panels (P, in, 16)");
-  const bool ok = x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
-                  out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel &&
-                  bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == panels.size(0) * kPanel;
-  TORCH_CHECK(ok, "panel_linear: float32 x, contiguous float32 panels, padded float32 bias");
+  TORCH_CHECK(panel_operands_fit(x, panels, at::kFloat, out_features, {{bias, at::kFloat}}),
+              "panel_linear: float32 x, contiguous float32 panels, padded float32 bias");
 }
 
 // max(y, 0) over `rows` rows of `columns` outputs at y (row stride ld): a product's ReLU, applied to a panel's
@@ -222,7 +242,7 @@ TRANSFORMER_AVX2 void quantize_rows(const float* x, int64_t rows, int64_t k_dim,
     for (; k < k_dim; ++k) lo = std::min(lo, xr[k]), hi = std::max(hi, xr[k]);
     const float range = hi - lo;
     sx[r] = range / 127.f;
-    float inv = range > 0.f ? 127.f / range : 0.f;
+    const float inv = range > 0.f ? 127.f / range : 0.f;
     const bool tiny = !std::isfinite(inv);  // range below about 1e-37 (subnormal): x / range * 127 stays finite
     const int32_t z = static_cast<int32_t>(std::nearbyint(tiny ? -lo / range * 127.f : -lo * inv));
     zero[r] = z;
@@ -272,21 +292,17 @@ TRANSFORMER_AVX2 void quad_tile(const uint8_t* u, int64_t ldu, const float* sx, 
   const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8));
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
   const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
-  alignas(32) float tail[R * kPanel];  // the last panel's columns past `out` are not written
-  const bool full = columns == kPanel;
+  __m256 y0[R], y1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const __m256 xr = _mm256_set1_ps(sx[r]);
     const __m256i zr = _mm256_set1_epi32(zero[r]);
-    const __m256i y0 = _mm256_sub_epi32(acc0[r], _mm256_mullo_epi32(zr, c0));
-    const __m256i y1 = _mm256_sub_epi32(acc1[r], _mm256_mullo_epi32(zr, c1));
-    float* dst = full ? out + r * ldo : tail + r * kPanel;
-    _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(y0), _mm256_mul_ps(s0, xr), b0));
-    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(y1), _mm256_mul_ps(s1, xr), b1));
+    const __m256i i0 = _mm256_sub_epi32(acc0[r], _mm256_mullo_epi32(zr, c0));
+    const __m256i i1 = _mm256_sub_epi32(acc1[r], _mm256_mullo_epi32(zr, c1));
+    y0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, xr), b0);
+    y1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, xr), b1);
   }
-  if (!full) {
-    for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, tail + r * kPanel, sizeof(float) * columns);
-  }
+  store_tile<R>(y0, y1, out, ldo, columns);
 }
 
 using QuadTile = void (*)(const uint8_t*, int64_t, const float*, const int32_t*, const int8_t*, int64_t,
@@ -303,26 +319,22 @@ Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor&
   TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == 4 * kPanel &&
                   panels.size(1) == (x_in.size(1) + 3) / 4,
               "panel_linear_w8a8: x (N, in), quad panels (P, ceil(in / 4), 64)");
-  bool ok = x_in.scalar_type() == at::kFloat && panels.scalar_type() == at::kChar && panels.is_contiguous() &&
-            out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel &&
-            colsums.scalar_type() == at::kInt && colsums.is_contiguous() && colsums.numel() == panels.size(0) * kPanel;
-  for (const Tensor& v : {scales, bias}) {
-    ok = ok && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == panels.size(0) * kPanel;
-  }
-  TORCH_CHECK(ok, "panel_linear_w8a8: float32 x, contiguous int8 quad panels, padded int32 column sums, padded "
-                  "float32 bias and scales");
+  TORCH_CHECK(panel_operands_fit(x_in, panels, at::kChar, out_features,
+                                 {{colsums, at::kInt}, {scales, at::kFloat}, {bias, at::kFloat}}),
+              "panel_linear_w8a8: float32 x, contiguous int8 quad panels, padded int32 column sums, padded float32 "
+              "bias and scales");
   Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k_dim = x.size(1), groups = panels.size(1), n_panels = panels.size(0);
   Tensor out = at::empty({rows, out_features}, x.options());
   if (rows == 0) return out;
 #ifdef TRANSFORMER_X86
   const int64_t k_pad = 4 * groups;
-  std::vector<uint8_t> u(rows * k_pad);
+  std::unique_ptr<uint8_t[]> u(new uint8_t[rows * k_pad]);  // every byte written by quantize_rows, padding too
   std::vector<float> sx(rows);
   std::vector<int32_t> zero(rows);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    quantize_rows(xp + begin * k_dim, end - begin, k_dim, k_pad, u.data() + begin * k_pad, sx.data() + begin,
+    quantize_rows(xp + begin * k_dim, end - begin, k_dim, k_pad, u.get() + begin * k_pad, sx.data() + begin,
                   zero.data() + begin);
   });
   const int8_t* wp = panels.data_ptr<int8_t>();
@@ -335,7 +347,7 @@ Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor&
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
       for (int64_t r0 = 0; r0 < rows; r0 += kQuadRows) {
         const int r = static_cast<int>(std::min<int64_t>(kQuadRows, rows - r0));
-        kQuadTiles[r](u.data() + r0 * k_pad, k_pad, sx.data() + r0, zero.data() + r0, wp + j * groups * 64, groups,
+        kQuadTiles[r](u.get() + r0 * k_pad, k_pad, sx.data() + r0, zero.data() + r0, wp + j * groups * 64, groups,
                       cp + j * kPanel, sp + j * kPanel, bp + j * kPanel, op + r0 * out_features + j * kPanel,
                       out_features, columns);
       }
