@@ -212,7 +212,7 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
                 hyps = greedy_search(model, src, max_len_a=0.0, max_len_b=limit)
             else:
                 hyps = [n[0] for n in beam_search(model, src, beam=beam, alpha=args.alpha, max_len_a=0.0,
-                                                  max_len_b=limit)]
+                                                  max_len_b=limit, length_penalty_form=args.length_penalty_form)]
         return [h.tokens for h in hyps]
 
     if not args.no_freeze:  # what Translator runs: frozen; on CUDA with its decoder step as CUDA graphs
@@ -348,6 +348,10 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=128, help="Multi30k val sentences translated")
     parser.add_argument("--max-len", type=int, default=64, help="output tokens per sentence, EOS included")
     parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent for beam search")
+    parser.add_argument("--length-penalty-form", choices=("power", "gnmt"), default="power",
+                        help="our beam search's length penalty: power (len ** alpha) is the peers' own, so all beam "
+                             "outputs can match; gnmt ((5 + len) / 6) ** alpha) is the paper's and our default, "
+                             "which the peers do not offer")
     parser.add_argument("--cases", default="greedy:1,greedy:32,beam4:1,beam4:32", help="search:batch list")
     parser.add_argument("--skip-ct2", action="store_true")
     parser.add_argument("--skip-int8", action="store_true", help="leave out our int8 path")
@@ -384,7 +388,8 @@ def main() -> None:
         results = {"machine": info, "weights": weights, "gemm_peak_gflops": peak, "bandwidth_gbs": bandwidth,
                    "cases": {}}
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
-              f"penalty alpha={args.alpha}; systems round-robin batch by batch")
+              f"penalty alpha={args.alpha} (ours: {args.length_penalty_form} form; the peers: len ** alpha); "
+              "systems round-robin batch by batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
               "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | ours / Python step |")
         print("|---|---:|" + "---:|" * (len(systems) + 6))
@@ -415,15 +420,14 @@ def main() -> None:
                         diff, low, high = paired_bootstrap(hyps[a], hyps[b], references, args.bootstrap)
                         print(f"    BLEU {NAMES[a]} - {NAMES[b]}: {diff:+.2f}, 95% paired bootstrap interval "
                               f"[{low:+.2f}, {high:+.2f}] ({args.bootstrap} resamples)")
-            if beam == 1:
-                ref = stats["ours"]["outputs"]
-                for name in systems:
-                    if name == "ours":
-                        continue
-                    same = sum(a == b for a, b in zip(ref, stats[name]["outputs"]))
-                    print(f"    greedy batch {batch_size}: {NAMES[name]} identical to ours token for token: "
-                          f"{same}/{len(ref)}")
-                    stats[name]["identical_to_ours"] = same
+            ref = stats["ours"]["outputs"]
+            for name in systems:
+                if name == "ours":
+                    continue
+                same = sum(a == b for a, b in zip(ref, stats[name]["outputs"]))
+                print(f"    {search} batch {batch_size}: {NAMES[name]} identical to ours token for token: "
+                      f"{same}/{len(ref)}")
+                stats[name]["identical_to_ours"] = same
             if frozen is not None and getattr(frozen, "static", None) is not None:
                 print(f"    CUDA graphs recorded so far (row bucket, source and target blocks): "
                       f"{frozen.static.recorded}, capacity {frozen.static.capacity}")

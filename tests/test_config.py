@@ -38,6 +38,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ("train.label_smoothing=-1", "train.label_smoothing"),
         ("decode.beam=0", "decode.beam"),
         ("decode.nbest=9", "decode.nbest"),
+        ("decode.length_penalty_form=wu", "decode.length_penalty_form"),
         ("train.max_steps=1.5", "train.max_steps"),
         ("model.norm_first=maybe", "model.norm_first"),
         ("model.arch=lm", "data.dataset"),

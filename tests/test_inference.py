@@ -152,6 +152,18 @@ def test_nbest(translator):
         translator.translate_nbest(src, nbest=5, beam=4)
 
 
+def test_length_penalty_form_reaches_the_scores(translator):
+    src = sentences(3, seed=4)
+    for beam in (1, 3):
+        power = translator.translate_nbest(src, beam=beam, length_penalty=0.5, length_penalty_form="power")
+        for hyps in power:
+            for h in hyps:
+                n = len(translator.tokenizer.encode_tgt(h.text)) + 1 if h.text else 1  # output tokens with EOS
+                assert h.score == pytest.approx(h.logprob / n ** 0.5, rel=1e-5)
+    with pytest.raises(TransformerError, match="length penalty form"):
+        translator.translate(src, length_penalty_form="wu")
+
+
 def test_empty_lines_give_empty_output_in_order(translator):
     src = ["the cat sat", "", "a dog", "   ", "house"]
     out = translator.translate(src)

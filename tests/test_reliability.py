@@ -332,6 +332,16 @@ def test_translate_no_freeze_decodes_the_module_with_the_same_output(run, tmp_pa
     assert (tmp_path / "frozen.txt").read_text() == (tmp_path / "module.txt").read_text()
     from transformer.cli import build_parser
 
+    for command in ("translate", "evaluate"):
+        args = build_parser().parse_args([command, "--model", "m", "--length-penalty-form", "power"] + (
+            ["--src", "s", "--ref", "r"] if command == "evaluate" else []))
+        assert args.length_penalty_form == "power"
+    power = tmp_path / "power.txt"
+    assert main(["translate", "--model", str(run), "--input", str(src), "--output", str(power),
+                 "--length-penalty", "0", "--length-penalty-form", "power"]) == 0
+    assert main(["translate", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "gnmt0.txt"),
+                 "--length-penalty", "0"]) == 0
+    assert power.read_text() == (tmp_path / "gnmt0.txt").read_text()  # alpha 0: both forms are 1
     for command in ("translate", "generate", "evaluate"):
         assert build_parser().parse_args([command, "--model", "m", "--no-freeze"] + (
             ["--prompt", "p"] if command == "generate" else ["--src", "s", "--ref", "r"] if command == "evaluate" else [])

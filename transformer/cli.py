@@ -81,6 +81,7 @@ def _translate(args: argparse.Namespace) -> None:
         args.output,
         beam=args.beam,
         length_penalty=args.length_penalty,
+        length_penalty_form=args.length_penalty_form,
         nbest=args.nbest,
         max_tokens=args.max_tokens,
     )
@@ -110,7 +111,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     translator = Translator.load(args.model, device=args.device, quantize=args.quantize, dtype=args.dtype,
                                  freeze=args.freeze)
     scores = evaluate(translator, args.src, args.ref, beam=args.beam, length_penalty=args.length_penalty,
-                      output=args.output)
+                      length_penalty_form=args.length_penalty_form, output=args.output)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
 
 
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam, 4)")
     p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: 0.6)")
+    p.add_argument("--length-penalty-form", choices=("gnmt", "power"), default=None,
+                   help="gnmt: ((5 + len) / 6) ** alpha, the paper's; power: len ** alpha, as fairseq, Hugging Face "
+                        "and CTranslate2 (default: the run's decode.length_penalty_form, gnmt)")
     p.add_argument("--nbest", type=int, default=1, help="write the N best translations with scores")
     p.add_argument("--max-tokens", type=int, default=None, help="source tokens per batch")
     _add_inference_options(p)
@@ -209,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True)
     p.add_argument("--beam", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--length-penalty-form", choices=("gnmt", "power"), default=None,
+                   help="as for translate (default: the run's decode.length_penalty_form, gnmt)")
     p.add_argument("--output", help="also write the translations here")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     _add_inference_options(p)

@@ -109,6 +109,7 @@ class DecodeConfig:
 
     beam: int = 4
     length_penalty: float = 0.6  # alpha in ((5 + len) / 6) ** alpha
+    length_penalty_form: str = "gnmt"  # "gnmt": ((5 + len) / 6) ** alpha, the paper's; "power": len ** alpha (fairseq, HF, CTranslate2)
     max_len_a: float = 1.0  # maximum output length = a * source length + b
     max_len_b: int = 50
     nbest: int = 1
@@ -164,6 +165,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.best_metric": ("loss", "bleu"),
     "decode.long_input": ("truncate", "error"),
+    "decode.length_penalty_form": ("gnmt", "power"),
 }
 
 

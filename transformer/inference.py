@@ -32,7 +32,7 @@ from transformer.config import Config, DecodeConfig
 from transformer.data.corpora import count_lines  # re-exported
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding import beam_search, greedy_search, sample
-from transformer.decoding.common import length_penalty as gnmt_length_penalty
+from transformer.decoding.common import length_penalty as length_penalty_of
 from transformer.decoding.common import max_positions
 from transformer.errors import TransformerError
 from transformer.model import Transformer, TransformerLM
@@ -47,8 +47,9 @@ _LONG_INPUT = ("truncate", "error")
 class Translation(NamedTuple):
     """One output of :meth:`Translator.translate_nbest`.
 
-    ``score`` ranks the n-best list: ``logprob / ((5 + len) / 6) ** alpha`` with ``len`` the output
-    tokens including EOS; ``logprob`` is the summed log-probability of those tokens.
+    ``score`` ranks the n-best list: ``logprob / lp(len)`` with ``len`` the output tokens including EOS and
+    ``lp`` the length penalty of ``decode.length_penalty_form`` (GNMT's ``((5 + len) / 6) ** alpha`` by
+    default); ``logprob`` is the summed log-probability of those tokens.
     """
 
     text: str
@@ -230,6 +231,7 @@ class Translator(_InferenceModel):
         *,
         beam: Optional[int] = None,
         length_penalty: Optional[float] = None,
+        length_penalty_form: Optional[str] = None,
         max_len_a: Optional[float] = None,
         max_len_b: Optional[int] = None,
         max_tokens: Optional[int] = None,
@@ -239,7 +241,8 @@ class Translator(_InferenceModel):
         """Translate sentences (best hypothesis each), in input order.
 
         Args:
-            beam, length_penalty, max_len_a, max_len_b, max_tokens: override ``decode_cfg``; beam 1 = greedy.
+            beam, length_penalty, length_penalty_form, max_len_a, max_len_b, max_tokens: override
+                ``decode_cfg``; beam 1 = greedy.
             on_batch: called with the number of sentences after each batch (progress bars).
             first_line: the line number of ``sentences[0]`` in messages.
         Returns:
@@ -248,7 +251,8 @@ class Translator(_InferenceModel):
             TransformerError: bad settings, or an over-long line when ``decode.long_input == "error"``.
         """
         nbest = self.translate_nbest(
-            sentences, nbest=1, beam=beam, length_penalty=length_penalty, max_len_a=max_len_a,
+            sentences, nbest=1, beam=beam, length_penalty=length_penalty, length_penalty_form=length_penalty_form,
+            max_len_a=max_len_a,
             max_len_b=max_len_b, max_tokens=max_tokens, on_batch=on_batch, first_line=first_line,
         )
         return [hyps[0].text for hyps in nbest]
@@ -260,6 +264,7 @@ class Translator(_InferenceModel):
         nbest: Optional[int] = None,
         beam: Optional[int] = None,
         length_penalty: Optional[float] = None,
+        length_penalty_form: Optional[str] = None,
         max_len_a: Optional[float] = None,
         max_len_b: Optional[int] = None,
         max_tokens: Optional[int] = None,
@@ -271,13 +276,14 @@ class Translator(_InferenceModel):
         An empty line gets ``[Translation("", 0.0, 0.0)]``. Other arguments as :meth:`translate`.
 
         Raises:
-            TransformerError: ``nbest`` larger than ``beam``, non-positive sizes, or an over-long line
-                when ``decode.long_input == "error"``.
+            TransformerError: ``nbest`` larger than ``beam``, non-positive sizes, an unknown length penalty
+                form, or an over-long line when ``decode.long_input == "error"``.
         """
         cfg = self.cfg
         nbest = cfg.nbest if nbest is None else nbest
         beam = cfg.beam if beam is None else beam
         alpha = cfg.length_penalty if length_penalty is None else length_penalty
+        lp_form = cfg.length_penalty_form if length_penalty_form is None else length_penalty_form
         max_len_a = cfg.max_len_a if max_len_a is None else max_len_a
         max_len_b = cfg.max_len_b if max_len_b is None else max_len_b
         max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
@@ -285,6 +291,7 @@ class Translator(_InferenceModel):
             raise TransformerError(f"beam and max_tokens must be positive, got beam={beam}, max_tokens={max_tokens}")
         if not 1 <= nbest <= beam:
             raise TransformerError(f"nbest must be between 1 and the beam size {beam}, got {nbest}")
+        length_penalty_of(1, alpha, lp_form)  # an unknown form fails before any work
 
         encoded = self.encode(sentences, first_line)
         results: list[list[Translation]] = [[Translation("", 0.0, 0.0)] for _ in sentences]
@@ -298,13 +305,13 @@ class Translator(_InferenceModel):
                 if beam == 1:
                     hyps = [[h] for h in greedy_search(self.search_model, src, max_len_a, max_len_b)]
                 else:
-                    hyps = beam_search(self.search_model, src, beam, alpha, max_len_a, max_len_b, nbest)
+                    hyps = beam_search(self.search_model, src, beam, alpha, max_len_a, max_len_b, nbest, lp_form)
             for i, sent_hyps in zip(indices, hyps):
                 results[i] = [
                     Translation(
                         self.tokenizer.decode_tgt(h.tokens),
                         # greedy ranks by log-probability; report the same normalised score as beam search
-                        h.logprob / gnmt_length_penalty(len(h.tokens) + 1, alpha) if beam == 1 else h.score,
+                        h.logprob / length_penalty_of(len(h.tokens) + 1, alpha, lp_form) if beam == 1 else h.score,
                         h.logprob,
                     )
                     for h in sent_hyps

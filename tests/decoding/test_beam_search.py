@@ -155,6 +155,24 @@ def test_length_penalty_formula():
     assert length_penalty(1, 0.6) == pytest.approx(1.0)
     assert length_penalty(7, 1.0) == pytest.approx(2.0)
     assert length_penalty(10, 0.0) == 1.0
+    assert length_penalty(8, 1 / 3, "power") == pytest.approx(2.0)  # len ** alpha
+    assert length_penalty(torch.tensor([4.0, 9.0]), 0.5, "power").tolist() == [2.0, 3.0]
+    assert length_penalty(10, 0.0, "power") == 1.0
+    with pytest.raises(TransformerError, match="wu"):
+        length_penalty(3, 0.6, "wu")
+
+
+def test_power_form_ranks_by_len_to_the_alpha():
+    # alpha 0.6, len ** alpha: S -1.1/2**0.6 = -0.7257, M -1.155/3**0.6 = -0.5975, L -1.375/5**0.6 = -0.5235,
+    # so L, M, S, where GNMT's form gives M, S, L (above)
+    hyps = {"S": ([A], S_LP, 2), "M": ([B, D], M_LP, 3), "L": ([C, D, D, D], L_LP, 5)}
+    (nbest,) = beam_search(scripted(), SRC_1, beam=3, alpha=0.6, nbest=3, length_penalty_form="power")
+    assert [h.tokens for h in nbest] == [hyps[k][0] for k in ("L", "M", "S")]
+    for h, key in zip(nbest, ("L", "M", "S")):
+        _, logprob, length = hyps[key]
+        assert h.score == pytest.approx(logprob / length ** 0.6, abs=1e-5)
+    with pytest.raises(TransformerError, match="length penalty form"):
+        beam_search(scripted(), SRC_1, beam=2, length_penalty_form="wu")
 
 
 def test_bad_sizes_raise():

@@ -58,7 +58,10 @@ def test_evaluate_files(tmp_path):
     translator = EchoTranslator()
     result = evaluate(translator, src, ref, output=hyp, beam=5)
     assert result["bleu"] == pytest.approx(100.0) and result["search"]["beam"] == 5
+    assert result["search"]["length_penalty_form"] == "gnmt"  # the config's default
     assert translator.calls[0]["beam"] == 5
+    result = evaluate(translator, src, ref, length_penalty_form="power")
+    assert result["search"]["length_penalty_form"] == "power" and translator.calls[1]["length_penalty_form"] == "power"
     assert read_lines(hyp) == REFS
     assert score_files(hyp, ref)["chrf"] == pytest.approx(100.0)
 

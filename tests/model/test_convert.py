@@ -113,6 +113,43 @@ def test_greedy_output_matches_hugging_face_generate():
     assert len(set(ours[:, 1:].flatten().tolist())) > 3  # a real test: the random model does not repeat one token
 
 
+def _until_eos(ids):
+    """ids cut after the first EOS (EOS kept), BOS dropped."""
+    ids = [i for i in ids if i != BOS_ID]
+    return ids[: ids.index(EOS_ID) + 1] if EOS_ID in ids else ids
+
+
+def test_beam_search_with_power_length_penalty_matches_hugging_face_generate():
+    """``length_penalty_form="power"`` is HF's ``len ** alpha`` (len with EOS) with ``early_stopping=True``:
+    the same n-best lists and the same normalised scores."""
+    from transformer.decoding import beam_search
+
+    hf = _marian(bias_std=1.0, init_std=0.3)
+    with torch.no_grad():
+        hf.final_logits_bias[0, EOS_ID] = 5.5  # EOS likely enough that hypotheses end at different lengths
+    model, _ = from_marian(hf)
+    model.eval()
+    limit, beam, alpha = 30, 4, 0.6
+    with torch.no_grad():
+        expected = hf.generate(
+            input_ids=SRC, attention_mask=SRC.ne(PAD_ID), num_beams=beam, num_return_sequences=beam,
+            do_sample=False, max_new_tokens=limit - 1, min_new_tokens=0, length_penalty=alpha, early_stopping=True,
+            output_scores=True, return_dict_in_generate=True,
+        )
+    hf_tokens = [_until_eos(row) for row in expected.sequences.tolist()]
+    ours = beam_search(model, SRC, beam=beam, alpha=alpha, max_len_a=0.0, max_len_b=limit, nbest=beam,
+                       length_penalty_form="power")
+    assert [h.tokens + [EOS_ID] for hyps in ours for h in hyps] == hf_tokens
+    scores = torch.tensor([h.score for hyps in ours for h in hyps])
+    assert torch.allclose(scores, expected.sequences_scores.float(), atol=1e-5, rtol=0)
+    lengths = {len(t) for t in hf_tokens}
+    assert len(lengths) > 2 and max(lengths) < limit  # a real test: the hypotheses end, at several lengths
+
+    gnmt = beam_search(model, SRC, beam=beam, alpha=alpha, max_len_a=0.0, max_len_b=limit, nbest=beam)
+    gnmt_scores = torch.tensor([h.score for hyps in gnmt for h in hyps])
+    assert not torch.allclose(gnmt_scores, expected.sequences_scores.float(), atol=1e-2, rtol=0)  # the form counts
+
+
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
 def test_export_to_marian_gives_the_same_logits(positional):
     from dataclasses import replace

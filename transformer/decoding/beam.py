@@ -8,8 +8,10 @@ The loop follows fairseq's ``SequenceGenerator``:
   At most ``beam`` of them end in EOS (one per beam), so at least ``beam`` remain to continue: finished
   hypotheses never starve the beam.
 * EOS candidates among the ``beam`` best are *finished*: their score is ``logprob / lp(len)`` with
-  ``lp(len) = ((5 + len) / 6) ** alpha`` and ``len`` = generated tokens including EOS. The ``beam`` best
-  non-EOS candidates become the next beam.
+  ``len`` = generated tokens including EOS and ``lp`` GNMT's ``((5 + len) / 6) ** alpha`` (the paper's) or,
+  with ``length_penalty_form="power"``, ``len ** alpha`` (fairseq's, Hugging Face's and CTranslate2's; with
+  it our outputs are those of HF ``generate(num_beams=K, early_stopping=True)`` and of CTranslate2 on all
+  1014 Multi30k val sentences, see BENCHMARKS.md). The ``beam`` best non-EOS candidates become the next beam.
 * Stopping (fairseq's rule, not the exact bound): a sentence is done as soon as it has ``beam`` finished
   hypotheses, or when it reaches its maximum length (at the last position only EOS is allowed). A
   hypothesis still in the beam could in principle score better later when ``alpha > 0``; like fairseq
@@ -116,6 +118,7 @@ def beam_search(
     max_len_a: float = 1.0,
     max_len_b: int = 50,
     nbest: int = 1,
+    length_penalty_form: str = "gnmt",
 ) -> list[list[Hypothesis]]:
     """Beam search for a batch of sources (see the module docstring for the exact rules).
 
@@ -126,17 +129,19 @@ def beam_search(
         alpha: length-penalty exponent (0 = rank by summed log-probability).
         max_len_a, max_len_b: maximum output length ``a * src_len + b`` (capped by the model's positions).
         nbest: hypotheses returned per sentence (at most ``beam``).
+        length_penalty_form: ``"gnmt"`` or ``"power"`` (see :func:`~transformer.decoding.common.length_penalty`).
     Shapes:
         src_tokens (B,S)
     Returns:
         per sentence, in batch order, its ``nbest`` best :class:`Hypothesis`, best first.
     Raises:
-        TransformerError: ``beam < 1`` or ``nbest`` not in ``[1, beam]``.
+        TransformerError: ``beam < 1``, ``nbest`` not in ``[1, beam]``, or an unknown ``length_penalty_form``.
     """
     if beam < 1:
         raise TransformerError(f"beam size must be positive, got {beam}")
     if not 1 <= nbest <= beam:
         raise TransformerError(f"nbest must be between 1 and the beam size {beam}, got {nbest}")
+    length_penalty(1, alpha, length_penalty_form)  # an unknown form fails here, before any work
     device = src_tokens.device
     batch_size = src_tokens.size(0)
     max_len = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model))  # (B,)
@@ -176,7 +181,7 @@ def beam_search(
         # Finish the EOS candidates that rank among the K best (bookkeeping: the only per-hypothesis loop).
         to_finish = cand_eos[:, :beam] & np.isfinite(cand_scores[:, :beam])  # (n,K)
         if to_finish.any():
-            lp = length_penalty(step + 1, alpha)
+            lp = length_penalty(step + 1, alpha, length_penalty_form)
             for i, j in zip(*(a.tolist() for a in to_finish.nonzero())):
                 done_list = finished[sent_ids[i]]
                 if len(done_list) < beam:

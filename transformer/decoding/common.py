@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from transformer.errors import TransformerError
 
 NEG_INF = float("-inf")
 
@@ -46,12 +47,25 @@ class Hypothesis:
     logprob: float
 
 
-def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
-    """GNMT's length penalty ``lp(len) = ((5 + len) / 6) ** alpha`` (Wu et al. 2016, eq. 14).
+LENGTH_PENALTY_FORMS = ("gnmt", "power")
 
-    ``len`` counts output tokens including EOS; ``alpha = 0`` gives 1 (raw log-probabilities).
+
+def length_penalty(length: int | Tensor, alpha: float, form: str = "gnmt") -> float | Tensor:
+    """The length penalty ``lp(len)`` that beam search divides a hypothesis' log-probability by.
+
+    ``form="gnmt"``: ``((5 + len) / 6) ** alpha`` (Wu et al. 2016, eq. 14), the one the Transformer paper
+    used (section 6.1, alpha = 0.6). ``form="power"``: ``len ** alpha``, the one fairseq (``--lenpen``),
+    Hugging Face ``generate`` (``length_penalty``) and CTranslate2 use. ``len`` counts output tokens
+    including EOS in both; ``alpha = 0`` gives 1 (raw log-probabilities).
+
+    Raises:
+        TransformerError: ``form`` is not one of :data:`LENGTH_PENALTY_FORMS`.
     """
-    return ((5.0 + length) / 6.0) ** alpha
+    if form == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if form == "power":
+        return length ** alpha if isinstance(length, Tensor) else float(length) ** alpha
+    raise TransformerError(f"length penalty form {form!r} is not one of {', '.join(LENGTH_PENALTY_FORMS)}")
 
 
 def max_positions(model: Any) -> Optional[int]:

@@ -90,6 +90,7 @@ def evaluate(
     result["search"] = {
         "beam": options.get("beam") or cfg.beam,
         "length_penalty": cfg.length_penalty if options.get("length_penalty") is None else options["length_penalty"],
+        "length_penalty_form": options.get("length_penalty_form") or cfg.length_penalty_form,
     }
     result.update(src=str(src_path), ref=str(ref_path))
     return result
