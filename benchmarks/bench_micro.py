@@ -438,6 +438,7 @@ def run_int8_panels() -> None:
     import warnings
 
     from transformer.model.frozen import _Dense, _Int8Panels
+    from transformer.model.quantize import w8a8_row_rounding
 
     module = compiled_extension("int8 panels")
     if module is None:
@@ -463,10 +464,8 @@ def run_int8_panels() -> None:
                 "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True),
                 "int8": lambda: int8(x),
             }
-            lo, hi = x.amin(1, keepdim=True).clamp_max(0), x.amax(1, keepdim=True).clamp_min(0)
-            inv = torch.full_like(lo, 127.0) / (hi - lo)  # each row as w8a8 rounds it: x ~ sx (u - z)
-            z = torch.round(-lo * inv)
-            rounded = ((torch.round(x * inv) + z).clamp(0, 127) - z) * ((hi - lo) / 127)
+            u, z, sx = w8a8_row_rounding(x)  # each row as w8a8 rounds it: x ~ sx (u - z)
+            rounded = ((u - z) * sx).float()
             expected = module.panel_linear(rounded, dense.panels, dense.bias_panels, d_out)
             torch.testing.assert_close(forms["int8"](), expected, rtol=1e-4, atol=1e-4)  # same weights and inputs
             warm = {k: best_seconds(fn, max(2, int(400 / rows))) * 1e6 for k, fn in forms.items()}

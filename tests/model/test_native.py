@@ -14,7 +14,7 @@ from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
 from transformer.model import native
 from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
-from transformer.model.quantize import quantize
+from transformer.model.quantize import quantize, w8a8_row_rounding
 
 from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
 
@@ -236,21 +236,9 @@ def _quantized(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(weight, scale.double(), zeros, 0, torch.qint8)
 
 
-def _unsigned_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (N, in) rounded per row as panel_linear_w8a8 rounds it -> (u (N, in), z (N, 1), sx (N, 1)), float64
-    values: lo = min(x, 0), hi = max(x, 0), sx = (hi - lo) / 127, z = round(-lo / sx), u = clamp(round(x / sx)
-    + z, 0, 127) (half to even; 127 / (hi - lo) as a division, as the kernel divides), so x ~ sx (u - z)."""
-    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
-    span = hi - lo
-    inv = torch.where(span > 0, torch.full_like(span, 127.0) / span, 0.0)  # (127 / t is 127 * (1 / t) in torch)
-    z = torch.round(-lo * inv)
-    u = (torch.round(x * inv) + z).clamp(0, 127)
-    return u.double(), z.double(), (span / 127).double()
-
-
 def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., in) with each row rounded as panel_linear_w8a8 rounds it, back in float32: sx (u - z)."""
-    u, z, sx = _unsigned_rows(x.reshape(-1, x.size(-1)))
+    u, z, sx = w8a8_row_rounding(x.reshape(-1, x.size(-1)))
     return ((u - z) * sx).float().reshape(x.shape)
 
 
@@ -280,7 +268,7 @@ def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_fe
     x[9] = 1.0  # u = 127 everywhere: 127 * -128 twice, the largest pair sums (2 * 127 * 128)
     x[11] = x[11].abs()  # non-negative (after a ReLU): z = 0
     tiny = x[10] * 1e-39  # subnormal values, whose 127 / (hi - lo) overflows float32
-    u, z, sx = _unsigned_rows(x)
+    u, z, sx = w8a8_row_rounding(x)
     assert u[9].eq(127).all() and z[11].eq(0).all()
     sums = (u - z) @ q.t()  # (N, out), exact in float64
     expected = (sums * sx * s + linear.bias.detach().double()).float()

@@ -60,10 +60,10 @@ def _reference(logits, target, eps, ignore_index=0):
     return (1 - eps) * nll_sum + eps * smooth.masked_fill(~keep, 0.0).sum(), nll_sum
 
 
-@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("overwrite_logits", [False, True])
 @pytest.mark.parametrize("nll_weight", [0.0, 0.7, -3.0])  # -3: a negative weight on the loss takes the multiply
 @pytest.mark.parametrize("shape", [(2, 5, 13), (300, 5000)])  # (300, 5000): several row blocks
-def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight, inplace):
+def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight, overwrite_logits):
     torch.manual_seed(0)
     base = torch.randn(*shape) * 4
     target = torch.randint(1, shape[-1], shape[:-1])
@@ -71,7 +71,7 @@ def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight
     ref_leaf, leaf = base.clone().requires_grad_(), base.clone().requires_grad_()
     ref_loss, ref_nll = _reference(ref_leaf, target, 0.1)
     (ref_loss + nll_weight * ref_nll).backward()
-    loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, overwrite_logits=inplace)
+    loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, overwrite_logits=overwrite_logits)
     (loss + nll_weight * nll).backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-4)

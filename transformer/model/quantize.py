@@ -52,3 +52,23 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notices of torch.ao.quantization
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def w8a8_row_rounding(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row of x rounded as ``panel_linear_w8a8`` (``csrc/decoder_step.cpp``) rounds it, in torch: the
+    reference its tests and ``benchmarks/bench_micro.py`` check the compiled kernel against.
+
+    lo = min(row, 0), hi = max(row, 0), sx = (hi - lo) / 127, z = round(-lo / sx) and
+    u = clamp(round(x / sx) + z, 0, 127), rounding half to even, so x ~ sx (u - z) and 0 stays exact. The
+    scale's reciprocal is computed as 127 / (hi - lo), a division, as the kernel does (``127 / t`` is
+    ``127 * (1 / t)`` in torch, which can differ in the last bit). A row of zeros gets u = z = sx = 0.
+
+    Shapes:
+        x (N, in) -> u (N, in), z (N, 1), sx (N, 1), all float64 (u and z hold integers).
+    """
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)  # (N,1) each
+    span = hi - lo
+    inv = torch.where(span > 0, torch.full_like(span, 127.0) / span, 0.0)  # (N,1)
+    z = torch.round(-lo * inv)
+    u = (torch.round(x * inv) + z).clamp(0, 127)
+    return u.double(), z.double(), (span / 127).double()
