@@ -336,12 +336,14 @@ def test_translate_no_freeze_decodes_the_module_with_the_same_output(run, tmp_pa
         args = build_parser().parse_args([command, "--model", "m", "--length-penalty-form", "power"] + (
             ["--src", "s", "--ref", "r"] if command == "evaluate" else []))
         assert args.length_penalty_form == "power"
-    power = tmp_path / "power.txt"
-    assert main(["translate", "--model", str(run), "--input", str(src), "--output", str(power),
-                 "--length-penalty", "0", "--length-penalty-form", "power"]) == 0
-    assert main(["translate", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "gnmt0.txt"),
-                 "--length-penalty", "0"]) == 0
-    assert power.read_text() == (tmp_path / "gnmt0.txt").read_text()  # alpha 0: both forms are 1
+    nbest = {}
+    for form in ("gnmt", "power"):  # n-best lines: LINE<TAB>SCORE<TAB>TEXT, the score normalised by the form
+        out = tmp_path / f"{form}.txt"
+        assert main(["translate", "--model", str(run), "--input", str(src), "--output", str(out), "--nbest", "2",
+                     "--length-penalty", "1", "--length-penalty-form", form]) == 0
+        nbest[form] = [line.split("\t") for line in out.read_text().splitlines()]
+    assert [row[0] for row in nbest["gnmt"]] == [row[0] for row in nbest["power"]]
+    assert [row[1] for row in nbest["gnmt"]] != [row[1] for row in nbest["power"]]  # the flag reaches the search
     for command in ("translate", "generate", "evaluate"):
         assert build_parser().parse_args([command, "--model", "m", "--no-freeze"] + (
             ["--prompt", "p"] if command == "generate" else ["--src", "s", "--ref", "r"] if command == "evaluate" else [])

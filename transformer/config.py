@@ -108,8 +108,9 @@ class DecodeConfig:
     """Search and sampling settings. Defaults are the paper's (section 6.1)."""
 
     beam: int = 4
-    length_penalty: float = 0.6  # alpha in ((5 + len) / 6) ** alpha
-    length_penalty_form: str = "gnmt"  # "gnmt": ((5 + len) / 6) ** alpha, the paper's; "power": len ** alpha (fairseq, HF, CTranslate2)
+    length_penalty: float = 0.6  # alpha, the length penalty's exponent
+    # "gnmt": ((5 + len) / 6) ** alpha, the paper's; "power": len ** alpha (fairseq, Hugging Face, CTranslate2)
+    length_penalty_form: str = "gnmt"
     max_len_a: float = 1.0  # maximum output length = a * source length + b
     max_len_b: int = 50
     nbest: int = 1
