@@ -31,9 +31,9 @@
    ``transformer build-native``.
 9. ``int8-panels`` (session 9, since session 15 ``panel_linear_w8a8``): the int8 product that
    ``--quantize int8`` runs where the extension is built (int8 weights with per-channel scales, activations
-   rounded per row to 7-bit unsigned values with a zero point, integer arithmetic) against ``panel_linear`` with the same weights in float32 and
-   against PyTorch's dynamic int8 Linear (fbgemm, the int8 path without the extension), at 1 to 1024 rows,
-   warm and cold.
+   rounded per row to 7-bit unsigned values with a zero point, integer arithmetic) against ``panel_linear``
+   with the same weights in float32 and against PyTorch's dynamic int8 Linear (fbgemm, the int8 path without
+   the extension), at 1 to 1024 rows, warm and cold.
 10. ``attention`` (session 9): the extension's ``attend_one`` (a decoder step's attention of one new position)
    against ATen's ``scaled_dot_product_attention``, per call and in whole compiled decoder steps.
 

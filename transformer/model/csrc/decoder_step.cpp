@@ -850,7 +850,7 @@ std::vector<Tensor> step_candidates(const Tensor& logits_in, const Tensor& score
 // frozen._Dense's forms below oneDNN's threshold: up to panel_rows rows by panel_linear (where the weight has
 // panels), one row as row blocks (baddbmm), 2..column_rows rows as the transposed product W x^T, otherwise
 // x W_t. The bias is always defined (zeros where the model has none). An int8 map (frozen._Int8Panels) has
-// quad panels and scales only, and runs panel_linear_w8a8 at every number of rows.
+// quad panels, scales and column sums only, and runs panel_linear_w8a8 at every number of rows.
 struct Dense {
   Tensor weight;       // (out, in)
   Tensor weight_t;     // (in, out)
@@ -1092,8 +1092,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear_w8a8", &panel_linear_w8a8,
         "((u - z) @ Q^T) * sx * s + b: x (N, in) rounded per row to 7-bit unsigned u with scale sx and zero point z, "
         "int8 Q as (P, ceil(in / 4), 64) quad panels with column sums, s per output -> (N, out)",
-        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("colsums"), pybind11::arg("scales"), pybind11::arg("bias"),
-        pybind11::arg("out_features"), pybind11::arg("relu") = false);
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("colsums"), pybind11::arg("scales"),
+        pybind11::arg("bias"), pybind11::arg("out_features"), pybind11::arg("relu") = false);
   m.def("attend_spans", &attend_spans, "an encoder's self-attention over real tokens: qkv (N, 3D), sentence b "
         "in rows starts[b] .. starts[b + 1] - 1, heads -> (N, D)");
   m.def("source_heads", &source_heads, "kv (N, L*2*D) of the real tokens at positions (N,) of B x S (or None: "
