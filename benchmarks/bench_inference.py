@@ -1,6 +1,7 @@
 """Translation speed side by side: our greedy / beam search (``transformer.decoding``, KV cache) against
 the same weights in Hugging Face ``MarianMTModel.generate`` and in CTranslate2 (float32 and int8), and our
-int8 path (``transformer.model.quantize``: PyTorch dynamic int8 Linear layers) beside CTranslate2 int8.
+int8 path (``transformer.model.quantize``'s per-channel int8 weights, frozen: ``panel_linear_w8a8`` where the
+compiled extension is built, PyTorch's dynamic int8 products where not) beside CTranslate2 int8.
 
 The weights: a run directory (``--run-dir``, loaded with ``transformer.training.checkpoint.load_model``),
 or a ``small`` model trained here for ``--train-seconds`` on Multi30k en-de (cached under ``--work-dir``),
@@ -13,7 +14,9 @@ Measured: generated tokens/s (each sentence counts its output tokens plus one fo
 emits EOS or hits the limit), greedy and beam 4, batch 1 and batch 32, over the first ``--sentences``
 Multi30k validation sentences, all systems stepped batch by batch round-robin. Every system gets the same
 source token ids and the same length limit (``--max-len`` output tokens, EOS included); PAD and BOS are
-never generated. The greedy outputs are compared token for token.
+never generated. The outputs are compared token for token. On the CPU the process keeps freed host memory
+for reuse (``transformer.host_memory``, what ``Translator`` sets there by default) for every system alike;
+``--system-malloc`` leaves glibc's allocator as it is.
 
 On ``--device cuda`` CTranslate2 runs on the GPU too, where it loads (float32, or bfloat16 with ``--bf16``;
 no int8 rows there): its wheels open CUDA 12's cuBLAS by name, so a machine with CUDA 13 only needs
@@ -365,10 +368,21 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=0,
                         help="paired bootstrap resamples of the BLEU differences (int8 against CT2 int8, ...); 0: none")
     parser.add_argument("--json", default="")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: leave glibc's allocator as it is (default: as Translator, decode.keep_freed_memory)")
     args = parser.parse_args()
+    kept_memory = False
+    if args.device == "cpu" and not args.system_malloc:
+        from transformer.host_memory import keep_freed_memory
+
+        kept_memory = keep_freed_memory()  # for every system alike (one process), as Translator sets it on the CPU
     device = setup_device(args.device, args.threads)
     info = machine_info(args.device)
     print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")
+    if device.type == "cpu":
+        print("host allocator: " + ("glibc, large blocks from the heap and freed memory kept (as Translator's "
+                                    "decode.keep_freed_memory), for every system" if kept_memory
+                                    else "as the system has it"))
     dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
     model, tok, weights = load_weights(args, device)
     cfg = model.cfg

@@ -5,11 +5,13 @@ CTranslate2 is forced with ``min_decoding_length = max_decoding_length = L``; ou
 timed at two lengths, L1 and L2, and the cost of a step is the slope ``(t(L2) - t(L1)) / (L2 - L1)``; the
 intercept is the rest (encoder, cross-attention keys/values, setup). Same weights (our model exported to
 Hugging Face Marian and converted, as in ``bench_inference.py``), the first B Multi30k validation sentences,
-float32, best of 5. Where the compiled extension's ``panel_linear`` runs the step's products (up to
+float32 (``--int8``: our int8 path, ``quantize(model, "int8")`` frozen, against CTranslate2 int8 converted
+from the same weights), best of 5. Where the compiled extension's ``panel_linear`` runs the step's products (up to
 ``frozen.PANEL_ROWS`` rows), the step is also timed with it off (MKL's and oneDNN's products, as before
 session 8), as "ours, MKL products", with the ratio. Timings are printed, never asserted.
 
     python benchmarks/bench_step.py --run-dir runs/multi30k_en_de
+    python benchmarks/bench_step.py --run-dir runs/multi30k_en_de --int8 --batches 1,32,128
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--batches", default="1,4,32", help="rows per step (sentences)")
     parser.add_argument("--lengths", default="5,35", help="L1,L2")
+    parser.add_argument("--int8", action="store_true", help="our int8 path against CTranslate2 int8")
     args = parser.parse_args()
     setup_device("cpu", args.threads)
     print(f"machine: {describe_machine(machine_info('cpu'))}; command: {' '.join(sys.argv)}")
@@ -52,15 +55,20 @@ def main() -> None:
 
     model, _, tok = load_model(args.run_dir)
     model.eval()
-    frozen = freeze(model)
+    if args.int8:
+        from transformer.model.quantize import quantize
+
+        frozen = freeze(quantize(model, "int8"))  # what bench_inference.py's "ours int8" runs
+    else:
+        frozen = freeze(model)
     l1, l2 = (int(x) for x in args.lengths.split(","))
     with tempfile.TemporaryDirectory() as work:
         to_marian(model).save_pretrained(f"{work}/hf")
         pieces = [tok._tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)]
-        ct2 = ctranslate2.Translator(convert_ct2(f"{work}/hf", f"{work}/ct2", pieces, None), device="cpu",
-                                     compute_type="float32", intra_threads=torch.get_num_threads(), inter_threads=1)
-        sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[:64])]
-        panels = frozen.decoder.layers[0].fc1.panels is not None
+        ct2 = ctranslate2.Translator(convert_ct2(f"{work}/hf", f"{work}/ct2", pieces, "int8" if args.int8 else None),
+                                     device="cpu", compute_type="int8" if args.int8 else "float32", intra_threads=torch.get_num_threads(), inter_threads=1)
+        sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[:128])]
+        panels = getattr(frozen.decoder.layers[0].fc1, "panels", None) is not None  # float32 panel_linear
         print("| rows | ours ms/step | CT2 ms/step | ours / CT2 step speed | ours rest ms | CT2 rest ms |"
               + (" ours, MKL products ms/step | panel_linear speed-up |" if panels else ""))
         print("|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if panels else ""))

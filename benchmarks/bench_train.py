@@ -525,7 +525,7 @@ def main() -> None:
     if args.compile and "ours_compiled" not in args.peers:
         args.peers.append("ours_compiled")
     if args.device == "cpu" and not args.system_malloc:
-        from transformer.training.host_memory import keep_freed_memory
+        from transformer.host_memory import keep_freed_memory
 
         args.kept_memory = keep_freed_memory()  # for every peer alike: large blocks reused, as in our trainer
     if args.child_memory:

@@ -105,6 +105,10 @@ class _InferenceModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _model_device(model)
+        if self.cfg.keep_freed_memory and self.device.type == "cpu":
+            from transformer.host_memory import keep_freed_memory
+
+            keep_freed_memory()  # for the whole process: each step's logits and KV buffers reuse freed memory
         # What the searches run: on the CPU (float32 or int8) a copy frozen for decoding, the same outputs
         # in fewer, larger calls (transformer.model.frozen); on a CUDA GPU the model frozen with a
         # static KV cache whose step is replayed as CUDA graphs (transformer.model.static); elsewhere, or with

@@ -279,7 +279,7 @@ class _Trainer:
         self.callback = callback
         self.info, self.device = dist_utils.setup(self.t.device)
         if self.t.keep_freed_memory and self.device.type == "cpu":
-            from transformer.training.host_memory import keep_freed_memory
+            from transformer.host_memory import keep_freed_memory
 
             keep_freed_memory()  # for the whole process: the step's large tensors are reused, not mapped afresh
         self.owns_process_group = self.info.enabled
