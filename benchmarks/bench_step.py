@@ -43,7 +43,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,32", help="rows per step (sentences)")
     parser.add_argument("--lengths", default="5,35", help="L1,L2")
     parser.add_argument("--int8", action="store_true", help="our int8 path against CTranslate2 int8")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (default: as Translator, decode.keep_freed_memory)")
     args = parser.parse_args()
+    if not args.system_malloc:
+        from transformer.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # for both systems alike, as bench_inference.py
     setup_device("cpu", args.threads)
     print(f"machine: {describe_machine(machine_info('cpu'))}; command: {' '.join(sys.argv)}")
     import ctranslate2
