@@ -1,12 +1,12 @@
 """Decoder step cost against CTranslate2, without search effects: both decode exactly L steps (greedy).
 
-CTranslate2 is forced with ``min_decoding_length = max_decoding_length = L``; ours runs its frozen model
-(what ``Translator`` runs on the CPU) for L steps of encode -> decode -> log-softmax -> argmax. Each side is
-timed at two lengths, L1 and L2, and the cost of a step is the slope ``(t(L2) - t(L1)) / (L2 - L1)``; the
-intercept is the rest (encoder, cross-attention keys/values, setup). Same weights (our model exported to
-Hugging Face Marian and converted, as in ``bench_inference.py``), the first B Multi30k validation sentences,
-float32 (``--int8``: our int8 path, ``quantize(model, "int8")`` frozen, against CTranslate2 int8 converted
-from the same weights), best of 5. Where the compiled extension's ``panel_linear`` runs the step's products (up to
+CTranslate2 is forced with ``min_decoding_length = max_decoding_length = L``; ours runs its frozen model (what
+``Translator`` runs on the CPU) for L steps of encode -> decode -> log-softmax -> argmax. Each side is timed
+at two lengths, L1 and L2, and the cost of a step is the slope ``(t(L2) - t(L1)) / (L2 - L1)``; the intercept
+is the rest (encoder, cross-attention keys/values, setup). Same weights (our model exported to Hugging Face
+Marian and converted, as in ``bench_inference.py``), the first B Multi30k validation sentences, float32
+(``--int8``: our int8 path, ``quantize(model, "int8")`` frozen, against CTranslate2 int8 converted from the
+same weights), best of 5. Where the compiled extension's ``panel_linear`` runs the step's products (up to
 ``frozen.PANEL_ROWS`` rows), the step is also timed with it off (MKL's and oneDNN's products, as before
 session 8), as "ours, MKL products", with the ratio. Timings are printed, never asserted.
 
@@ -71,8 +71,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         to_marian(model).save_pretrained(f"{work}/hf")
         pieces = [tok._tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)]
-        ct2 = ctranslate2.Translator(convert_ct2(f"{work}/hf", f"{work}/ct2", pieces, "int8" if args.int8 else None),
-                                     device="cpu", compute_type="int8" if args.int8 else "float32", intra_threads=torch.get_num_threads(), inter_threads=1)
+        quantization = "int8" if args.int8 else None
+        ct2 = ctranslate2.Translator(convert_ct2(f"{work}/hf", f"{work}/ct2", pieces, quantization), device="cpu",
+                                     compute_type=quantization or "float32", intra_threads=torch.get_num_threads(),
+                                     inter_threads=1)
         sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[:128])]
         panels = getattr(frozen.decoder.layers[0].fc1, "panels", None) is not None  # float32 panel_linear
         print("| rows | ours ms/step | CT2 ms/step | ours / CT2 step speed | ours rest ms | CT2 rest ms |"
