@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     multi30k_tokenizer, print_limits, read_lines, setup_device, sync,
 )
 
-from transformer.config import preset  # noqa: E402
+from transformer.config import LENGTH_PENALTY_FORMS, preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
@@ -351,7 +351,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=128, help="Multi30k val sentences translated")
     parser.add_argument("--max-len", type=int, default=64, help="output tokens per sentence, EOS included")
     parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent for beam search")
-    parser.add_argument("--length-penalty-form", choices=("power", "gnmt"), default="power",
+    parser.add_argument("--length-penalty-form", choices=LENGTH_PENALTY_FORMS, default="power",
                         help="our beam search's length penalty: power (len ** alpha) is the peers' own, so all beam "
                              "outputs can match; gnmt ((5 + len) / 6) ** alpha) is the paper's and our default, "
                              "which the peers do not offer")

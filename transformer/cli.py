@@ -151,6 +151,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from transformer.config import LENGTH_PENALTY_FORMS  # light (PyYAML): no torch at parse time
+
     parser = argparse.ArgumentParser(
         prog="transformer",
         description="Train, translate, generate and evaluate with the Transformer of 'Attention Is All You Need'.",
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam, 4)")
     p.add_argument("--length-penalty", type=float, default=None, help="alpha (default: 0.6)")
-    p.add_argument("--length-penalty-form", choices=("gnmt", "power"), default=None,
+    p.add_argument("--length-penalty-form", choices=LENGTH_PENALTY_FORMS, default=None,
                    help="gnmt: ((5 + len) / 6) ** alpha, the paper's; power: len ** alpha, as fairseq, Hugging Face "
                         "and CTranslate2 (default: the run's decode.length_penalty_form, gnmt)")
     p.add_argument("--nbest", type=int, default=1, help="write the N best translations with scores")
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True)
     p.add_argument("--beam", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None)
-    p.add_argument("--length-penalty-form", choices=("gnmt", "power"), default=None,
+    p.add_argument("--length-penalty-form", choices=LENGTH_PENALTY_FORMS, default=None,
                    help="as for translate (default: the run's decode.length_penalty_form, gnmt)")
     p.add_argument("--output", help="also write the translations here")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")

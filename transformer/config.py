@@ -103,6 +103,11 @@ class TrainConfig:
     average_last: int = 0  # average the last N checkpoints at the end; 0 = off
 
 
+# the values of decode.length_penalty_form (see DecodeConfig), one list for the config's check, the searches
+# (decoding.common.length_penalty) and the CLI's choices
+LENGTH_PENALTY_FORMS = ("gnmt", "power")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Search and sampling settings. Defaults are the paper's (section 6.1)."""
@@ -167,7 +172,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.best_metric": ("loss", "bleu"),
     "decode.long_input": ("truncate", "error"),
-    "decode.length_penalty_form": ("gnmt", "power"),
+    "decode.length_penalty_form": LENGTH_PENALTY_FORMS,
 }
 
 

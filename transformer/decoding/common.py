@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from transformer.config import LENGTH_PENALTY_FORMS
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.errors import TransformerError
 
@@ -45,9 +46,6 @@ class Hypothesis:
     tokens: list[int]
     score: float
     logprob: float
-
-
-LENGTH_PENALTY_FORMS = ("gnmt", "power")
 
 
 def length_penalty(length: int | Tensor, alpha: float, form: str = "gnmt") -> float | Tensor:
