@@ -42,8 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_common_args, describe_machine, gemm_peak, machine_info, memory_bandwidth_gbs,
-    multi30k_tokenizer, print_limits, read_lines, setup_device, sync,
+    add_allocator_arg, add_common_args, describe_allocator, describe_machine, gemm_peak, keep_host_memory,
+    machine_info, memory_bandwidth_gbs, multi30k_tokenizer, print_limits, read_lines, setup_device, sync,
 )
 
 from transformer.config import LENGTH_PENALTY_FORMS, preset  # noqa: E402
@@ -368,21 +368,14 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=0,
                         help="paired bootstrap resamples of the BLEU differences (int8 against CT2 int8, ...); 0: none")
     parser.add_argument("--json", default="")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="CPU: leave glibc's allocator as it is (default: as Translator, decode.keep_freed_memory)")
+    add_allocator_arg(parser, "Translator's decode.keep_freed_memory")
     args = parser.parse_args()
-    kept_memory = False
-    if args.device == "cpu" and not args.system_malloc:
-        from transformer.host_memory import keep_freed_memory
-
-        kept_memory = keep_freed_memory()  # for every system alike (one process), as Translator sets it on the CPU
+    kept_memory = keep_host_memory(args.device, args.system_malloc)  # for every system alike, as Translator
     device = setup_device(args.device, args.threads)
     info = machine_info(args.device)
     print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")
     if device.type == "cpu":
-        print("host allocator: " + ("glibc, large blocks from the heap and freed memory kept (as Translator's "
-                                    "decode.keep_freed_memory), for every system" if kept_memory
-                                    else "as the system has it"))
+        print(describe_allocator(kept_memory, "Translator's decode.keep_freed_memory, for every system"))
     dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
     model, tok, weights = load_weights(args, device)
     cfg = model.cfg

@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import convert_ct2, pad_batch  # noqa: E402
-from common import describe_machine, machine_info, read_lines, setup_device, time_call  # noqa: E402
+from common import (  # noqa: E402
+    add_allocator_arg, describe_machine, keep_host_memory, machine_info, read_lines, setup_device, time_call,
+)
 
 from transformer.data.vocab import BOS_ID, EOS_ID  # noqa: E402
 
@@ -43,13 +45,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,32", help="rows per step (sentences)")
     parser.add_argument("--lengths", default="5,35", help="L1,L2")
     parser.add_argument("--int8", action="store_true", help="our int8 path against CTranslate2 int8")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (default: as Translator, decode.keep_freed_memory)")
+    add_allocator_arg(parser, "Translator's decode.keep_freed_memory")
     args = parser.parse_args()
-    if not args.system_malloc:
-        from transformer.host_memory import keep_freed_memory
-
-        keep_freed_memory()  # for both systems alike, as bench_inference.py
+    keep_host_memory("cpu", args.system_malloc)  # for both systems alike, as bench_inference.py
     setup_device("cpu", args.threads)
     print(f"machine: {describe_machine(machine_info('cpu'))}; command: {' '.join(sys.argv)}")
     import ctranslate2

@@ -38,8 +38,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 from common import (  # noqa: E402
-    add_common_args, autocast, current_rss_mb, describe_machine, gemm_gflops, gemm_peak, gemm_probe, interleaved_times, machine_info,
-    memory_bandwidth_gbs, multi30k_tokenizer, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync, time_call, train_step_flops,
+    add_allocator_arg, add_common_args, autocast, current_rss_mb, describe_allocator, describe_machine, gemm_gflops,
+    gemm_peak, gemm_probe, interleaved_times, keep_host_memory, machine_info, memory_bandwidth_gbs,
+    multi30k_tokenizer, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync, time_call,
+    train_step_flops,
 )
 
 from transformer.config import ModelConfig, preset  # noqa: E402
@@ -514,8 +516,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only profile our training step (torch.profiler)")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=20)
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="CPU: leave glibc's allocator as it is (default: as the trainer, train.keep_freed_memory)")
+    add_allocator_arg(parser, "the trainer's train.keep_freed_memory")
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-preset", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-peer", default="", help=argparse.SUPPRESS)
@@ -524,10 +525,7 @@ def main() -> None:
     args.peers = [p for p in args.peers.split(",") if p]
     if args.compile and "ours_compiled" not in args.peers:
         args.peers.append("ours_compiled")
-    if args.device == "cpu" and not args.system_malloc:
-        from transformer.host_memory import keep_freed_memory
-
-        args.kept_memory = keep_freed_memory()  # for every peer alike: large blocks reused, as in our trainer
+    args.kept_memory = keep_host_memory(args.device, args.system_malloc)  # for every peer alike, as our trainer
     if args.child_memory:
         memory_child(args)
         return
@@ -539,9 +537,7 @@ def main() -> None:
     dtype = torch.bfloat16 if (args.bf16 and device.type == "cuda") else torch.float32
     print(f"machine: {describe_machine(info)}; command: {' '.join(sys.argv)}")
     if device.type == "cpu":
-        print("host allocator: " + ("glibc, large blocks from the heap and freed memory kept (as the trainer's "
-                                    "train.keep_freed_memory)" if getattr(args, "kept_memory", False)
-                                    else "as the system has it"))
+        print(describe_allocator(args.kept_memory, "the trainer's train.keep_freed_memory"))
     shapes = []
     for name in args.presets:
         batch, length = synthetic_shape(args, name)

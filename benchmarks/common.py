@@ -79,6 +79,30 @@ def setup_device(device: str, threads: Optional[int]) -> torch.device:
     return torch.device(device)
 
 
+def add_allocator_arg(parser, like: str) -> None:
+    """``--system-malloc``: leave glibc's allocator as it is, where the script otherwise keeps freed host memory
+    as ``like`` does (see :func:`keep_host_memory`)."""
+    parser.add_argument("--system-malloc", action="store_true",
+                        help=f"CPU: leave glibc's allocator as it is (default: as {like})")
+
+
+def keep_host_memory(device: str, system_malloc: bool) -> bool:
+    """On the CPU, unless ``--system-malloc``: glibc keeps freed host memory for reuse
+    (:func:`transformer.host_memory.keep_freed_memory`, what our trainer and ``Translator`` set by default), for
+    every system in the process alike. Whether it was set."""
+    if device != "cpu" or system_malloc:
+        return False
+    from transformer.host_memory import keep_freed_memory
+
+    return keep_freed_memory()
+
+
+def describe_allocator(kept: bool, like: str) -> str:
+    """The line a benchmark prints about the host allocator (``kept``: from :func:`keep_host_memory`)."""
+    return "host allocator: " + (f"glibc, large blocks from the heap and freed memory kept (as {like})" if kept
+                                 else "as the system has it")
+
+
 def sync(device: torch.device | str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
