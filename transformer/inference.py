@@ -256,8 +256,7 @@ class Translator(_InferenceModel):
         """
         nbest = self.translate_nbest(
             sentences, nbest=1, beam=beam, length_penalty=length_penalty, length_penalty_form=length_penalty_form,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b, max_tokens=max_tokens, on_batch=on_batch, first_line=first_line,
+            max_len_a=max_len_a, max_len_b=max_len_b, max_tokens=max_tokens, on_batch=on_batch, first_line=first_line,
         )
         return [hyps[0].text for hyps in nbest]
 

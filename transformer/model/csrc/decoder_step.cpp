@@ -198,7 +198,7 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   return out;
 }
 
-// --- panel_linear_w8a8: int8 weights, 8-bit activations, int32 sums --------------------------------------
+// --- panel_linear_w8a8: int8 weights, 7-bit unsigned activations, int32 sums -----------------------------
 //
 // Each row of x is rounded with its own scale and zero point to unsigned values of 7 bits, u = clamp(round(x /
 // sx) + z, 0, 127) with sx = (hi - lo) / 127 over the row's range [lo, hi] widened to hold 0 (so x ~ sx (u - z),
