@@ -47,13 +47,15 @@ from common import (  # noqa: E402
 from transformer.config import ModelConfig, preset  # noqa: E402
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
+from transformer.model.dropout import stored_masks  # noqa: E402
 from transformer.model.embeddings import sinusoidal_table  # noqa: E402
 from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
 
 PEERS = ("ours", "hf", "torch")
 PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer",
               "ours_compiled": "ours + torch.compile", "ours_compiled_dynamic": "ours + torch.compile(dynamic=True)",
-              "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)"}
+              "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)",
+              "ours_stored_masks": "ours, dropout masks stored"}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 # On a GPU those would measure kernel-launch latency, not the model: 16k tokens a side per step there
@@ -114,6 +116,14 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     if name == "ours":
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
+    if name == "ours_stored_masks":  # ablation: CPU dropout masks stored as tensors (before session 18), not hashed
+        model = Transformer(cfg, vocab, vocab).to(device).train()
+
+        def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
+            with stored_masks():
+                return model(src, tgt_in)
+
+        return model, forward
     if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, torch.compile(model)
@@ -498,7 +508,9 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--parts", default="synthetic,real", help="comma list: synthetic, real")
     parser.add_argument("--presets", default="small,base", help="comma list of presets for the synthetic part")
-    parser.add_argument("--peers", default=",".join(PEERS), help="comma list of: ours, hf, torch")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma list of: ours, hf, torch; also ours_stored_masks (our step with the CPU "
+                             "dropout masks stored, as before session 18)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic part")
     parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
     parser.add_argument("--length", type=int, default=0, help="override the synthetic sequence length")

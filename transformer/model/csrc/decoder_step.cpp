@@ -11,7 +11,8 @@
 // It also holds panel_linear, a product for the few rows of a decoder step (below): with the weights read
 // once, in the order they lie in memory, it is 1.1-2.9x faster than MKL's and oneDNN's forms at 1-64 rows of
 // the layers' shapes on the benchmark CPU (benchmarks/bench_micro.py --parts panels), where MKL's small-row
-// products use a fraction of the memory bandwidth.
+// products use a fraction of the memory bandwidth. And one kernel for training: dropout_apply, the CPU dropout
+// of transformer/model/dropout.py, its mask hashed from a seed where it is applied instead of stored.
 //
 // Shapes: N rows (batch x beams, one new position each), D model width, H heads, Dh = D / H, L cached
 // positions before this step, S source length.
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <initializer_list>
@@ -913,6 +915,118 @@ Dense make_dense(const std::vector<Tensor>& t) {
                maybe(t[5]), maybe(t[6]), maybe(t[7]), maybe(t[8]), maybe(t[9]), maybe(t[10])};
 }
 
+// --- dropout for training: masks from a counter-based hash of (seed, element) ----------------------------
+//
+// transformer/model/dropout.py draws one 64-bit seed per call from torch's generator; element i is kept when
+// 16 bits of a hash of (seed, i) are at least `dropped`, and kept elements are scaled by `scale`. The mask is
+// a function of (seed, i) alone, so it is computed where it is applied, forward and backward, and never
+// stored. The hash is two rounds of "lowbias32" (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
+// x *= 0x846ca68b; x ^= x >> 16), 32-bit multiplies that AVX2 does 8 at a time: word k = 8 * (i / 16) + i % 8
+// is hashed as lowbias32(lowbias32(k ^ seed_lo) + seed_hi), and element i takes its low 16 bits when
+// i % 16 < 8, its high 16 bits otherwise. The scalar form below computes the same bits (the tail, other CPUs).
+
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t dropout_bits(int64_t i, uint32_t seed_lo, uint32_t seed_hi) {
+  const uint32_t word = static_cast<uint32_t>(8 * (i / 16) + i % 8);
+  return (lowbias32(lowbias32(word ^ seed_lo) + seed_hi) >> (16 * ((i % 16) / 8))) & 0xffffU;
+}
+
+// out[i] = residual[i] (if any) + x[i] * (bits(i) >= dropped ? scale : 0), elements begin .. end - 1
+template <bool kResidual>
+void dropout_scalar(const float* x, const float* residual, float* out, int64_t begin, int64_t end,
+                    uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped, float scale) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float v = x[i] * (dropout_bits(i, seed_lo, seed_hi) >= dropped ? scale : 0.0f);
+    out[i] = kResidual ? residual[i] + v : v;
+  }
+}
+
+#ifdef TRANSFORMER_X86
+TRANSFORMER_AVX2 inline __m256i lowbias32_x8(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bU)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// the same for blocks of 16 elements, begin .. end - 1
+template <bool kResidual>
+TRANSFORMER_AVX2 void dropout_blocks(const float* x, const float* residual, float* out, int64_t begin, int64_t end,
+                                     uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped, float scale) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(seed_lo)), hi = _mm256_set1_epi32(static_cast<int>(seed_hi));
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(dropped) - 1), low16 = _mm256_set1_epi32(0xffff);
+  const __m256 kept = _mm256_set1_ps(scale);
+  for (int64_t b = begin; b < end; ++b) {
+    const __m256i word = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(8 * b))), lanes);
+    const __m256i h = lowbias32_x8(_mm256_add_epi32(lowbias32_x8(_mm256_xor_si256(word, lo)), hi));
+    // bits >= dropped, as bits > dropped - 1 (both within 0 .. 65536 as signed 32-bit values)
+    const __m256 keep_lo = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(h, low16), below)), kept);
+    const __m256 keep_hi = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_srli_epi32(h, 16), below)), kept);
+    const int64_t i = 16 * b;
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(x + i), keep_lo);
+    __m256 c = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), keep_hi);
+    if (kResidual) {
+      a = _mm256_add_ps(a, _mm256_loadu_ps(residual + i));
+      c = _mm256_add_ps(c, _mm256_loadu_ps(residual + i + 8));
+    }
+    _mm256_storeu_ps(out + i, a);
+    _mm256_storeu_ps(out + i + 8, c);
+  }
+}
+#endif
+
+// x (any shape) float32 -> (residual +) x * mask(seed), same shape; dropped in 0 .. 65536
+Tensor dropout_apply(const Tensor& x, const std::optional<Tensor>& residual, int64_t seed, int64_t dropped,
+                     double scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "dropout_apply: float32 CPU tensors");
+  TORCH_CHECK(dropped >= 0 && dropped <= 65536, "dropout_apply: dropped lanes in 0 .. 65536");
+  const Tensor xc = x.contiguous();
+  Tensor rc;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == at::kFloat,
+                "dropout_apply: residual shaped as x, float32");
+    rc = residual->contiguous();
+  }
+  Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* rp = rc.defined() ? rc.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t n = xc.numel();
+  const auto s = static_cast<uint64_t>(seed);
+  const auto seed_lo = static_cast<uint32_t>(s), seed_hi = static_cast<uint32_t>(s >> 32);
+  const auto d = static_cast<uint32_t>(dropped);
+  const auto sc = static_cast<float>(scale);
+  int64_t done = 0;
+#ifdef TRANSFORMER_X86
+  if (panels_supported()) {
+    done = 16 * (n / 16);
+    at::parallel_for(0, n / 16, 2048, [&](int64_t begin, int64_t end) {
+      if (rp != nullptr) {
+        dropout_blocks<true>(xp, rp, op, begin, end, seed_lo, seed_hi, d, sc);
+      } else {
+        dropout_blocks<false>(xp, rp, op, begin, end, seed_lo, seed_hi, d, sc);
+      }
+    });
+  }
+#endif
+  if (rp != nullptr) {
+    dropout_scalar<true>(xp, rp, op, done, n, seed_lo, seed_hi, d, sc);
+  } else {
+    dropout_scalar<false>(xp, rp, op, done, n, seed_lo, seed_hi, d, sc);
+  }
+  return out;
+}
+
 }  // namespace
 
 class DecoderStep {
@@ -1110,4 +1224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the n best continuations of each sentence: scores (B, K) + log_softmax(logits (B*K, V)), banned ids left "
         "out -> (scores (B, n), rows (B, n), tokens (B, n))");
   m.def("panels_supported", &panels_supported, "whether this CPU runs panel_linear (AVX2 and FMA)");
+  m.def("dropout_apply", &dropout_apply,
+        "training dropout: (residual +) x * mask, element i kept when 16 bits of a hash of (seed, i) are >= "
+        "dropped, kept elements scaled by scale", pybind11::arg("x"), pybind11::arg("residual"),
+        pybind11::arg("seed"), pybind11::arg("dropped"), pybind11::arg("scale"));
 }
