@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the quickstart config")
     p.set_defaults(func=_quickstart)
 
-    p = sub.add_parser("build-native", help="compile the C++ decoder step and few-row product that CPU decoding then uses (optional)")
+    p = sub.add_parser("build-native", help="compile the C++ decoder step and few-row product that CPU decoding then "
+                       "uses, and the dropout of CPU training (optional)")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.set_defaults(func=_build_native)
 
