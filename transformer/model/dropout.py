@@ -11,7 +11,7 @@ inverse of that probability, so the expectation is exact:
   ``i`` kept when 16 bits of a hash of (seed, ``i``) clear the threshold. The mask is computed where it is
   applied, in one pass over the elements (with the residual add, for :meth:`Dropout.residual`), and again in
   the backward pass from the same seed, so it is never stored (the backward saves one integer). About 10x
-  faster than the form below per call, and 4% of a ``small`` training step (BENCHMARKS.md, session 18);
+  faster than the form below per call, and about 3% of a ``small`` training step (BENCHMARKS.md, session 18);
 - otherwise, :func:`dropout_mask`: one 64-bit draw of ``torch``'s generator (``torch.randint`` over the
   full int64 range) makes four 16-bit lanes, each compared with the threshold: a plain tensor that autograd
   saves for the backward pass, as PyTorch's own CPU dropout saves its mask.
@@ -47,7 +47,7 @@ def dropout_mask(like: Tensor, p: float) -> Tensor:
 
 
 def kernel() -> Optional[ModuleType]:
-    """The compiled extension with ``dropout_apply`` if it is built, enabled and runs on this CPU, else None."""
+    """The compiled extension (with ``dropout_apply``) if it is built and enabled, else None; looked up once."""
     global _kernel_module
     if _kernel_module is _UNSET:
         from transformer.model import native
