@@ -157,6 +157,13 @@ def test_eval_mode_and_edge_probabilities_are_nn_dropout(form):
     assert Dropout(0.1).state_dict() == {}  # no parameters or buffers: checkpoints are unchanged
 
 
+def test_p_just_below_one_keeps_one_lane_in_65536(form):
+    torch.manual_seed(0)
+    y = Dropout(0.999999).train()(torch.ones(1 << 20))  # p rounds to 65536/65536 lanes: kept at 1/65536
+    assert torch.isfinite(y).all() and set(y.unique().tolist()) <= {0.0, 65536.0}
+    assert 0 < y.ne(0).sum().item() < 60  # about 16 of 2^20
+
+
 def test_bfloat16_takes_the_stored_mask(form):
     torch.manual_seed(4)
     y = Dropout(0.5).train()(torch.ones(64, 64, dtype=torch.bfloat16))

@@ -36,14 +36,20 @@ _UNSET = object()
 _kernel_module: object = _UNSET  # the compiled extension, None if not built, looked up once per process
 
 
+def _threshold(p: float) -> tuple[int, float]:
+    """(lanes dropped of 65536: p rounded, at most 65535; the kept elements' scale)."""
+    dropped = min(round(p * _LANES), _LANES - 1)
+    return dropped, _LANES / (_LANES - dropped)
+
+
 def dropout_mask(like: Tensor, p: float) -> Tensor:
     """A mask shaped and typed as ``like``: 0 with probability ``p`` (rounded to 1/65536), else 1 / (1 - p)."""
-    dropped = round(p * _LANES)  # lanes below the threshold are dropped
+    dropped, scale = _threshold(p)  # lanes below the threshold are dropped
     n = like.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
     lanes = words.view(torch.int16)[:n].view(like.shape)  # (like), uniform over -32768..32767
     keep = lanes >= dropped - _LANES // 2
-    return keep.to(like.dtype).mul_(_LANES / (_LANES - dropped))
+    return keep.to(like.dtype).mul_(scale)
 
 
 def kernel() -> Optional[ModuleType]:
@@ -75,9 +81,8 @@ class _HashedDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, residual: Optional[Tensor], p: float, module: ModuleType) -> Tensor:
-        dropped = round(p * _LANES)
         seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))  # from torch's generator
-        ctx.args = (seed, dropped, _LANES / (_LANES - dropped))
+        ctx.args = (seed, *_threshold(p))
         ctx.module, ctx.with_residual = module, residual is not None
         return module.dropout_apply(x, residual, *ctx.args)
 
