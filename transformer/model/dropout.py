@@ -10,8 +10,8 @@ inverse of that probability, so the expectation is exact:
   ``csrc/decoder_step.cpp``: one 64-bit seed drawn from ``torch``'s default generator per call, and element
   ``i`` kept when 16 bits of a hash of (seed, ``i``) clear the threshold. The mask is computed where it is
   applied, in one pass over the elements (with the residual add, for :meth:`Dropout.residual`), and again in
-  the backward pass from the same seed, so it is never stored (the backward saves one integer). About 10x
-  faster than the form below per call, and about 3% of a ``small`` training step (BENCHMARKS.md, session 18);
+  the backward pass from the same seed, so it is never stored (the backward saves one integer). Several
+  times faster than the form below per call, and about 3% of a ``small`` training step (BENCHMARKS.md, session 18);
 - otherwise, :func:`dropout_mask`: one 64-bit draw of ``torch``'s generator (``torch.randint`` over the
   full int64 range) makes four 16-bit lanes, each compared with the threshold: a plain tensor that autograd
   saves for the backward pass, as PyTorch's own CPU dropout saves its mask.
