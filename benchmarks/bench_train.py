@@ -47,6 +47,7 @@ from common import (  # noqa: E402
 from transformer.config import ModelConfig, preset  # noqa: E402
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
+from transformer.model.attention import flash_attention  # noqa: E402
 from transformer.model.dropout import stored_masks  # noqa: E402
 from transformer.model.embeddings import sinusoidal_table  # noqa: E402
 from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
@@ -55,7 +56,8 @@ PEERS = ("ours", "hf", "torch")
 PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer",
               "ours_compiled": "ours + torch.compile", "ours_compiled_dynamic": "ours + torch.compile(dynamic=True)",
               "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)",
-              "ours_stored_masks": "ours, dropout masks stored"}
+              "ours_stored_masks": "ours, dropout masks stored",
+              "ours_flash": "ours, flash attention"}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 # On a GPU those would measure kernel-launch latency, not the model: 16k tokens a side per step there
@@ -121,6 +123,14 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
 
         def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
             with stored_masks():
+                return model(src, tgt_in)
+
+        return model, forward
+    if name == "ours_flash":  # ablation: CPU attention by scaled_dot_product_attention (before session 19)
+        model = Transformer(cfg, vocab, vocab).to(device).train()
+
+        def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
+            with flash_attention():
                 return model(src, tgt_in)
 
         return model, forward
@@ -510,7 +520,8 @@ def main() -> None:
     parser.add_argument("--presets", default="small,base", help="comma list of presets for the synthetic part")
     parser.add_argument("--peers", default=",".join(PEERS),
                         help="comma list of: ours, hf, torch; also ours_stored_masks (our step with the CPU "
-                             "dropout masks stored, as before session 18)")
+                             "dropout masks stored, as before session 18), ours_flash (our step with "
+                             "scaled_dot_product_attention's flash kernel on the CPU, as before session 19)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic part")
     parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
     parser.add_argument("--length", type=int, default=0, help="override the synthetic sequence length")

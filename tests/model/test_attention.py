@@ -69,3 +69,138 @@ def test_kv_cache_grows_past_its_capacity_and_reorders():
     cache.reorder(torch.tensor([1, 1, 0]))
     k, _ = cache.update(torch.zeros(3, H, 1, 8), torch.zeros(3, H, 1, 8))
     assert torch.equal(k[:, :, :39], expected[[1, 1, 0]])
+
+
+# --- the compiled kernel for training's short sequences (attention.attention on the CPU) ---------------------
+
+import shutil  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from transformer.model import attention as attention_module  # noqa: E402
+from transformer.model import native  # noqa: E402
+from transformer.model.attention import attention, flash_attention  # noqa: E402
+
+HAVE_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The extension's attention kernel, built if needed (skips without a compiler, AVX2 or with it off)."""
+    if not HAVE_COMPILER:
+        pytest.skip("no C++ compiler to build the extension with")
+    native.build()  # cached after the first build
+    monkeypatch.setattr(attention_module, "_short_module", attention_module._UNSET)  # looked up anew, now built
+    module = attention_module.short_kernel()
+    if module is None:
+        pytest.skip("the extension is off (TRANSFORMER_NATIVE=0) or this CPU lacks AVX2/FMA")
+    return module
+
+
+def _heads(b, n, h, dh, seed):
+    """(B,H,N,Dh) leaf tensors laid out as the projections give them: views of (B,N,H,Dh), Dh contiguous."""
+    torch.manual_seed(seed)
+    return [torch.randn(b, n, h, dh).transpose(1, 2).requires_grad_() for _ in range(3)]
+
+
+@pytest.mark.parametrize("b,h,t,s,dh,causal,masked", [
+    (2, 4, 32, 32, 64, False, False),  # the `small` preset's shape
+    (2, 4, 32, 32, 64, True, False),  # the decoder's self-attention
+    (3, 2, 13, 29, 64, False, True),  # cross-attention over padded sources; S not a multiple of 8
+    (2, 3, 17, 17, 16, True, False),
+    (4, 1, 5, 7, 8, False, True),
+    (1, 1, 1, 1, 8, False, False),
+    (2, 2, 128, 128, 32, True, False),  # SHORT_MAX_LENGTH
+])
+def test_kernel_matches_sdpa_forward_and_backward(kernel, b, h, t, s, dh, causal, masked):
+    q, k, v = _heads(b, t, h, dh, 0)[0], *_heads(b, s, h, dh, 1)[1:]
+    mask = None
+    if masked:
+        lengths = torch.randint(1, s + 1, (b,), generator=torch.Generator().manual_seed(2))
+        lengths[0] = s  # one full row, one of length 1 at least sometimes
+        mask = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,S)
+    assert attention_module._short(q, k, v, mask, 0.0, causal) is kernel  # the kernel runs, not the fallback
+    grad = torch.randn(b, h, t, dh)
+    out = attention(q, k, v, attn_mask=mask, is_causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    # reference in float64: both float32 paths are within rounding of it
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert (got.double() - want).abs().max().item() <= 1e-5
+
+
+def test_kernel_masks_keys_exactly_and_a_row_that_sees_none_is_zero(kernel):
+    q, k, v = _heads(2, 4, 2, 8, 3)
+    mask = torch.tensor([[True, False, True, False], [False, False, False, False]])[:, None, None, :]
+    out = attention(q, k, v, attn_mask=mask)
+    # sentence 0: only keys 0 and 2 count, so changing the masked keys' values changes nothing
+    v2 = v.detach().clone()
+    v2[0, :, 1] += 100.0
+    v2[0, :, 3] -= 100.0
+    with torch.no_grad():
+        again = attention_module._ShortAttention.apply(q, k, v2, mask.reshape(2, 4), False, kernel)
+    assert torch.equal(out[0].detach(), again[0])
+    # sentence 1 sees no key: zeros, and zero gradients
+    assert torch.equal(out[1].detach(), torch.zeros_like(out[1]))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for g in (dq, dk, dv):
+        assert torch.equal(g[1], torch.zeros_like(g[1]))
+    assert torch.equal(dk[0, :, 1], torch.zeros_like(dk[0, :, 1])) and torch.equal(dv[0, :, 3], torch.zeros_like(dv[0, :, 3]))
+
+
+def test_kernel_outputs_are_laid_out_for_the_projections(kernel):
+    q, k, v = _heads(2, 6, 4, 8, 4)
+    out = attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # (B,T,H,Dh): merging the heads is a view
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(g.transpose(1, 2).is_contiguous() for g in (dq, dk, dv))
+
+
+def test_fallback_where_the_kernel_does_not_apply(kernel):
+    q, k, v = _heads(2, 8, 2, 8, 5)
+    short = attention_module._short
+    assert short(q, k, v, None, 0.0, False) is kernel
+    assert short(q, k, v, None, 0.1, False) is None  # attention dropout
+    with torch.no_grad():
+        assert short(q, k, v, None, 0.0, False) is None  # inference
+    frozen = [x.detach() for x in (q, k, v)]
+    assert short(*frozen, None, 0.0, False) is None  # nothing to differentiate
+    assert short(q.double(), k.double(), v.double(), None, 0.0, False) is None
+    assert short(q, k, v, torch.ones(2, 1, 8, 8, dtype=torch.bool), 0.0, False) is None  # not a key mask
+    assert short(q, k, v, torch.zeros(2, 1, 1, 8), 0.0, False) is None  # additive float mask
+    q12, k12, v12 = _heads(2, 8, 2, 12, 6)
+    assert short(q12, k12, v12, None, 0.0, False) is None  # head width not a multiple of 8
+    n = attention_module.SHORT_MAX_LENGTH + 1
+    ql, kl, vl = _heads(1, n, 1, 8, 7)
+    assert short(ql, kl, vl, None, 0.0, True) is None  # long sequences: flash attention
+    with flash_attention():
+        assert short(q, k, v, None, 0.0, False) is None
+    assert short(q, k, v, None, 0.0, False) is kernel
+
+
+def test_training_step_gradients_equal_with_flash_attention(kernel):
+    from transformer.config import ModelConfig
+    from transformer.model import Transformer
+
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg, 50, 50).train()
+    src = torch.randint(4, 50, (3, 9))
+    src[1, 6:] = 0  # padding: the encoder and cross-attention take the key mask
+    tgt = torch.randint(4, 50, (3, 7))
+
+    def grads():
+        model.zero_grad()
+        model(src, tgt).float().pow(2).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with flash_attention():
+        reference = grads()
+    got = grads()
+    for a, b in zip(got, reference):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())

@@ -2,15 +2,104 @@
 
 Shapes: B batch, T query length, S key length, D model width, H heads, Dh = D / H.
 Masks are boolean, True = "may attend", broadcastable to (B, H, T, S).
+
+On the CPU, training's attention of short sequences (T and S up to ``SHORT_MAX_LENGTH``) runs in the compiled
+extension (:mod:`transformer.model.native`, ``attention_forward`` / ``attention_backward`` in
+``csrc/decoder_step.cpp``) instead of ``scaled_dot_product_attention``'s flash kernel, which tiles for long
+sequences: one task per (sentence, head) computes the scores, softmax and products in the L1 cache and keeps
+the probabilities for the backward pass. The same maths (float32 rounding apart); ``flash_attention()`` turns
+it off for comparisons. Without the extension, in inference, with dropout on the attention weights, other
+masks, dtypes or devices, ``scaled_dot_product_attention`` runs.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# The longest T or S that takes the compiled kernel: 1.1-2.3x flash attention's forward and backward at
+# 16-128 positions (32 sentences' worth of tokens, head width 64), about even at 256 (an ad-hoc timing on the
+# benchmark CPU; see BENCHMARKS.md, session 19)
+SHORT_MAX_LENGTH = 128
+_UNSET = object()
+_short_module: object = _UNSET  # the compiled extension, None if not built, looked up once per process
+
+
+def short_kernel() -> Optional[ModuleType]:
+    """The compiled extension if it is built, enabled and runs on this CPU (AVX2 and FMA), else None."""
+    global _short_module
+    if _short_module is _UNSET:
+        from transformer.model import native
+
+        module = native.load()
+        ok = module is not None and hasattr(module, "attention_forward") and module.panels_supported()
+        _short_module = module if ok else None
+    return _short_module  # type: ignore[return-value]
+
+
+@contextmanager
+def flash_attention() -> Iterator[None]:
+    """Within the block, ``scaled_dot_product_attention`` wherever the compiled kernel would run (comparisons:
+    the ``ours_flash`` peer of ``benchmarks/bench_train.py``, tests). A backward pass follows its forward pass."""
+    global _short_module
+    saved, _short_module = _short_module, None
+    try:
+        yield
+    finally:
+        _short_module = saved
+
+
+class _ShortAttention(torch.autograd.Function):
+    """Attention through the compiled kernel; the probabilities (B,H,T,S rounded up to 8) kept for backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], is_causal: bool,
+                module: ModuleType) -> Tensor:
+        ctx.scale = q.size(-1) ** -0.5
+        out, probs = module.attention_forward(q, k, v, key_mask, is_causal, ctx.scale)  # (B,H,T,Dh), (B,H,T,S8)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.module = module
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, probs = ctx.saved_tensors
+        dq, dk, dv = ctx.module.attention_backward(grad, q, k, v, probs, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _short(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+           is_causal: bool) -> Optional[ModuleType]:
+    """The extension when its kernel applies: training on the CPU (autograd recording), float32, no attention
+    dropout, no mask or a key mask (B,1,1,S), head width a multiple of 8, T and S up to SHORT_MAX_LENGTH."""
+    if (dropout_p or not torch.is_grad_enabled() or q.device.type != "cpu" or torch.compiler.is_compiling()
+            or not (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return None
+    if any(x.dtype != torch.float32 or x.dim() != 4 or x.stride(-1) != 1 for x in (q, k, v)):
+        return None
+    b, h, t, dh = q.shape
+    s = k.size(2)
+    if k.shape != (b, h, s, dh) or v.shape != k.shape or dh % 8 or max(t, s) > SHORT_MAX_LENGTH:
+        return None
+    if attn_mask is not None and (is_causal or attn_mask.dtype != torch.bool or attn_mask.shape != (b, 1, 1, s)):
+        return None
+    return short_kernel()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              is_causal: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)``, through the compiled kernel
+    where it applies (see the module docstring). q (B,H,T,Dh), k and v (B,H,S,Dh) -> (B,H,T,Dh)."""
+    module = _short(q, k, v, attn_mask, dropout_p, is_causal)
+    if module is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+    key_mask = attn_mask.reshape(q.size(0), k.size(2)) if attn_mask is not None else None  # (B,S)
+    return _ShortAttention.apply(q, k, v, key_mask, is_causal, module)
 
 
 class KVCache:
@@ -89,7 +178,7 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """Attend from ``query`` (B,T,D) to projected ``k``, ``v`` (B,H,S,Dh); returns (B,T,D)."""
         q = self._split_heads(self.q_proj(query))  # (B,H,T,Dh)
-        out = F.scaled_dot_product_attention(
+        out = attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B,H,T,Dh)
         b, _, t, _ = out.shape

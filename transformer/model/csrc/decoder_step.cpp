@@ -11,8 +11,9 @@
 // It also holds panel_linear, a product for the few rows of a decoder step (below): with the weights read
 // once, in the order they lie in memory, it is 1.1-2.9x faster than MKL's and oneDNN's forms at 1-64 rows of
 // the layers' shapes on the benchmark CPU (benchmarks/bench_micro.py --parts panels), where MKL's small-row
-// products use a fraction of the memory bandwidth. And one kernel for training: dropout_apply, the CPU dropout
-// of transformer/model/dropout.py, its mask hashed from a seed where it is applied instead of stored.
+// products use a fraction of the memory bandwidth. And two kernels for training: dropout_apply, the CPU dropout
+// of transformer/model/dropout.py, its mask hashed from a seed where it is applied instead of stored; and
+// attention_forward / attention_backward, the attention of short sequences (transformer/model/attention.py).
 //
 // Shapes: N rows (batch x beams, one new position each), D model width, H heads, Dh = D / H, L cached
 // positions before this step, S source length.
@@ -1027,6 +1028,272 @@ Tensor dropout_apply(const Tensor& x, const std::optional<Tensor>& residual, int
   return out;
 }
 
+#ifdef TRANSFORMER_X86
+// --- attention for training: short sequences, forward and backward in one task per (sentence, head) -------
+//
+// scaled_dot_product_attention's CPU kernels (flash attention) tile for long sequences; at the lengths of
+// sentence-level translation (tens of positions) a (sentence, head) pair's whole problem fits in the L1
+// cache: Q (T x Dh), K and V (S x Dh), the scores (T x S). Here one task per pair runs its products as
+// register-tiled loops over those operands where they lie (no copies, no transposes), the softmax with exp_8,
+// and keeps the probabilities P (B, H, T, S rounded up to 8) for the backward pass, which so needs no
+// exponential:
+//   forward   S = Q K^T scale, masked to -inf;  P = softmax(S);  O = P V
+//   backward  dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP)) * scale;  dQ = dS K;  dK = dS^T Q.
+// Masks: none, a key mask (B, S) (True = may attend) and/or causal (query i sees keys j <= i). A query that
+// sees no key gives zeros, and zero gradients. O and dQ are written as (B, T, H, Dh), dK and dV as
+// (B, S, H, Dh): contiguous once the heads are merged back, as the projections read them.
+
+// C (R x 8 NC) = A (R x K) B (K x 8 NC): A's element (r, k) at a[r * a_rs + k * a_ks] (so A may be a
+// transposed view), B's rows ldb apart, C's rows ldc apart.
+template <int R, int NC>
+TRANSFORMER_AVX2 void gemm_tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                                int64_t k_dim, float* c, int64_t ldc) {
+  __m256 acc[R][NC];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    __m256 bv[NC];
+    #pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) bv[j] = _mm256_loadu_ps(b + k * ldb + 8 * j);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * a_rs + k * a_ks);
+      #pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) _mm256_storeu_ps(c + r * ldc + 8 * j, acc[r][j]);
+}
+
+using GemmTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+constexpr int kGemmRows = 4, kGemmChunks = 3;  // 12 accumulators, 3 registers of B, 1 broadcast
+constexpr GemmTile kGemmTiles[kGemmRows][kGemmChunks] = {
+    {gemm_tile<1, 1>, gemm_tile<1, 2>, gemm_tile<1, 3>},
+    {gemm_tile<2, 1>, gemm_tile<2, 2>, gemm_tile<2, 3>},
+    {gemm_tile<3, 1>, gemm_tile<3, 2>, gemm_tile<3, 3>},
+    {gemm_tile<4, 1>, gemm_tile<4, 2>, gemm_tile<4, 3>}};
+
+// C (M x N) = A (M x K) B (K x N), N a multiple of 8; strides as gemm_tile's.
+void small_gemm(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, int64_t m, int64_t n,
+                int64_t k_dim, float* c, int64_t ldc) {
+  const int64_t chunks = n / 8;
+  for (int64_t j0 = 0; j0 < chunks; j0 += kGemmChunks) {
+    const int nc = static_cast<int>(std::min<int64_t>(kGemmChunks, chunks - j0));
+    for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
+      const int r = static_cast<int>(std::min<int64_t>(kGemmRows, m - i0));
+      kGemmTiles[r - 1][nc - 1](a + i0 * a_rs, a_rs, a_ks, b + 8 * j0, ldb, k_dim, c + i0 * ldc + 8 * j0, ldc);
+    }
+  }
+}
+
+// The 4 sums of the lanes of each of a, b, c, d.
+TRANSFORMER_AVX2 inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// C (R x NB) = A (R x Dh) B^T for B (NB x Dh): dot products of rows, both with contiguous Dh (a multiple of 8).
+template <int R, int NB>
+TRANSFORMER_AVX2 void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t dh, float* c,
+                               int64_t ldc) {
+  __m256 acc[R][4];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dh; d += 8) {
+    __m256 bv[NB];
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + d);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_loadu_ps(a + r * lda + d);
+      #pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float sums[4];
+    _mm_storeu_ps(sums, sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) c[r * ldc + j] = sums[j];
+  }
+}
+
+using DotTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+constexpr int kDotRows = 3, kDotCols = 4;  // 12 accumulators, 4 registers of B, 1 of A
+constexpr DotTile kDotTiles[kDotRows][kDotCols] = {
+    {dot_tile<1, 1>, dot_tile<1, 2>, dot_tile<1, 3>, dot_tile<1, 4>},
+    {dot_tile<2, 1>, dot_tile<2, 2>, dot_tile<2, 3>, dot_tile<2, 4>},
+    {dot_tile<3, 1>, dot_tile<3, 2>, dot_tile<3, 3>, dot_tile<3, 4>}};
+
+// C (M x N) = A (M x Dh) B^T, B (N x Dh).
+void small_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t dh,
+                float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += kDotCols) {
+    const int nb = static_cast<int>(std::min<int64_t>(kDotCols, n - j0));
+    for (int64_t i0 = 0; i0 < m; i0 += kDotRows) {
+      const int r = static_cast<int>(std::min<int64_t>(kDotRows, m - i0));
+      kDotTiles[r - 1][nb - 1](a + i0 * lda, lda, b + j0 * ldb, ldb, dh, c + i0 * ldc + j0, ldc);
+    }
+  }
+}
+
+#endif
+
+inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be (B, H, T|S, Dh)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "attention: float32 only");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention: Dh must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "attention: mismatched shapes");
+  TORCH_CHECK(q.size(3) % 8 == 0, "attention: Dh must be a multiple of 8");
+}
+
+#ifdef TRANSFORMER_X86
+// One row of scores (s_pad wide) -> probabilities in place: scaled, plus `bias` (0 or -inf per key, -inf
+// past S), keys from `visible` on at -inf (causal), exponentiated and normalised; masked keys end as exactly
+// 0, and a row that sees no key as zeros.
+TRANSFORMER_AVX2 void softmax_row(float* row, int64_t s_pad, float scale, const float* bias, int64_t visible) {
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  const __m256 sv = _mm256_set1_ps(scale), none = _mm256_set1_ps(kNone);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i vis = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(visible, s_pad)));
+  __m256 top = none;
+  for (int64_t j = 0; j < s_pad; j += 8) {
+    __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(row + j), sv, _mm256_loadu_ps(bias + j));
+    const __m256i idx = _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(j)));
+    x = _mm256_blendv_ps(none, x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(vis, idx)));  // j < visible
+    _mm256_storeu_ps(row + j, x);
+    top = _mm256_max_ps(top, x);
+  }
+  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(1, 0, 3, 2)));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(2, 3, 0, 1)));
+  if (_mm256_cvtss_f32(top) == kNone) {
+    std::fill(row, row + s_pad, 0.f);
+    return;
+  }
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < s_pad; j += 8) {
+    const __m256 x = _mm256_loadu_ps(row + j);  // exp_8 takes -inf to 2^-126: masked keys are set to 0
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, none, _CMP_EQ_OQ), exp_8(_mm256_sub_ps(x, top)));
+    _mm256_storeu_ps(row + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const __m128 total4 = sum4(sum, sum, sum, sum);
+  const __m256 inv = _mm256_set1_ps(1.f / _mm_cvtss_f32(total4));
+  for (int64_t j = 0; j < s_pad; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
+}
+
+// dS = P * (dP - sum_j P dP) * scale for one row, in place of dP (s_pad wide; P is 0 past S).
+TRANSFORMER_AVX2 void softmax_grad_row(const float* p, float* d, int64_t s_pad, float scale) {
+  __m256 dot = _mm256_setzero_ps();
+  for (int64_t j = 0; j < s_pad; j += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(d + j), dot);
+  const __m256 dv = _mm256_set1_ps(_mm_cvtss_f32(sum4(dot, dot, dot, dot))), sv = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < s_pad; j += 8) {
+    const __m256 pv = _mm256_loadu_ps(p + j);
+    _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(d + j), dv)), sv));
+  }
+}
+
+#endif
+
+// (out (B, H, T, Dh) as a view of (B, T, H, Dh), probs (B, H, T, S_pad))
+std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const std::optional<Tensor>& key_mask_in, bool causal, double scale_in) {
+  check_attention(q, k, v);
+  const int64_t batch = q.size(0), heads = q.size(1), t = q.size(2), s = k.size(2), dh = q.size(3);
+  const int64_t s_pad = round8(s);
+  // per sentence, 0 or -inf per key (-inf past S)
+  Tensor bias = at::full({batch, s_pad}, -std::numeric_limits<float>::infinity(), q.options());
+  if (key_mask_in.has_value() && key_mask_in->defined()) {
+    const Tensor& m = *key_mask_in;
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == batch && m.size(1) == s && m.scalar_type() == at::kBool,
+                "attention: key_mask must be (B, S) bool");
+    bias.narrow(1, 0, s).masked_fill_(m, 0.f);
+  } else {
+    bias.narrow(1, 0, s).zero_();
+  }
+  Tensor out = at::empty({batch, t, heads, dh}, q.options());
+  Tensor probs = at::empty({batch, heads, t, s_pad}, q.options());
+  const float scale = static_cast<float>(scale_in);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), ks0 = k.stride(0), ks1 = k.stride(1),
+                ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  TORCH_CHECK(panels_supported(), "attention_forward: needs a CPU with AVX2 and FMA");
+#ifdef TRANSFORMER_X86
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const float* qb = qp + b * qs0 + h * qs1;
+      const float* kb = kp + b * ks0 + h * ks1;
+      const float* vb = vp + b * vs0 + h * vs1;
+      float* pb = pp + task * t * s_pad;
+      small_dots(qb, qs2, kb, ks2, t, s, dh, pb, s_pad);  // Q K^T (T, S), unscaled
+      for (int64_t i = 0; i < t; ++i) softmax_row(pb + i * s_pad, s_pad, scale, bp + b * s_pad, causal ? i + 1 : s);
+      small_gemm(pb, s_pad, 1, vb, vs2, t, dh, s, op + (b * t * heads + h) * dh, heads * dh);  // P V
+    }
+  });
+#endif
+  return {out.transpose(1, 2), probs};
+}
+
+// (dq (B, H, T, Dh) as a view of (B, T, H, Dh), dk, dv (B, H, S, Dh) as views of (B, S, H, Dh))
+std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& probs, double scale_in) {
+  check_attention(q, k, v);
+  const Tensor grad = grad_in.stride(3) == 1 ? grad_in : grad_in.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), t = q.size(2), s = k.size(2), dh = q.size(3);
+  const int64_t s_pad = round8(s);
+  TORCH_CHECK(grad.sizes() == q.sizes() && probs.is_contiguous() && probs.size(0) == batch &&
+              probs.size(1) == heads && probs.size(2) == t && probs.size(3) == s_pad,
+              "attention_backward: mismatched shapes");
+  Tensor dq = at::empty({batch, t, heads, dh}, q.options());
+  Tensor dk = at::empty({batch, s, heads, dh}, q.options());
+  Tensor dv = at::empty({batch, s, heads, dh}, q.options());
+  const float scale = static_cast<float>(scale_in);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *gp = grad.data_ptr<float>(), *pp = probs.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), ks0 = k.stride(0), ks1 = k.stride(1),
+                ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), gs0 = grad.stride(0),
+                gs1 = grad.stride(1), gs2 = grad.stride(2);
+  TORCH_CHECK(panels_supported(), "attention_backward: needs a CPU with AVX2 and FMA");
+#ifdef TRANSFORMER_X86
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ds(t * s_pad);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const float* qb = qp + b * qs0 + h * qs1;
+      const float* kb = kp + b * ks0 + h * ks1;
+      const float* vb = vp + b * vs0 + h * vs1;
+      const float* gb = gp + b * gs0 + h * gs1;
+      const float* pb = pp + task * t * s_pad;
+      const int64_t out_q = (b * t * heads + h) * dh, out_kv = (b * s * heads + h) * dh;
+      small_gemm(pb, 1, s_pad, gb, gs2, s, dh, t, dvp + out_kv, heads * dh);  // dV = P^T dO
+      std::fill(ds.begin(), ds.end(), 0.f);
+      small_dots(gb, gs2, vb, vs2, t, s, dh, ds.data(), s_pad);  // dP = dO V^T
+      for (int64_t i = 0; i < t; ++i) softmax_grad_row(pb + i * s_pad, ds.data() + i * s_pad, s_pad, scale);
+      small_gemm(ds.data(), s_pad, 1, kb, ks2, t, dh, s, dqp + out_q, heads * dh);  // dQ = dS K
+      small_gemm(ds.data(), 1, s_pad, qb, qs2, s, dh, t, dkp + out_kv, heads * dh);  // dK = dS^T Q
+    }
+  });
+#endif
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+}
+
 }  // namespace
 
 class DecoderStep {
@@ -1228,4 +1495,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "training dropout: (residual +) x * mask, element i kept when 16 bits of a hash of (seed, i) are >= "
         "dropped, kept elements scaled by scale", pybind11::arg("x"), pybind11::arg("residual"),
         pybind11::arg("seed"), pybind11::arg("dropped"), pybind11::arg("scale"));
+  m.def("attention_forward", &attention_forward,
+        "training attention of short sequences: q (B, H, T, Dh), k, v (B, H, S, Dh), key_mask (B, S) bool or None, "
+        "causal, scale -> (out (B, H, T, Dh), probabilities (B, H, T, S rounded up to 8))",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("key_mask"),
+        pybind11::arg("causal"), pybind11::arg("scale"));
+  m.def("attention_backward", &attention_backward,
+        "the gradients (dq, dk, dv) of attention_forward from grad_out (B, H, T, Dh) and its probabilities",
+        pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("probs"), pybind11::arg("scale"));
 }
