@@ -36,8 +36,11 @@
    the extension), at 1 to 1024 rows, warm and cold.
 10. ``attention`` (session 9): the extension's ``attend_one`` (a decoder step's attention of one new position)
    against ATen's ``scaled_dot_product_attention``, per call and in whole compiled decoder steps.
+11. ``train-attention`` (session 19): training's attention on the CPU, the extension's kernel for short
+   sequences (``transformer.model.attention.attention``) against ATen's flash attention, forward and forward
+   + backward, 16 to 256 positions, no mask, causal, and a key mask.
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels,attention
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels,attention,train-attention
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -560,6 +563,45 @@ def run_collate(args) -> None:
           f"{per_item / vectorised:.1f}x")
 
 
+def run_train_attention() -> None:
+    """Session 19: training's attention on the CPU, the extension's kernel (attention.attention) against ATen's
+    flash attention (scaled_dot_product_attention), forward and forward + backward, at B x T = 1024 tokens."""
+    from transformer.model.attention import attention, flash_attention
+
+    if compiled_extension("train-attention") is None:
+        return
+    print("\n== training attention, q/k/v (B, H, T, 64) as views of the projections' (B, T, H, 64), T = S, "
+          "1024 tokens a batch, ms: flash attention (SDPA) against the extension's kernel ==")
+    print("| B x H x T | mask | forward: flash | forward: kernel | speed-up | fwd + bwd: flash | fwd + bwd: kernel "
+          "| speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for batch, heads, length in ((64, 4, 16), (32, 4, 32), (32, 8, 32), (16, 4, 64), (8, 4, 128), (4, 4, 256)):
+        for mask_name in ("none", "causal", "keys"):
+            q, k, v = (torch.randn(batch, length, heads, 64).transpose(1, 2).requires_grad_() for _ in range(3))
+            grad = torch.randn(batch, heads, length, 64)
+            causal = mask_name == "causal"
+            mask = None
+            if mask_name == "keys":  # padded sentences: lengths from half to all of T
+                lengths = torch.randint(length // 2, length + 1, (batch,))
+                mask = (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
+
+            def forward():
+                return attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+            def both():
+                torch.autograd.grad(forward(), (q, k, v), grad)
+
+            ms = []
+            for fn in (forward, both):
+                with flash_attention():
+                    ms.append(best_seconds(fn, 10) * 1e3)
+                ms.append(best_seconds(fn, 10) * 1e3)
+            note = "" if length <= 128 else " (above SHORT_MAX_LENGTH: attention() takes flash there too)"
+            print(f"| {batch} x {heads} x {length}{note} | {mask_name} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[0] / ms[1]:.2f}x "
+                  f"| {ms[2]:.3f} | {ms[3]:.3f} | {ms[2] / ms[3]:.2f}x |", flush=True)
+
+
 # each part's runner, in the order they run; the ones without options ignore args
 PARTS = {
     "projection": lambda args: run_projection(),
@@ -572,6 +614,7 @@ PARTS = {
     "panels": lambda args: run_panels(),
     "int8-panels": lambda args: run_int8_panels(),
     "attention": lambda args: run_attention(),
+    "train-attention": lambda args: run_train_attention(),
 }
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The longest T or S that takes the compiled kernel: 1.1-2.3x flash attention's forward and backward at
-# 16-128 positions (32 sentences' worth of tokens, head width 64), about even at 256 (an ad-hoc timing on the
-# benchmark CPU; see BENCHMARKS.md, session 19)
+# The longest T or S that takes the compiled kernel: 1.22-2.25x flash attention's forward and backward at 16
+# to 128 positions, 1024 tokens a batch, head width 64 (benchmarks/bench_micro.py --parts train-attention; the
+# forward alone is 0.95-0.98x at 128, and the kernel's advantage shrinks with the length)
 SHORT_MAX_LENGTH = 128
 _UNSET = object()
 _short_module: object = _UNSET  # the compiled extension, None if not built, looked up once per process
