@@ -242,6 +242,28 @@ def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
     return ((u - z) * sx).float().reshape(x.shape)
 
 
+@pytest.mark.parametrize("out_features", [1, 16, 40, 768])
+def test_panel_linear_w8a8_is_the_same_on_two_threads(out_features):
+    """From 17 rows the rounding and the products run in one team of threads with a barrier between them
+    (tests run on one thread, conftest.py): on two, the same bits, whatever the split of rows and panels."""
+    if not native.build().panels_supported():
+        pytest.skip("panel_linear_w8a8 needs a CPU with AVX2 and FMA")
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, out_features)
+    int8 = _Int8Panels(_quantized(linear.weight.detach()), linear.bias, native.build())
+    x = torch.randn(41, 64)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        one = [int8(x[:rows], relu=relu) for rows in (16, 17, 33, 41) for relu in (False, True)]
+        torch.set_num_threads(2)
+        try:
+            two = [int8(x[:rows], relu=relu) for rows in (16, 17, 33, 41) for relu in (False, True)]
+        finally:
+            torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("out_features,in_features", [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1), (33, 2050)])
 def test_panel_linear_w8a8_computes_the_int8_product_exactly(out_features, in_features):
     """Each row rounded to 7-bit unsigned values with its own scale and zero point, the products by the int8
