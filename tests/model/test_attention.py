@@ -161,6 +161,20 @@ def test_kernel_outputs_are_laid_out_for_the_projections(kernel):
     assert all(g.transpose(1, 2).is_contiguous() for g in (dq, dk, dv))
 
 
+def test_kernel_takes_an_expanded_gradient_and_refuses_double_backward(kernel):
+    q, k, v = _heads(2, 5, 2, 8, 8)
+    attention(q, k, v, is_causal=True).sum().backward()  # the output's gradient: ones with zero strides
+    got = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    for a, b in zip(got, (q.grad, k.grad, v.grad)):
+        assert (a - b).abs().max().item() <= 1e-5
+    dq, = torch.autograd.grad(attention(q, k, v).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
+
+
 def test_fallback_where_the_kernel_does_not_apply(kernel):
     q, k, v = _heads(2, 8, 2, 8, 5)
     short = attention_module._short

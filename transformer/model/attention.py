@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # The longest T or S that takes the compiled kernel: 1.22-2.25x flash attention's forward and backward at 16
 # to 128 positions, 1024 tokens a batch, head width 64 (benchmarks/bench_micro.py --parts train-attention; the
@@ -67,6 +68,7 @@ class _ShortAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # its backward pass is not itself differentiable (no double backward)
     def backward(ctx, grad: Tensor):
         q, k, v, probs = ctx.saved_tensors
         dq, dk, dv = ctx.module.attention_backward(grad, q, k, v, probs, ctx.scale)
