@@ -1070,24 +1070,24 @@ template <int R, int NC>
 TRANSFORMER_AVX2 void gemm_tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
                                 int64_t k_dim, float* c, int64_t ldc) {
   __m256 acc[R][NC];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
     __m256 bv[NC];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) bv[j] = _mm256_loadu_ps(b + k * ldb + 8 * j);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * a_rs + k * a_ks);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) _mm256_storeu_ps(c + r * ldc + 8 * j, acc[r][j]);
 }
 
@@ -1123,26 +1123,26 @@ template <int R, int NB>
 TRANSFORMER_AVX2 void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t dh, float* c,
                                int64_t ldc) {
   __m256 acc[R][4];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t d = 0; d < dh; d += 8) {
     __m256 bv[NB];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + d);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_loadu_ps(a + r * lda + d);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float sums[4];
     _mm_storeu_ps(sums, sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) c[r * ldc + j] = sums[j];
   }
 }
@@ -1211,8 +1211,7 @@ TRANSFORMER_AVX2 void softmax_row(float* row, int64_t s_pad, float scale, const 
     _mm256_storeu_ps(row + j, e);
     sum = _mm256_add_ps(sum, e);
   }
-  const __m128 total4 = sum4(sum, sum, sum, sum);
-  const __m256 inv = _mm256_set1_ps(1.f / _mm_cvtss_f32(total4));
+  const __m256 inv = _mm256_set1_ps(1.f / sum_8(sum));
   for (int64_t j = 0; j < s_pad; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
 }
 
@@ -1220,7 +1219,7 @@ TRANSFORMER_AVX2 void softmax_row(float* row, int64_t s_pad, float scale, const 
 TRANSFORMER_AVX2 void softmax_grad_row(const float* p, float* d, int64_t s_pad, float scale) {
   __m256 dot = _mm256_setzero_ps();
   for (int64_t j = 0; j < s_pad; j += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(d + j), dot);
-  const __m256 dv = _mm256_set1_ps(_mm_cvtss_f32(sum4(dot, dot, dot, dot))), sv = _mm256_set1_ps(scale);
+  const __m256 dv = _mm256_set1_ps(sum_8(dot)), sv = _mm256_set1_ps(scale);
   for (int64_t j = 0; j < s_pad; j += 8) {
     const __m256 pv = _mm256_loadu_ps(p + j);
     _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(d + j), dv)), sv));
