@@ -90,7 +90,7 @@ def kernel(monkeypatch):
     if not HAVE_COMPILER:
         pytest.skip("no C++ compiler to build the extension with")
     native.build()  # cached after the first build
-    monkeypatch.setattr(attention_module, "_short_module", attention_module._UNSET)  # looked up anew, now built
+    monkeypatch.setattr(attention_module._KERNEL, "module", native.Kernel.UNSET)  # looked up anew, now built
     module = attention_module.short_kernel()
     if module is None:
         pytest.skip("the extension is off (TRANSFORMER_NATIVE=0) or this CPU lacks AVX2/FMA")

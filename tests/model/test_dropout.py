@@ -25,7 +25,7 @@ def form(request, monkeypatch):
     if not HAVE_COMPILER:
         pytest.skip("no C++ compiler to build the extension with")
     native.build()  # cached after the first build
-    monkeypatch.setattr(dropout_module, "_kernel_module", dropout_module._UNSET)  # looked up anew, now built
+    monkeypatch.setattr(dropout_module._KERNEL, "module", native.Kernel.UNSET)  # looked up anew, now built
     if dropout_module.kernel() is None:
         pytest.skip("the extension is turned off (TRANSFORMER_NATIVE=0)")
     yield "hashed"

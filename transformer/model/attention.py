@@ -14,45 +14,32 @@ masks, dtypes or devices, ``scaled_dot_product_attention`` runs.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from transformer.model import native
+
 # The longest T or S that takes the compiled kernel: 1.22-2.25x flash attention's forward and backward at 16
 # to 128 positions, 1024 tokens a batch, head width 64 (benchmarks/bench_micro.py --parts train-attention; the
 # forward alone is 0.95-0.98x at 128, and the kernel's advantage shrinks with the length)
 SHORT_MAX_LENGTH = 128
-_UNSET = object()
-_short_module: object = _UNSET  # the compiled extension, None if not built, looked up once per process
+_KERNEL = native.Kernel("attention_forward", needs_avx2=True)  # the extension, looked up once per process
 
 
 def short_kernel() -> Optional[ModuleType]:
     """The compiled extension if it is built, enabled and runs on this CPU (AVX2 and FMA), else None."""
-    global _short_module
-    if _short_module is _UNSET:
-        from transformer.model import native
-
-        module = native.load()
-        ok = module is not None and hasattr(module, "attention_forward") and module.panels_supported()
-        _short_module = module if ok else None
-    return _short_module  # type: ignore[return-value]
+    return _KERNEL.get()
 
 
-@contextmanager
-def flash_attention() -> Iterator[None]:
+def flash_attention() -> ContextManager[None]:
     """Within the block, ``scaled_dot_product_attention`` wherever the compiled kernel would run (comparisons:
     the ``ours_flash`` peer of ``benchmarks/bench_train.py``, tests). A backward pass follows its forward pass."""
-    global _short_module
-    saved, _short_module = _short_module, None
-    try:
-        yield
-    finally:
-        _short_module = saved
+    return _KERNEL.off()
 
 
 class _ShortAttention(torch.autograd.Function):

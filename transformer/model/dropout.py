@@ -23,17 +23,17 @@ reproduce them. On other devices (CUDA's dropout is one fused kernel), for ``p``
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from transformer.model import native
+
 _LANES = 65536  # values of one 16-bit lane
-_UNSET = object()
-_kernel_module: object = _UNSET  # the compiled extension, None if not built, looked up once per process
+_KERNEL = native.Kernel("dropout_apply")  # the extension, looked up once per process
 
 
 def _threshold(p: float) -> tuple[int, float]:
@@ -54,26 +54,14 @@ def dropout_mask(like: Tensor, p: float) -> Tensor:
 
 def kernel() -> Optional[ModuleType]:
     """The compiled extension (with ``dropout_apply``) if it is built and enabled, else None; looked up once."""
-    global _kernel_module
-    if _kernel_module is _UNSET:
-        from transformer.model import native
-
-        module = native.load()
-        _kernel_module = module if module is not None and hasattr(module, "dropout_apply") else None
-    return _kernel_module  # type: ignore[return-value]
+    return _KERNEL.get()
 
 
-@contextmanager
-def stored_masks() -> Iterator[None]:
+def stored_masks() -> ContextManager[None]:
     """Within the block, the stored-mask form even where the hashed one applies (comparisons: the
     ``ours_stored_masks`` peer of ``benchmarks/bench_train.py``, tests). Forward passes read the choice; a
     backward pass follows what its forward pass chose."""
-    global _kernel_module
-    saved, _kernel_module = _kernel_module, None
-    try:
-        yield
-    finally:
-        _kernel_module = saved
+    return _KERNEL.off()
 
 
 class _HashedDropout(torch.autograd.Function):

@@ -25,9 +25,10 @@ import hashlib
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -97,6 +98,35 @@ def load() -> Optional[ModuleType]:
         return _loaded[name]
     module = _loaded[name] = _import_built(name, folder)
     return module
+
+
+class Kernel:
+    """One of the extension's kernels as a Python caller sees it: the module, looked up once per process (None
+    where it is not built, is turned off, lacks ``attribute``, or with ``needs_avx2`` cannot run on this CPU),
+    and :meth:`off`, the caller's fallback within a block (comparisons, tests)."""
+
+    UNSET = object()
+
+    def __init__(self, attribute: str, needs_avx2: bool = False) -> None:
+        self.attribute, self.needs_avx2 = attribute, needs_avx2
+        self.module: object = Kernel.UNSET
+
+    def get(self) -> Optional[ModuleType]:
+        if self.module is Kernel.UNSET:
+            module = load()
+            ok = (module is not None and hasattr(module, self.attribute)
+                  and (not self.needs_avx2 or module.panels_supported()))
+            self.module = module if ok else None
+        return self.module  # type: ignore[return-value]
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        """Within the block, :meth:`get` returns None."""
+        saved, self.module = self.module, None
+        try:
+            yield
+        finally:
+            self.module = saved
 
 
 def _import_built(name: str, folder: Path) -> Optional[ModuleType]:
