@@ -2,9 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from transformer.model.attention import KVCache, MultiHeadAttention
+from transformer.model import attention as attention_module
+from transformer.model.attention import KVCache, MultiHeadAttention, attention, flash_attention
+
+from .helpers import built_kernel
 
 D, H, B, T, S = 32, 4, 3, 5, 7
 
@@ -73,28 +77,11 @@ def test_kv_cache_grows_past_its_capacity_and_reorders():
 
 # --- the compiled kernel for training's short sequences (attention.attention on the CPU) ---------------------
 
-import shutil  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from transformer.model import attention as attention_module  # noqa: E402
-from transformer.model import native  # noqa: E402
-from transformer.model.attention import attention, flash_attention  # noqa: E402
-
-HAVE_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
-
 
 @pytest.fixture
 def kernel(monkeypatch):
     """The extension's attention kernel, built if needed (skips without a compiler, AVX2 or with it off)."""
-    if not HAVE_COMPILER:
-        pytest.skip("no C++ compiler to build the extension with")
-    native.build()  # cached after the first build
-    monkeypatch.setattr(attention_module._KERNEL, "module", native.Kernel.UNSET)  # looked up anew, now built
-    module = attention_module.short_kernel()
-    if module is None:
-        pytest.skip("the extension is off (TRANSFORMER_NATIVE=0) or this CPU lacks AVX2/FMA")
-    return module
+    return built_kernel(attention_module._KERNEL, monkeypatch)
 
 
 def _heads(b, n, h, dh, seed):

@@ -1,19 +1,15 @@
 """The CPU dropout (transformer.model.dropout) against its definition and nn.Dropout's contract, in both of its
 forms: the mask stored as a tensor (dropout_mask) and the mask hashed from a seed in the compiled extension."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from transformer.model import dropout as dropout_module
-from transformer.model import native
 from transformer.model.dropout import Dropout, dropout_mask
 
-HAVE_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
-
+from .helpers import built_kernel
 
 @pytest.fixture(params=["stored", "hashed"])
 def form(request, monkeypatch):
@@ -22,12 +18,7 @@ def form(request, monkeypatch):
         with dropout_module.stored_masks():
             yield "stored"
         return
-    if not HAVE_COMPILER:
-        pytest.skip("no C++ compiler to build the extension with")
-    native.build()  # cached after the first build
-    monkeypatch.setattr(dropout_module._KERNEL, "module", native.Kernel.UNSET)  # looked up anew, now built
-    if dropout_module.kernel() is None:
-        pytest.skip("the extension is turned off (TRANSFORMER_NATIVE=0)")
+    built_kernel(dropout_module._KERNEL, monkeypatch)
     yield "hashed"
 
 

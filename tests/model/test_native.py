@@ -4,7 +4,6 @@ reorders; its panel_linear computes F.linear; with both, the frozen model comput
 and the searches give the same outputs as without them; it is off where it must be."""
 
 import copy
-import shutil
 import warnings
 
 import pytest
@@ -16,10 +15,10 @@ from transformer.model import native
 from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
 from transformer.model.quantize import quantize, w8a8_row_rounding
 
+from .helpers import HAVE_COMPILER
 from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="no C++ compiler to build the compiled step with")
+pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler to build the compiled step with")
 
 
 @pytest.fixture(scope="module", autouse=True)
