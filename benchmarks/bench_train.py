@@ -58,6 +58,9 @@ PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "
               "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)",
               "ours_stored_masks": "ours, dropout masks stored",
               "ours_flash": "ours, flash attention"}
+# Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
+# attention by scaled_dot_product_attention's flash kernel (as before session 19)
+ABLATIONS = {"ours_stored_masks": stored_masks, "ours_flash": flash_attention}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 # On a GPU those would measure kernel-launch latency, not the model: 16k tokens a side per step there
@@ -118,19 +121,12 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     if name == "ours":
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
-    if name == "ours_stored_masks":  # ablation: CPU dropout masks stored as tensors (before session 18), not hashed
+    if name in ABLATIONS:  # our model with one of its CPU kernels turned off, forward and backward
         model = Transformer(cfg, vocab, vocab).to(device).train()
+        kernel_off = ABLATIONS[name]
 
         def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
-            with stored_masks():
-                return model(src, tgt_in)
-
-        return model, forward
-    if name == "ours_flash":  # ablation: CPU attention by scaled_dot_product_attention (before session 19)
-        model = Transformer(cfg, vocab, vocab).to(device).train()
-
-        def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
-            with flash_attention():
+            with kernel_off():
                 return model(src, tgt_in)
 
         return model, forward
