@@ -10,7 +10,7 @@ from transformer.config import PRESETS, ModelConfig
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.errors import TransformerError
 from transformer.model import Transformer, TransformerLM, build_model, count_parameters
-from transformer.model.embeddings import sinusoidal_table
+from transformer.model.embeddings import dense_tied_gradients, sinusoidal_table, tied_uses
 
 V = 50
 TINY = ModelConfig(
@@ -225,6 +225,65 @@ def test_embeddings_are_scaled_by_sqrt_d_model():
     x = model.encoder.embed_positions(model.encoder.embed_tokens(tokens))
     expected = model.encoder.embed_tokens.weight[7] * math.sqrt(TINY.d_model) + sinusoidal_table(1, TINY.d_model)[0]
     assert _close(x[0, 0], expected)
+
+
+def _backward_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["three-way", "separate-vocabularies", "lm"])
+def test_tied_gradients_added_in_place_equal_autograd_sum(kind):
+    torch.manual_seed(0)
+    cfg = replace(TINY, dropout=0.0)
+    if kind == "lm":
+        model = TransformerLM(replace(cfg, arch="lm"), V).train()
+    else:
+        model = Transformer(cfg, V, 40 if kind == "separate-vocabularies" else V).train()
+    src = _tokens(3, 6)
+    src[0, -2:] = PAD_ID
+    src[1, :3] = 9  # a token repeated: its rows' gradients add up
+    tgt = _tokens(3, 5) % (V if kind != "separate-vocabularies" else 40)
+    tgt[2, -1] = PAD_ID
+    tgt[0, :2] = 9
+
+    def gradients(dense: bool) -> tuple[dict[str, torch.Tensor], set[str]]:
+        model.zero_grad(set_to_none=True)
+        with dense_tied_gradients() if dense else torch.enable_grad():
+            logits = model(tgt) if kind == "lm" else model(src, tgt)
+        torch.manual_seed(1)
+        (logits * torch.randn_like(logits)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, _backward_nodes(logits)
+
+    ours, ours_nodes = gradients(dense=False)
+    reference, reference_nodes = gradients(dense=True)
+    assert "_TiedUsesBackward" in ours_nodes and "_TiedUsesBackward" not in reference_nodes
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        assert not ours[name].is_sparse
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert model.decoder.embed_tokens.weight.grad[9].abs().sum() > 0  # the reference's, of the repeated token
+
+
+def test_tied_uses_only_where_a_gradient_is_recorded():
+    w = torch.randn(V, 8, requires_grad=True)
+    assert tied_uses(w.detach(), 3) is None and tied_uses(w, 1) is None
+    with torch.no_grad():
+        assert tied_uses(w, 3) is None
+    with dense_tied_gradients():
+        assert tied_uses(w, 3) is None
+    aliases = tied_uses(w, 3)
+    assert len(aliases) == 3 and all(a.shape == w.shape and torch.equal(a, w) for a in aliases)
+    (aliases[1] * 2).sum().backward()  # one alias used, two not: their gradients are None, not zeros
+    assert torch.equal(w.grad, torch.full_like(w, 2.0))
 
 
 @torch.no_grad()

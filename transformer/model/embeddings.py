@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.errors import TransformerError
@@ -39,8 +42,63 @@ class TokenEmbedding(nn.Embedding):
         with torch.no_grad():
             self.weight[padding_idx].zero_()
 
-    def forward(self, tokens: Tensor) -> Tensor:  # (B,T) -> (B,T,D)
-        return super().forward(tokens) * self.scale
+    def forward(self, tokens: Tensor, weight: Optional[Tensor] = None) -> Tensor:  # (B,T) -> (B,T,D)
+        """With ``weight`` (one output of :func:`tied_uses`), the lookup in it, with a sparse gradient."""
+        if weight is None:
+            return super().forward(tokens) * self.scale
+        return F.embedding(tokens, weight, self.padding_idx, sparse=True) * self.scale
+
+
+class _TiedUses(torch.autograd.Function):
+    """``n`` aliases of one weight, one per use; the backward pass adds their gradients in place into the one
+    dense gradient (the output projection's), the lookups' gradients being sparse (their rows only)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, n: int):
+        ctx.set_materialize_grads(False)  # an unused alias gives None, not a (V,D) tensor of zeros
+        return tuple(weight.view_as(weight) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        dense = [g for g in grads if g is not None and not g.is_sparse]
+        rows = [g for g in grads if g is not None and g.is_sparse]
+        if not dense and not rows:
+            return None, None
+        # The dense gradient is the output projection's (V,D) product, made for this use alone: written in place
+        total = dense[0] if dense else torch.zeros(rows[0].shape, dtype=rows[0].dtype, device=rows[0].device)
+        for g in dense[1:]:
+            total = total + g
+        for g in rows:  # uncoalesced (1,n) indices and (n,D) values: repeated tokens add up
+            total.index_add_(0, g._indices()[0], g._values())
+        return total, None
+
+
+_FAN_OUT = {"on": True}
+
+
+def tied_uses(weight: Tensor, n: int) -> Optional[tuple[Tensor, ...]]:
+    """``n`` aliases of ``weight`` for its ``n`` uses in one step (section 3.4's shared matrix: source and target
+    lookups, output projection), or None where the plain path is as good: no gradient recorded, not the CPU, or
+    under ``torch.compile``. Autograd would sum the uses' gradients into a fresh (V,D) tensor, each lookup's
+    gradient first scattered into a (V,D) tensor of zeros: three passes over V x D floats per lookup (2.5% of a
+    ``base`` training step on the CPU). Here the lookups' gradients stay sparse and are added into the output
+    projection's in place, which touches only their rows. Give the lookups to :meth:`TokenEmbedding.forward`
+    and the projection to ``_OutputLayer``."""
+    if (not _FAN_OUT["on"] or n < 2 or not (torch.is_grad_enabled() and weight.requires_grad)
+            or weight.device.type != "cpu" or torch.compiler.is_compiling()):
+        return None
+    return _TiedUses.apply(weight, n)
+
+
+@contextmanager
+def dense_tied_gradients() -> Iterator[None]:
+    """Within the block, :func:`tied_uses` returns None: autograd's own sum of dense gradients (comparisons:
+    the ``ours_dense_tied`` peer of ``benchmarks/bench_train.py``, tests)."""
+    saved, _FAN_OUT["on"] = _FAN_OUT["on"], False
+    try:
+        yield
+    finally:
+        _FAN_OUT["on"] = saved
 
 
 class PositionalEncoding(nn.Module):

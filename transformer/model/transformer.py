@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.config import ModelConfig
 from transformer.data.vocab import PAD_ID
 from transformer.model.dropout import Dropout
-from transformer.model.embeddings import PositionalEncoding, TokenEmbedding
+from transformer.model.embeddings import PositionalEncoding, TokenEmbedding, tied_uses
 from transformer.model.layers import DecoderLayer, EncoderLayer, LayerCache
 
 
@@ -103,13 +104,15 @@ class Decoder(nn.Module):
         memory: Optional[Tensor] = None,
         memory_mask: Optional[Tensor] = None,
         cache: Optional[DecoderCache] = None,
+        embed_weight: Optional[Tensor] = None,
     ) -> Tensor:
-        """tokens (B,T) -> hidden states (B,T,D). With a cache, ``tokens`` are the new positions only."""
+        """tokens (B,T) -> hidden states (B,T,D). With a cache, ``tokens`` are the new positions only.
+        ``embed_weight``: the embedding's weight as one of :func:`tied_uses`'s aliases (training)."""
         past = cache.length if cache is not None else 0
         if cache is not None and not cache.layers:
             cache.layers.extend(LayerCache() for _ in self.layers)
         t = tokens.size(1)
-        x = self.dropout(self.embed_positions(self.embed_tokens(tokens), offset=past))  # (B,T,D)
+        x = self.dropout(self.embed_positions(self.embed_tokens(tokens, embed_weight), offset=past))  # (B,T,D)
         is_causal, self_attn_mask = self_attention_mask(t, past, tokens.device)
         for i, layer in enumerate(self.layers):
             x = layer(
@@ -130,14 +133,14 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
 
-    def forward(self, src_tokens: Tensor) -> EncoderOut:
-        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S))."""
+    def forward(self, src_tokens: Tensor, embed_weight: Optional[Tensor] = None) -> EncoderOut:
+        """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S)). ``embed_weight``: as the decoder's."""
         src_mask = src_tokens.ne(PAD_ID)  # (B,S)
         # Eager: skip the mask when nothing is padded (a device sync, then the fastest attention kernel).
         # Compiled: always pass it, so that no data-dependent branch breaks the graph.
         padded = True if torch.compiler.is_compiling() else not bool(src_mask.all())
         attn_mask = src_mask[:, None, None, :] if padded else None  # (B,1,1,S)
-        x = self.dropout(self.embed_positions(self.embed_tokens(src_tokens)))  # (B,S,D)
+        x = self.dropout(self.embed_positions(self.embed_tokens(src_tokens, embed_weight)))  # (B,S,D)
         for layer in self.layers:
             x = layer(x, attn_mask)
         memory = self.final_norm(x) if self.final_norm is not None else x
@@ -168,9 +171,12 @@ class _OutputLayer(nn.Module):
         self._wt: Optional[Tensor] = None  # inference's transposed copy of the weight (see _weight_t)
         self._wt_key: Optional[tuple] = None
 
-    def forward(self, h: Tensor) -> Tensor:  # (B,T,D) -> (B,T,V)
+    def forward(self, h: Tensor, weight: Optional[Tensor] = None) -> Tensor:  # (B,T,D) -> (B,T,V)
+        """``weight``: ``lm_head``'s weight as one of :func:`tied_uses`'s aliases (training)."""
         w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None  # not once quantised
-        if (w is not None and not self.training and w.device.type == "cpu" and not torch.is_grad_enabled()
+        if weight is not None:
+            logits = F.linear(h, weight)
+        elif (w is not None and not self.training and w.device.type == "cpu" and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             logits = h @ self._weight_t(w)  # (B,T,D) @ (D,V)
         else:
@@ -195,6 +201,21 @@ class _OutputLayer(nn.Module):
             self._wt = w.detach().t().contiguous()  # (D,V)
             self._wt_key = key
         return self._wt
+
+
+def _tied_aliases(output: _OutputLayer, stacks: tuple[nn.Module, ...]) -> Optional[tuple[Optional[Tensor], ...]]:
+    """One alias of the output projection's weight per stack whose embedding shares it (None for the others),
+    then the projection's own: :func:`~transformer.model.embeddings.tied_uses` for a training step. None when
+    nothing is shared or the plain path applies."""
+    if type(output.lm_head) is not nn.Linear:
+        return None
+    w = output.lm_head.weight
+    shared = [stack.embed_tokens.weight is w for stack in stacks]
+    aliases = tied_uses(w, 1 + sum(shared)) if any(shared) else None
+    if aliases is None:
+        return None
+    it = iter(aliases)
+    return (*(next(it) if s else None for s in shared), next(it))
 
 
 class Transformer(nn.Module):
@@ -226,7 +247,13 @@ class Transformer(nn.Module):
         Shapes:
             src_tokens (B,S), tgt_input (B,T) -> logits (B,T,V)
         """
-        return self.decode(tgt_input, self.encode(src_tokens))
+        aliases = _tied_aliases(self.output, (self.encoder, self.decoder))
+        if aliases is None:
+            return self.decode(tgt_input, self.encode(src_tokens))
+        w_src, w_tgt, w_out = aliases
+        encoder_out = self.encoder(src_tokens, embed_weight=w_src)
+        h = self.decoder(tgt_input, encoder_out.memory, encoder_out.attn_mask(), embed_weight=w_tgt)
+        return self.output(h, weight=w_out)
 
     def encode(self, src_tokens: Tensor) -> EncoderOut:
         """Run the encoder once per source. src_tokens (B,S)."""
@@ -254,7 +281,11 @@ class TransformerLM(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-token logits. tokens (B,T) -> (B,T,V)."""
-        return self.decode(tokens)
+        aliases = _tied_aliases(self.output, (self.decoder,))
+        if aliases is None:
+            return self.decode(tokens)
+        w_tgt, w_out = aliases
+        return self.output(self.decoder(tokens, embed_weight=w_tgt), weight=w_out)
 
     def decode(self, tokens: Tensor, cache: Optional[DecoderCache] = None) -> Tensor:
         """Logits (B,T,V); with a cache, ``tokens`` are the new positions only."""
