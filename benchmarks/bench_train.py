@@ -25,13 +25,14 @@ Two parts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -50,19 +51,21 @@ from transformer.model import Transformer  # noqa: E402
 from transformer.model.attention import flash_attention  # noqa: E402
 from transformer.model.dropout import stored_masks  # noqa: E402
 from transformer.model.embeddings import dense_tied_gradients, sinusoidal_table  # noqa: E402
-from transformer.training.loss import label_smoothed_nll_loss  # noqa: E402
+from transformer.training.loss import aten_loss, label_smoothed_nll_loss  # noqa: E402
 
 PEERS = ("ours", "hf", "torch")
 PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer",
               "ours_compiled": "ours + torch.compile", "ours_compiled_dynamic": "ours + torch.compile(dynamic=True)",
               "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)",
               "ours_stored_masks": "ours, dropout masks stored",
-              "ours_flash": "ours, flash attention", "ours_dense_tied": "ours, dense tied gradients"}
+              "ours_flash": "ours, flash attention", "ours_dense_tied": "ours, dense tied gradients",
+              "ours_aten_loss": "ours, loss in ATen ops"}
 # Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
 # attention by scaled_dot_product_attention's flash kernel (as before session 19); the shared embedding's
-# gradients summed by autograd as dense (V,D) tensors (as before session 20)
+# gradients summed by autograd as dense (V,D) tensors, the loss's passes over the logits in ATen's ops (both
+# as before session 20)
 ABLATIONS = {"ours_stored_masks": stored_masks, "ours_flash": flash_attention,
-             "ours_dense_tied": dense_tied_gradients}
+             "ours_dense_tied": dense_tied_gradients, "ours_aten_loss": aten_loss}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 # On a GPU those would measure kernel-launch latency, not the model: 16k tokens a side per step there
@@ -123,15 +126,9 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     if name == "ours":
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
-    if name in ABLATIONS:  # our model with one of its CPU kernels turned off, forward and backward
+    if name in ABLATIONS:  # our model; make_train_step turns one of its CPU kernels off (ablation(name))
         model = Transformer(cfg, vocab, vocab).to(device).train()
-        kernel_off = ABLATIONS[name]
-
-        def forward(src: Tensor, tgt_in: Tensor) -> Tensor:
-            with kernel_off():
-                return model(src, tgt_in)
-
-        return model, forward
+        return model, model
     if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, torch.compile(model)
@@ -159,16 +156,24 @@ def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     raise ValueError(name)
 
 
-def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool):
+def ablation(name: str) -> Callable[[], ContextManager[None]]:
+    """The context that turns a peer's kernel off for a whole step (ABLATIONS), else one that does nothing."""
+    return ABLATIONS.get(name, contextlib.nullcontext)
+
+
+def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool,
+                    within: Callable[[], ContextManager[None]] = contextlib.nullcontext):
     """One full step: forward, label-smoothed loss (the project's function, for every peer), backward,
     Adam update (the paper's betas/eps; torch's fused kernel for every peer, as
-    transformer.training.optim builds it, so that the peers differ only in their models)."""
+    transformer.training.optim builds it, so that the peers differ only in their models), all ``within`` the
+    given context (an ablation's)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
 
     def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:
-        with autocast(device, bf16):
-            logits = forward(src, tgt_in)
-        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
+        with within():  # the backward pass follows what the forward pass chose
+            with autocast(device, bf16):
+                logits = forward(src, tgt_in)
+            loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
         n_tokens = tgt_out.ne(PAD_ID).sum()
         (loss / n_tokens).backward()
         opt.step()
@@ -250,7 +255,7 @@ def memory_child(args) -> None:
     src, tgt_in, tgt_out = synthetic_batch(batch, length, args.vocab, device)
     rss_before = current_rss_mb()
     model, forward = build_peer(args.child_peer, cfg, args.vocab, device)
-    step = make_train_step(model, forward, device, args.bf16)
+    step = make_train_step(model, forward, device, args.bf16, ablation(args.child_peer))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
@@ -282,7 +287,7 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         steps, params = {}, {}
         for name in args.peers:
             model, forward = build_peer(name, cfg, args.vocab, device)
-            fn = make_train_step(model, forward, device, args.bf16)
+            fn = make_train_step(model, forward, device, args.bf16, ablation(name))
             try:  # a first step outside the timing: it also compiles, for ours_compiled
                 started = time.perf_counter()
                 fn(src, tgt_in, tgt_out)
@@ -431,7 +436,7 @@ def run_real(args, device: torch.device, results: dict) -> None:
     steps = {}
     for key, (peer, _) in streams.items():
         model, forward = build_peer(peer, cfg, vocab, device)
-        steps[key] = make_train_step(model, forward, device, args.bf16)
+        steps[key] = make_train_step(model, forward, device, args.bf16, ablation(peer))
     stats = {key: {"time": 0.0, "steps": 0, "tgt_tokens": 0, "tgt_padded": 0, "src_tokens": 0, "src_padded": 0}
              for key in streams}
 
@@ -527,7 +532,8 @@ def main() -> None:
                              "dropout masks stored, as before session 18), ours_flash (our step with "
                              "scaled_dot_product_attention's flash kernel on the CPU, as before session 19), "
                              "ours_dense_tied (the shared embedding's gradients as dense tensors summed by "
-                             "autograd, as before session 20)")
+                             "autograd, as before session 20), ours_aten_loss (the loss in ATen's ops, as "
+                             "before session 20)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic part")
     parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
     parser.add_argument("--length", type=int, default=0, help="override the synthetic sequence length")

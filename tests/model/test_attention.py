@@ -8,7 +8,7 @@ from torch import nn
 from transformer.model import attention as attention_module
 from transformer.model.attention import KVCache, MultiHeadAttention, attention, flash_attention
 
-from .helpers import built_kernel
+from native_helpers import built_kernel
 
 D, H, B, T, S = 32, 4, 3, 5, 7
 

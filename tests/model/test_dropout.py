@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformer.model import dropout as dropout_module
 from transformer.model.dropout import Dropout, dropout_mask
 
-from .helpers import built_kernel
+from native_helpers import built_kernel
 
 @pytest.fixture(params=["stored", "hashed"])
 def form(request, monkeypatch):

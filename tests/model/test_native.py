@@ -15,7 +15,7 @@ from transformer.model import native
 from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
 from transformer.model.quantize import quantize, w8a8_row_rounding
 
-from .helpers import HAVE_COMPILER
+from native_helpers import HAVE_COMPILER
 from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
 
 pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler to build the compiled step with")

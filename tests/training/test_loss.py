@@ -4,7 +4,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from native_helpers import built_kernel
+from transformer.training import loss as loss_module
 from transformer.training.loss import label_smoothed_nll_loss
+
+
+@pytest.fixture(params=["aten", "kernel"])
+def form(request, monkeypatch):
+    """Run a test with each form of the float32 overwriting path: ``aten`` (ATen's ops over blocks of rows) and
+    ``kernel`` (the extension's exp_rows_ / exp_rows_grad_)."""
+    if request.param == "aten":
+        with loss_module.aten_loss():
+            yield "aten"
+        return
+    built_kernel(loss_module._KERNEL, monkeypatch)
+    yield "kernel"
 
 
 def test_hand_computation():
@@ -63,7 +77,7 @@ def _reference(logits, target, eps, ignore_index=0):
 @pytest.mark.parametrize("overwrite_logits", [False, True])
 @pytest.mark.parametrize("nll_weight", [0.0, 0.7, -3.0])  # -3: a negative weight on the loss takes the multiply
 @pytest.mark.parametrize("shape", [(2, 5, 13), (300, 5000)])  # (300, 5000): several row blocks
-def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight, overwrite_logits):
+def test_fused_loss_and_gradient_match_autograd_of_the_formula(form, shape, nll_weight, overwrite_logits):
     torch.manual_seed(0)
     base = torch.randn(*shape) * 4
     target = torch.randint(1, shape[-1], shape[:-1])
@@ -79,7 +93,7 @@ def test_fused_loss_and_gradient_match_autograd_of_the_formula(shape, nll_weight
     assert leaf.grad.view(-1, shape[-1])[:3].abs().max() == 0  # ignored rows get no gradient
 
 
-def test_overwrite_logits_leaves_the_gradient_in_the_logits():
+def test_overwrite_logits_leaves_the_gradient_in_the_logits(form):
     torch.manual_seed(0)
     leaf = torch.randn(4, 9, requires_grad=True)
     logits = leaf * 2.0
@@ -94,7 +108,7 @@ def test_overwrite_logits_leaves_the_gradient_in_the_logits():
     assert torch.equal(copy_logits.detach(), before)  # the default leaves them alone
 
 
-def test_overwrite_logits_is_refused_by_autograd_when_an_earlier_op_saved_them():
+def test_overwrite_logits_is_refused_by_autograd_when_an_earlier_op_saved_them(form):
     # The forward pass overwrites float32 logits with their exponentials. If the op that made them saved
     # its output for its own backward pass (exp does), autograd must refuse rather than use the overwritten
     # values; the trainer's logits come from a linear layer, which saves only its inputs.
@@ -115,3 +129,41 @@ def test_bf16_logits_get_a_bf16_gradient_close_to_float32():
     _reference(ref, target, 0.1)[0].backward()
     assert low.grad.dtype == torch.bfloat16
     torch.testing.assert_close(low.grad.float(), ref.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("vocab", [8, 13, 1003])  # a whole number of 8-lane vectors, and remainders
+def test_kernel_forms_agree_and_run_where_they_should(vocab, monkeypatch):
+    module = built_kernel(loss_module._KERNEL, monkeypatch)
+    calls = []
+    monkeypatch.setattr(loss_module._KERNEL, "module", _Spy(module, calls))
+    torch.manual_seed(0)
+    base = torch.randn(37, vocab) * 5
+    base[3, 2] = 40.0  # a large logit: exp(z - max) stays within range
+    target = torch.randint(1, vocab, (37,))
+    target[:4] = 0
+    results = []
+    for aten in (False, True):
+        leaf = base.clone().requires_grad_()
+        with loss_module.aten_loss() if aten else torch.enable_grad():
+            loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, overwrite_logits=True)
+        (0.3 * loss + 0.5 * nll).backward()
+        results.append((loss, nll, leaf.grad))
+    assert calls == ["exp_rows_", "exp_rows_grad_"]  # once each, in the first run only
+    for ours, aten in zip(*results):
+        torch.testing.assert_close(ours, aten, rtol=1e-5, atol=1e-5)
+    leaf = base.clone().requires_grad_()
+    label_smoothed_nll_loss(leaf * 1.0, target, 0.1)[0].backward()  # logits kept: the ATen form, no kernel
+    label_smoothed_nll_loss((leaf * 1.0).t().contiguous().t(), target, 0.1, overwrite_logits=True)
+    assert calls == ["exp_rows_", "exp_rows_grad_"]  # nor for logits not laid out row by row
+
+
+class _Spy:
+    """The extension with its loss kernels' calls recorded."""
+
+    def __init__(self, module, calls):
+        self.module, self.calls = module, calls
+
+    def __getattr__(self, name):
+        if name.startswith("exp_rows"):
+            self.calls.append(name)
+        return getattr(self.module, name)

@@ -22,17 +22,33 @@ float32 logits hold ``exp(z - max)`` after the forward pass, so the backward pas
 subtraction and a scatter with no second ``exp`` (the exponential is the costliest step of the loss on the
 CPU), and the gradient is written over them.
 The trainer uses it, since nothing reads the logits after the loss.
+
+On the CPU with the compiled extension built (``transformer build-native``), that float32 path runs in two of its
+kernels, ``exp_rows_`` and ``exp_rows_grad_`` (``transformer/model/csrc/decoder_step.cpp``): each row of logits
+is read twice in the forward pass (its maximum and sum, then its exponentials written in place and added up)
+instead of five ATen passes per block, and once in the backward pass (BENCHMARKS.md, session 20). Without it,
+the ATen form below runs the same formulas.
 """
 
 from __future__ import annotations
+
+from typing import ContextManager
 
 import torch
 from torch import Tensor
 
 from transformer.data.vocab import PAD_ID
+from transformer.model import native
 
 # Rows per block: about 1M elements (4 MB in float32), so a block's second and third passes hit the cache.
 _BLOCK_ELEMENTS = 1 << 20
+_KERNEL = native.Kernel("exp_rows_")  # the extension, looked up once per process
+
+
+def aten_loss() -> ContextManager[None]:
+    """Within the block, the ATen form of the loss even where the extension's kernels apply (comparisons: the
+    ``ours_aten_loss`` peer of ``benchmarks/bench_train.py``, tests). A backward pass follows its forward pass."""
+    return _KERNEL.off()
 
 
 def _row_blocks(n_rows: int, vocab: int) -> list[tuple[int, int]]:
@@ -53,7 +69,15 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         # float32 logits that may be overwritten keep exp(z - max) in their place for the backward pass,
         # which then needs no exp of its own; otherwise the backward pass recomputes it from lse.
         keep_exps = overwrite and logits.dtype == torch.float32
-        if keep_exps:
+        module = None
+        if keep_exps and logits.device.type == "cpu" and logits.is_contiguous() and not torch.compiler.is_compiling():
+            module = _KERNEL.get()
+        if module is not None:  # the extension: two reads of each row, exp(z - max) written in place
+            data = logits.detach()  # the same storage (and version counter): autograd sees the change
+            top, total, mean = module.exp_rows_(data)  # (N,) each
+            lse = top + total.log()
+            norm = total
+        elif keep_exps:
             top, total = torch.empty_like(mean), torch.empty_like(mean)
             data = logits.detach()  # the same storage (and version counter): autograd sees the change
             for start, end in _row_blocks(n, vocab):
@@ -75,7 +99,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         nll_sum = ((lse - gold) * keep_f).sum()
         loss_sum = (1.0 - epsilon) * nll_sum + epsilon * ((lse - mean) * keep_f).sum()
         ctx.save_for_backward(logits, norm, gold_ids, keep_f)
-        ctx.epsilon, ctx.overwrite, ctx.keep_exps = epsilon, overwrite, keep_exps
+        ctx.epsilon, ctx.overwrite, ctx.keep_exps, ctx.module = epsilon, overwrite, keep_exps, module
         return loss_sum, nll_sum
 
     @staticmethod
@@ -86,6 +110,10 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         a = (grad_loss * (1.0 - eps) + grad_nll) * keep_f  # (N,) weight of -onehot(gold)
         b = grad_loss * eps * keep_f  # (N,) weight of -1/V
         c = a + b  # (N,) weight of softmax(z)
+        if ctx.module is not None:  # one pass: grad = exps * (c / norm) - b / V, and -a at the gold token
+            grad = logits.detach()
+            ctx.module.exp_rows_grad_(grad, c / norm, b / vocab, gold_ids.view(-1), a)
+            return grad, None, None, None, None
         offset = (b / vocab).unsqueeze(1)  # (N,1)
         if ctx.keep_exps:  # logits hold exp(z - max) and norm their row sums: softmax = exps / norm
             scale = (c / norm).unsqueeze(1)  # (N,1)
@@ -147,4 +175,4 @@ def count_tokens(target: Tensor, ignore_index: int = PAD_ID) -> int:
     return int(target.ne(ignore_index).sum())
 
 
-__all__ = ["label_smoothed_nll_loss", "count_tokens"]
+__all__ = ["label_smoothed_nll_loss", "count_tokens", "aten_loss"]

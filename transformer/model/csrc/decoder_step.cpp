@@ -1050,6 +1050,132 @@ Tensor dropout_apply(const Tensor& x, const std::optional<Tensor>& residual, int
 }
 
 #ifdef TRANSFORMER_X86
+// --- the training loss: rows of logits turned into their exponentials in place ---------------------------
+//
+// transformer/training/loss.py's label-smoothed cross-entropy needs three numbers per row of float32 logits z
+// (its maximum m, the sum of exp(z - m) and the mean of z) and, for the backward pass, exp(z - m) itself,
+// which it keeps in the logits' storage. ATen does that in five passes over each block of rows (mean, amax,
+// subtract, exp, sum); here each row is read twice: once for its maximum and sum, once to write exp(z - m)
+// and add them up. The backward pass is one pass too: grad = e * scale - offset, and -a at the gold token.
+
+#ifdef TRANSFORMER_X86
+// (max, sum) of one row
+TRANSFORMER_AVX2 std::pair<float, float> row_max_sum(const float* x, int64_t vocab) {
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), sum = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 8 <= vocab; v += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + v);
+    top = _mm256_max_ps(top, xv);
+    sum = _mm256_add_ps(sum, xv);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  float m = -std::numeric_limits<float>::infinity();
+  for (float l : lanes) m = std::max(m, l);
+  float total = sum_8(sum);
+  for (; v < vocab; ++v) {
+    m = std::max(m, x[v]);
+    total += x[v];
+  }
+  return {m, total};
+}
+
+// x <- exp(x - m) in place; returns their sum
+TRANSFORMER_AVX2 float row_exps(float* x, int64_t vocab, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 8 <= vocab; v += 8) {
+    const __m256 e = exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), mv));
+    _mm256_storeu_ps(x + v, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = sum_8(sum);
+  for (; v < vocab; ++v) total += (x[v] = std::exp(x[v] - m));
+  return total;
+}
+
+// x <- x * scale - offset in place
+TRANSFORMER_AVX2 void row_scale_shift(float* x, int64_t vocab, float scale, float offset) {
+  const __m256 sv = _mm256_set1_ps(scale), ov = _mm256_set1_ps(offset);
+  int64_t v = 0;
+  for (; v + 8 <= vocab; v += 8) _mm256_storeu_ps(x + v, _mm256_fmsub_ps(_mm256_loadu_ps(x + v), sv, ov));
+  for (; v < vocab; ++v) x[v] = x[v] * scale - offset;
+}
+#endif
+
+void check_rows(const Tensor& logits, const char* name) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
+              logits.is_contiguous(), name, ": contiguous (N, V) float32 CPU logits");
+}
+
+// logits (N, V) float32, overwritten with exp(z - max) per row -> (3, N): each row's max, sum of exp(z - max)
+// and mean of z
+Tensor exp_rows_(Tensor& logits) {
+  check_rows(logits, "exp_rows_");
+  const int64_t n = logits.size(0), vocab = logits.size(1);
+  Tensor stats = at::empty({3, n}, logits.options());
+  logits.unsafeGetTensorImpl()->bump_version();  // an in-place change: autograd refuses a saved copy of them
+  float* x = logits.data_ptr<float>();
+  float *top = stats.data_ptr<float>(), *total = top + n, *mean = top + 2 * n;
+  const bool avx2 = panels_supported();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = x + r * vocab;
+      float m = -std::numeric_limits<float>::infinity(), sum = 0.f, exps = 0.f;
+#ifdef TRANSFORMER_X86
+      if (avx2) {
+        std::tie(m, sum) = row_max_sum(row, vocab);
+        exps = row_exps(row, vocab, m);
+      }
+#endif
+      if (!avx2) {
+        for (int64_t v = 0; v < vocab; ++v) {
+          m = std::max(m, row[v]);
+          sum += row[v];
+        }
+        for (int64_t v = 0; v < vocab; ++v) exps += (row[v] = std::exp(row[v] - m));
+      }
+      top[r] = m;
+      total[r] = exps;
+      mean[r] = sum / static_cast<float>(vocab);
+    }
+  });
+  return stats;
+}
+
+// grad (N, V) float32 holding exp(z - max) per row, overwritten with grad * scale[r] - offset[r], and minus
+// gold_weight[r] at column gold[r] (scale, offset, gold_weight (N,) float32, gold (N,) int64)
+void exp_rows_grad_(Tensor& grad, const Tensor& scale_in, const Tensor& offset_in, const Tensor& gold_in,
+                    const Tensor& gold_weight_in) {
+  check_rows(grad, "exp_rows_grad_");
+  const int64_t n = grad.size(0), vocab = grad.size(1);
+  const Tensor scale = scale_in.contiguous(), offset = offset_in.contiguous(), gold = gold_in.contiguous(),
+               gold_weight = gold_weight_in.contiguous();
+  TORCH_CHECK(scale.numel() == n && offset.numel() == n && gold.numel() == n && gold_weight.numel() == n &&
+              scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+              gold_weight.scalar_type() == at::kFloat && gold.scalar_type() == at::kLong,
+              "exp_rows_grad_: scale, offset, gold_weight (N,) float32 and gold (N,) int64");
+  grad.unsafeGetTensorImpl()->bump_version();
+  float* x = grad.data_ptr<float>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *wp = gold_weight.data_ptr<float>();
+  const int64_t* gp = gold.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(gp[r] >= 0 && gp[r] < vocab, "exp_rows_grad_: gold id out of range");
+  const bool avx2 = panels_supported();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = x + r * vocab;
+#ifdef TRANSFORMER_X86
+      if (avx2) row_scale_shift(row, vocab, sp[r], op[r]);
+#endif
+      if (!avx2) {
+        for (int64_t v = 0; v < vocab; ++v) row[v] = row[v] * sp[r] - op[r];
+      }
+      row[gp[r]] -= wp[r];
+    }
+  });
+}
+
 // --- attention for training: short sequences, forward and backward in one task per (sentence, head) -------
 //
 // scaled_dot_product_attention's CPU kernels (flash attention) tile for long sequences; at the lengths of
@@ -1515,6 +1641,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "training dropout: (residual +) x * mask, element i kept when 16 bits of a hash of (seed, i) are >= "
         "dropped, kept elements scaled by scale", pybind11::arg("x"), pybind11::arg("residual"),
         pybind11::arg("seed"), pybind11::arg("dropped"), pybind11::arg("scale"));
+  m.def("exp_rows_", &exp_rows_,
+        "training loss: logits (N, V) float32 overwritten with exp(z - max) per row -> (3, N): max, sum of the "
+        "exponentials, mean of z", pybind11::arg("logits"));
+  m.def("exp_rows_grad_", &exp_rows_grad_,
+        "training loss's gradient, in place: grad (N, V) holding exp(z - max) -> grad * scale - offset, minus "
+        "gold_weight at gold, per row", pybind11::arg("grad"), pybind11::arg("scale"), pybind11::arg("offset"),
+        pybind11::arg("gold"), pybind11::arg("gold_weight"));
   m.def("attention_forward", &attention_forward,
         "training attention of short sequences: q (B, H, T, Dh), k, v (B, H, S, Dh), key_mask (B, S) bool or None, "
         "causal, scale -> (out (B, H, T, Dh), probabilities (B, H, T, S rounded up to 8))",

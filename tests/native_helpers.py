@@ -1,0 +1,23 @@
+"""What tests of the compiled extension's kernels share (model and training): whether a compiler is here, and a
+kernel built and looked up anew for a test."""
+
+import shutil
+
+import pytest
+
+from transformer.model import native
+
+HAVE_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+def built_kernel(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch):
+    """The extension behind ``kernel``, built if needed and looked up anew for the test (the cached lookup comes
+    back afterwards); skips without a compiler, or where the extension is off or cannot run here."""
+    if not HAVE_COMPILER:
+        pytest.skip("no C++ compiler to build the extension with")
+    native.build()  # cached after the first build
+    monkeypatch.setattr(kernel, "module", native.Kernel.UNSET)
+    module = kernel.get()
+    if module is None:
+        pytest.skip("the extension is off (TRANSFORMER_NATIVE=0) or this CPU lacks AVX2/FMA")
+    return module
