@@ -51,6 +51,7 @@ from transformer.model import Transformer  # noqa: E402
 from transformer.model.attention import flash_attention  # noqa: E402
 from transformer.model.dropout import stored_masks  # noqa: E402
 from transformer.model.embeddings import dense_tied_gradients, sinusoidal_table  # noqa: E402
+from transformer.model.layers import plain_feed_forward  # noqa: E402
 from transformer.training.loss import aten_loss, label_smoothed_nll_loss  # noqa: E402
 
 PEERS = ("ours", "hf", "torch")
@@ -59,13 +60,14 @@ PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "
               "hf_compiled_dynamic": "HF MarianMTModel + torch.compile(dynamic=True)",
               "ours_stored_masks": "ours, dropout masks stored",
               "ours_flash": "ours, flash attention", "ours_dense_tied": "ours, dense tied gradients",
-              "ours_aten_loss": "ours, loss in ATen ops"}
+              "ours_aten_loss": "ours, loss in ATen ops", "ours_plain_ffn": "ours, plain feed-forward"}
 # Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
 # attention by scaled_dot_product_attention's flash kernel (as before session 19); the shared embedding's
-# gradients summed by autograd as dense (V,D) tensors, the loss's passes over the logits in ATen's ops (both
-# as before session 20)
+# gradients summed by autograd as dense (V,D) tensors, the loss's passes over the logits in ATen's ops, the
+# feed-forward network as nn.Linear and F.relu (all three as before session 20)
 ABLATIONS = {"ours_stored_masks": stored_masks, "ours_flash": flash_attention,
-             "ours_dense_tied": dense_tied_gradients, "ours_aten_loss": aten_loss}
+             "ours_dense_tied": dense_tied_gradients, "ours_aten_loss": aten_loss,
+             "ours_plain_ffn": plain_feed_forward}
 # Batch (B, S=T) per preset for the synthetic part: sized so a measured config takes < ~2 min on 2 cores.
 SYNTHETIC_BATCH = {"tiny": (32, 32), "small": (32, 32), "base": (8, 32), "big": (4, 32)}
 # On a GPU those would measure kernel-launch latency, not the model: 16k tokens a side per step there
@@ -533,7 +535,8 @@ def main() -> None:
                              "scaled_dot_product_attention's flash kernel on the CPU, as before session 19), "
                              "ours_dense_tied (the shared embedding's gradients as dense tensors summed by "
                              "autograd, as before session 20), ours_aten_loss (the loss in ATen's ops, as "
-                             "before session 20)")
+                             "before session 20), ours_plain_ffn (the feed-forward network as nn.Linear and "
+                             "F.relu, as before session 20)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic part")
     parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
     parser.add_argument("--length", type=int, default=0, help="override the synthetic sequence length")

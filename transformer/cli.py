@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser("build-native", help="compile the C++ decoder step and few-row product that CPU decoding then "
-                       "uses, and the dropout and attention of CPU training (optional)")
+                       "uses, and the dropout, attention, feed-forward ReLU and loss of CPU training (optional)")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.set_defaults(func=_build_native)
 

@@ -3,19 +3,67 @@
 Each sub-layer's output goes through dropout before the residual add. With ``norm_first=False`` (the
 paper) the LayerNorm follows the add: ``x = norm(x + dropout(sublayer(x)))``; with ``norm_first=True``
 it precedes the sub-layer: ``x = x + dropout(sublayer(norm(x)))``.
+
+On the CPU, a training step's ReLU feed-forward network runs as one autograd function with two kernels of the
+compiled extension (``transformer build-native``): fc1's bias and the ReLU in one in-place pass over the
+product, and in the backward pass the ReLU's gradient in place with fc1's bias gradient summed in the same
+pass (BENCHMARKS.md, session 20). Without the extension, ``nn.Linear`` and ``F.relu`` do the same maths.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from types import ModuleType
+from typing import ContextManager, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from transformer.config import ModelConfig
+from transformer.model import native
 from transformer.model.attention import KVCache, MultiHeadAttention
 from transformer.model.dropout import Dropout
+
+_KERNEL = native.Kernel("relu_grad_")  # the extension, looked up once per process
+
+
+def plain_feed_forward() -> ContextManager[None]:
+    """Within the block, ``nn.Linear`` and ``F.relu`` even where the fused form applies (comparisons: the
+    ``ours_plain_ffn`` peer of ``benchmarks/bench_train.py``, tests). A backward pass follows its forward pass."""
+    return _KERNEL.off()
+
+
+class _ReluFeedForward(torch.autograd.Function):
+    """``relu(x W1^T + b1) W2^T + b2`` with the extension's in-place bias + ReLU and ReLU-gradient passes."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, module: ModuleType) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))  # (N,D)
+        h = torch.mm(x2, w1.t())  # (N,F)
+        module.bias_relu_(h, b1)
+        y = torch.addmm(b2, h, w2.t())  # (N,D)
+        ctx.save_for_backward(x2, w1, h, w2)
+        ctx.module = module
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x2, w1, h, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gy = grad_y.reshape(-1, grad_y.size(-1))  # (N,D)
+        gx = gw1 = gb1 = None
+        gw2 = gy.t().mm(h) if need[3] else None  # (D,F)
+        gb2 = gy.sum(0) if need[4] else None  # (D,)
+        if need[0] or need[1] or need[2]:
+            gh = gy.mm(w2)  # (N,F)
+            sums = ctx.module.relu_grad_(gh, h)  # gh through the ReLU, in place; its column sums: fc1's bias
+            gb1 = sums if need[2] else None
+            gw1 = gh.t().mm(x2) if need[1] else None  # (F,D)
+            gx = gh.mm(w1).view(grad_y.shape[:-1] + (w1.size(1),)) if need[0] else None
+        return gx, gw1, gb1, gw2, gb2, None
 
 
 class FeedForward(nn.Module):
@@ -29,7 +77,22 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B,T,D) -> (B,T,D)
+        module = self._fused(x)
+        if module is not None:
+            return _ReluFeedForward.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, module)
         return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+    def _fused(self, x: Tensor) -> Optional[ModuleType]:
+        """The extension where the fused form applies: a training step's ReLU network on the CPU, float32 (no
+        autocast), no dropout inside it, ``nn.Linear`` layers with biases, not under ``torch.compile``."""
+        if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")
+                and self.activation is F.relu and (self.dropout.p == 0.0 or not self.training)
+                and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+                and self.fc1.bias is not None and self.fc2.bias is not None
+                and self.fc1.weight.dtype == torch.float32 and not torch.compiler.is_compiling()):
+            return None
+        return _KERNEL.get()
 
 
 class EncoderLayer(nn.Module):

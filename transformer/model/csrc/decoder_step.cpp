@@ -11,9 +11,11 @@
 // It also holds panel_linear, a product for the few rows of a decoder step (below): with the weights read
 // once, in the order they lie in memory, it is 1.1-2.9x faster than MKL's and oneDNN's forms at 1-64 rows of
 // the layers' shapes on the benchmark CPU (benchmarks/bench_micro.py --parts panels), where MKL's small-row
-// products use a fraction of the memory bandwidth. And two kernels for training: dropout_apply, the CPU dropout
-// of transformer/model/dropout.py, its mask hashed from a seed where it is applied instead of stored; and
-// attention_forward / attention_backward, the attention of short sequences (transformer/model/attention.py).
+// products use a fraction of the memory bandwidth. And kernels for training: dropout_apply, the CPU dropout
+// of transformer/model/dropout.py, its mask hashed from a seed where it is applied instead of stored; the loss's
+// passes over the logits (exp_rows_, exp_rows_grad_; transformer/training/loss.py); the feed-forward network's
+// ReLU with fc1's bias (bias_relu_, relu_grad_; transformer/model/layers.py); and attention_forward /
+// attention_backward, the attention of short sequences (transformer/model/attention.py).
 //
 // Shapes: N rows (batch x beams, one new position each), D model width, H heads, Dh = D / H, L cached
 // positions before this step, S source length.
@@ -1176,6 +1178,103 @@ void exp_rows_grad_(Tensor& grad, const Tensor& scale_in, const Tensor& offset_i
   });
 }
 
+// --- the feed-forward network's ReLU for training, fused with fc1's bias ---------------------------------
+//
+// transformer/model/layers.py's FeedForward on the CPU: forward h = relu(x W1^T + b1) as one product and one
+// pass (bias_relu_, in place) instead of addmm's copy of the bias, the product, and relu's pass into a new
+// tensor; backward the gradient through the ReLU in place with fc1's bias gradient (its column sums) in the
+// same pass (relu_grad_), instead of threshold_backward into a new tensor and a separate sum.
+
+constexpr int64_t kRowChunk = 64;  // rows per task of relu_grad_, each with its own partial column sums
+
+#ifdef TRANSFORMER_X86
+TRANSFORMER_AVX2 void bias_relu_row(float* h, const float* b, int64_t cols) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8)
+    _mm256_storeu_ps(h + j, _mm256_max_ps(_mm256_add_ps(_mm256_loadu_ps(h + j), _mm256_loadu_ps(b + j)), zero));
+  for (; j < cols; ++j) h[j] = std::max(h[j] + b[j], 0.f);
+}
+
+TRANSFORMER_AVX2 void relu_grad_row(float* g, const float* h, float* sums, int64_t cols) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8) {
+    const __m256 kept = _mm256_and_ps(_mm256_loadu_ps(g + j), _mm256_cmp_ps(_mm256_loadu_ps(h + j), zero, _CMP_GT_OQ));
+    _mm256_storeu_ps(g + j, kept);
+    _mm256_storeu_ps(sums + j, _mm256_add_ps(_mm256_loadu_ps(sums + j), kept));
+  }
+  for (; j < cols; ++j) {
+    g[j] = h[j] > 0.f ? g[j] : 0.f;
+    sums[j] += g[j];
+  }
+}
+#endif
+
+void check_matrix(const Tensor& t, int64_t cols, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == cols && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+              t.is_contiguous(), what, ": a contiguous (N, ", cols, ") float32 CPU tensor");
+}
+
+// h (N, F) float32 <- relu(h + b) in place, b (F,)
+void bias_relu_(Tensor& h, const Tensor& b_in) {
+  TORCH_CHECK(h.dim() == 2, "bias_relu_: h (N, F)");
+  const int64_t n = h.size(0), cols = h.size(1);
+  check_matrix(h, cols, "bias_relu_: h");
+  const Tensor b = b_in.contiguous();
+  TORCH_CHECK(b.numel() == cols && b.scalar_type() == at::kFloat, "bias_relu_: b (F,) float32");
+  h.unsafeGetTensorImpl()->bump_version();
+  float* hp = h.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const bool avx2 = panels_supported();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = hp + r * cols;
+#ifdef TRANSFORMER_X86
+      if (avx2) bias_relu_row(row, bp, cols);
+#endif
+      if (!avx2) {
+        for (int64_t j = 0; j < cols; ++j) row[j] = std::max(row[j] + bp[j], 0.f);
+      }
+    }
+  });
+}
+
+// grad (N, F) float32 <- grad where h > 0, else 0, in place (h (N, F): the ReLU's output) -> its column sums (F,)
+Tensor relu_grad_(Tensor& grad, const Tensor& h) {
+  TORCH_CHECK(grad.dim() == 2, "relu_grad_: grad (N, F)");
+  const int64_t n = grad.size(0), cols = grad.size(1);
+  check_matrix(grad, cols, "relu_grad_: grad");
+  check_matrix(h, cols, "relu_grad_: h");
+  TORCH_CHECK(h.size(0) == n, "relu_grad_: h shaped as grad");
+  const int64_t chunks = std::max<int64_t>(1, (n + kRowChunk - 1) / kRowChunk);
+  Tensor partial = at::zeros({chunks, cols}, grad.options());
+  grad.unsafeGetTensorImpl()->bump_version();
+  float* gp = grad.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const bool avx2 = panels_supported();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      float* sums = pp + c * cols;
+      for (int64_t r = c * kRowChunk; r < std::min(n, (c + 1) * kRowChunk); ++r) {
+        float* g = gp + r * cols;
+        const float* hr = hp + r * cols;
+#ifdef TRANSFORMER_X86
+        if (avx2) relu_grad_row(g, hr, sums, cols);
+#endif
+        if (!avx2) {
+          for (int64_t j = 0; j < cols; ++j) {
+            g[j] = hr[j] > 0.f ? g[j] : 0.f;
+            sums[j] += g[j];
+          }
+        }
+      }
+    }
+  });
+  return partial.sum(0);
+}
+
 // --- attention for training: short sequences, forward and backward in one task per (sentence, head) -------
 //
 // scaled_dot_product_attention's CPU kernels (flash attention) tile for long sequences; at the lengths of
@@ -1648,6 +1747,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "training loss's gradient, in place: grad (N, V) holding exp(z - max) -> grad * scale - offset, minus "
         "gold_weight at gold, per row", pybind11::arg("grad"), pybind11::arg("scale"), pybind11::arg("offset"),
         pybind11::arg("gold"), pybind11::arg("gold_weight"));
+  m.def("bias_relu_", &bias_relu_, "training feed-forward: h (N, F) <- relu(h + b) in place, b (F,)",
+        pybind11::arg("h"), pybind11::arg("b"));
+  m.def("relu_grad_", &relu_grad_,
+        "training feed-forward: grad (N, F) <- grad where h > 0 else 0, in place -> its column sums (F,)",
+        pybind11::arg("grad"), pybind11::arg("h"));
   m.def("attention_forward", &attention_forward,
         "training attention of short sequences: q (B, H, T, Dh), k, v (B, H, S, Dh), key_mask (B, S) bool or None, "
         "causal, scale -> (out (B, H, T, Dh), probabilities (B, H, T, S rounded up to 8))",
