@@ -69,7 +69,10 @@ class _TiedUses(torch.autograd.Function):
         for g in dense[1:]:
             total = total + g
         for g in rows:  # uncoalesced (1,n) indices and (n,D) values: repeated tokens add up
-            total.index_add_(0, g._indices()[0], g._values())
+            if torch.is_grad_enabled():  # create_graph: the gradient is itself recorded, so not in place
+                total = total.index_add(0, g._indices()[0], g._values())
+            else:
+                total.index_add_(0, g._indices()[0], g._values())
         return total, None
 
 

@@ -112,7 +112,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         c = a + b  # (N,) weight of softmax(z)
         if ctx.module is not None:  # one pass: grad = exps * (c / norm) - b / V, and -a at the gold token
             grad = logits.detach()
-            ctx.module.exp_rows_grad_(grad, c / norm, b / vocab, gold_ids.view(-1), a)
+            ctx.module.exp_rows_grad_(grad, (c / norm).float(), (b / vocab).float(), gold_ids.view(-1), a.float())
             return grad, None, None, None, None
         offset = (b / vocab).unsqueeze(1)  # (N,1)
         if ctx.keep_exps:  # logits hold exp(z - max) and norm their row sums: softmax = exps / norm
