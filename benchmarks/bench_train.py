@@ -125,10 +125,7 @@ def synthetic_shape(args, preset_name: str) -> tuple[int, int]:
 def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     """(module, forward(src, tgt_input) -> logits) for one peer, on ``device``, in training mode."""
     torch.manual_seed(0)
-    if name == "ours":
-        model = Transformer(cfg, vocab, vocab).to(device).train()
-        return model, model
-    if name in ABLATIONS:  # our model; make_train_step turns one of its CPU kernels off (ablation(name))
+    if name == "ours" or name in ABLATIONS:  # an ablation's kernel is turned off by make_train_step (ablation(name))
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
     if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
@@ -430,8 +427,9 @@ def run_real(args, device: torch.device, results: dict) -> None:
         "hf": ("hf", hf_batches(src, tgt, hf_bs, seed=1)),
         "ours_hf_batches": ("ours", hf_batches(src, tgt, hf_bs, seed=1)),
     }
-    if "ours_flash" in args.peers:  # ablation: our step with the CPU attention by flash attention
-        streams["ours_flash"] = ("ours_flash", ours_batches(src, tgt, args.max_tokens, seed=1))
+    for name in ABLATIONS:  # our step with one CPU kernel turned off, on the same token buckets
+        if name in args.peers:
+            streams[name] = (name, ours_batches(src, tgt, args.max_tokens, seed=1))
     if args.compile:  # both compiled for changing shapes, as the trainer's train.compile=true does for ours
         streams["ours_compiled"] = ("ours_compiled_dynamic", ours_batches(src, tgt, args.max_tokens, seed=1))
         streams["hf_compiled"] = ("hf_compiled_dynamic", hf_batches(src, tgt, hf_bs, seed=1))
@@ -456,7 +454,7 @@ def run_real(args, device: torch.device, results: dict) -> None:
 
     names = {"ours": "ours + token buckets", "hf": "HF Marian + sentence batches",
              "ours_hf_batches": "ours + HF's sentence batches",
-             "ours_flash": "ours + token buckets, flash attention",
+             **{name: PEER_NAMES[name].replace("ours,", "ours + token buckets,") for name in ABLATIONS},
              "ours_compiled": "ours + token buckets + torch.compile(dynamic=True)",
              "hf_compiled": "HF Marian + sentence batches + torch.compile(dynamic=True)"}
     for key in streams:  # warm-up; compiled streams longer, so that recompiles for new shapes stay outside the timing
@@ -481,9 +479,9 @@ def run_real(args, device: torch.device, results: dict) -> None:
     print(f"goal: >= 1.3x HF; ours {rate['ours'] / rate['hf']:.2f}x "
           f"(batching alone: {rate['ours'] / rate['ours_hf_batches']:.2f}x, "
           f"model alone on the same batches: {rate['ours_hf_batches'] / rate['hf']:.2f}x)")
-    if "ours_flash" in stats:
-        print(f"attention kernel: ours {rate['ours'] / rate['ours_flash']:.2f}x ours with flash attention (same "
-              "batches)")
+    for name in ABLATIONS:
+        if name in stats:
+            print(f"ablation: ours {rate['ours'] / rate[name]:.2f}x {PEER_NAMES[name]} (same batches)")
     if args.compile:
         from torch._dynamo.utils import counters  # dynamo's own tally (internal, informative only)
 
@@ -530,13 +528,9 @@ def main() -> None:
     parser.add_argument("--parts", default="synthetic,real", help="comma list: synthetic, real")
     parser.add_argument("--presets", default="small,base", help="comma list of presets for the synthetic part")
     parser.add_argument("--peers", default=",".join(PEERS),
-                        help="comma list of: ours, hf, torch; also ours_stored_masks (our step with the CPU "
-                             "dropout masks stored, as before session 18), ours_flash (our step with "
-                             "scaled_dot_product_attention's flash kernel on the CPU, as before session 19), "
-                             "ours_dense_tied (the shared embedding's gradients as dense tensors summed by "
-                             "autograd, as before session 20), ours_aten_loss (the loss in ATen's ops, as "
-                             "before session 20), ours_plain_ffn (the feed-forward network as nn.Linear and "
-                             "F.relu, as before session 20)")
+                        help="comma list of: ours, hf, torch; also our step with one CPU kernel turned off "
+                             "(synthetic and real parts): " + "; ".join(f"{name} ({PEER_NAMES[name]})"
+                                                                         for name in ABLATIONS))
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic part")
     parser.add_argument("--batch", type=int, default=0, help="override the synthetic batch size")
     parser.add_argument("--length", type=int, default=0, help="override the synthetic sequence length")

@@ -1,7 +1,8 @@
-"""What tests of the compiled extension's kernels share (model and training): whether a compiler is here, and a
-kernel built and looked up anew for a test."""
+"""What tests of the compiled extension's kernels share (model and training): whether a compiler is here, a
+kernel built and looked up anew for a test, and a fixture's two forms (the kernel's fallback, the kernel)."""
 
 import shutil
+from typing import Iterator
 
 import pytest
 
@@ -21,3 +22,15 @@ def built_kernel(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch):
     if module is None:
         pytest.skip("the extension is off (TRANSFORMER_NATIVE=0) or this CPU lacks AVX2/FMA")
     return module
+
+
+def each_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kernel: native.Kernel,
+              fallback: str) -> Iterator[str]:
+    """The body of a fixture parametrized over two forms: ``fallback`` runs the test with ``kernel`` turned off,
+    the other form with it built (see :func:`built_kernel`). Yields the form's name."""
+    if request.param == fallback:
+        with kernel.off():
+            yield fallback
+        return
+    built_kernel(kernel, monkeypatch)
+    yield request.param

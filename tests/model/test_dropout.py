@@ -9,17 +9,13 @@ import torch.nn.functional as F
 from transformer.model import dropout as dropout_module
 from transformer.model.dropout import Dropout, dropout_mask
 
-from native_helpers import built_kernel
+from native_helpers import each_form
+
 
 @pytest.fixture(params=["stored", "hashed"])
 def form(request, monkeypatch):
     """Run a test with each form of the mask: ``stored`` (dropout_mask) and ``hashed`` (the extension)."""
-    if request.param == "stored":
-        with dropout_module.stored_masks():
-            yield "stored"
-        return
-    built_kernel(dropout_module._KERNEL, monkeypatch)
-    yield "hashed"
+    yield from each_form(request, monkeypatch, dropout_module._KERNEL, fallback="stored")
 
 
 def _mask_of(d: Dropout, shape) -> torch.Tensor:

@@ -4,9 +4,10 @@
 import pytest
 import torch
 
-from native_helpers import built_kernel
 from transformer.model import layers as layers_module
 from transformer.model.layers import FeedForward, plain_feed_forward
+
+from native_helpers import built_kernel
 
 
 @pytest.fixture

@@ -4,21 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from native_helpers import built_kernel
 from transformer.training import loss as loss_module
 from transformer.training.loss import label_smoothed_nll_loss
+
+from native_helpers import built_kernel, each_form
 
 
 @pytest.fixture(params=["aten", "kernel"])
 def form(request, monkeypatch):
     """Run a test with each form of the float32 overwriting path: ``aten`` (ATen's ops over blocks of rows) and
     ``kernel`` (the extension's exp_rows_ / exp_rows_grad_)."""
-    if request.param == "aten":
-        with loss_module.aten_loss():
-            yield "aten"
-        return
-    built_kernel(loss_module._KERNEL, monkeypatch)
-    yield "kernel"
+    yield from each_form(request, monkeypatch, loss_module._KERNEL, fallback="aten")
 
 
 def test_hand_computation():

@@ -72,20 +72,18 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         module = None
         if keep_exps and logits.device.type == "cpu" and logits.is_contiguous() and not torch.compiler.is_compiling():
             module = _KERNEL.get()
-        if module is not None:  # the extension: two reads of each row, exp(z - max) written in place
+        if keep_exps:
             data = logits.detach()  # the same storage (and version counter): autograd sees the change
-            top, total, mean = module.exp_rows_(data)  # (N,) each
-            lse = top + total.log()
-            norm = total
-        elif keep_exps:
-            top, total = torch.empty_like(mean), torch.empty_like(mean)
-            data = logits.detach()  # the same storage (and version counter): autograd sees the change
-            for start, end in _row_blocks(n, vocab):
-                block = data[start:end]  # (n_b,V)
-                torch.mean(block, 1, out=mean[start:end])
-                torch.amax(block, 1, out=top[start:end])
-                block.sub_(top[start:end].unsqueeze(1)).exp_()
-                torch.sum(block, 1, out=total[start:end])
+            if module is not None:  # the extension: two reads of each row, exp(z - max) written in place
+                top, total, mean = module.exp_rows_(data)  # (N,) each
+            else:
+                top, total = torch.empty_like(mean), torch.empty_like(mean)
+                for start, end in _row_blocks(n, vocab):
+                    block = data[start:end]  # (n_b,V)
+                    torch.mean(block, 1, out=mean[start:end])
+                    torch.amax(block, 1, out=top[start:end])
+                    block.sub_(top[start:end].unsqueeze(1)).exp_()
+                    torch.sum(block, 1, out=total[start:end])
             lse = top + total.log()
             norm = total  # the backward pass divides the stored exponentials by it
         else:
@@ -110,19 +108,19 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         a = (grad_loss * (1.0 - eps) + grad_nll) * keep_f  # (N,) weight of -onehot(gold)
         b = grad_loss * eps * keep_f  # (N,) weight of -1/V
         c = a + b  # (N,) weight of softmax(z)
-        if ctx.module is not None:  # one pass: grad = exps * (c / norm) - b / V, and -a at the gold token
-            grad = logits.detach()
-            ctx.module.exp_rows_grad_(grad, (c / norm).float(), (b / vocab).float(), gold_ids.view(-1), a.float())
-            return grad, None, None, None, None
-        offset = (b / vocab).unsqueeze(1)  # (N,1)
+        offset = b / vocab  # (N,)
         if ctx.keep_exps:  # logits hold exp(z - max) and norm their row sums: softmax = exps / norm
-            scale = (c / norm).unsqueeze(1)  # (N,1)
+            scale = c / norm  # (N,)
             grad = logits.detach()
+            if ctx.module is not None:  # the extension, one pass: exps * scale - offset, and -a at the gold token
+                ctx.module.exp_rows_grad_(grad, scale.float(), offset.float(), gold_ids.view(-1), a.float())
+                return grad, None, None, None, None
             for start, end in _row_blocks(n, vocab):
                 out = grad[start:end]
-                out.mul_(scale[start:end]).sub_(offset[start:end])
+                out.mul_(scale[start:end].unsqueeze(1)).sub_(offset[start:end].unsqueeze(1))
                 out.scatter_add_(1, gold_ids[start:end], -a[start:end].unsqueeze(1))
             return grad, None, None, None, None
+        offset = offset.unsqueeze(1)  # (N,1)
         lse = norm
         # c * exp(z - lse) = exp(z - (lse - log c)): one subtraction and one exp per element. log 0 = -inf
         # gives exp(-inf) = 0 on ignored rows; a negative c (an unusual objective) takes the multiply.

@@ -1106,19 +1106,26 @@ TRANSFORMER_AVX2 void row_scale_shift(float* x, int64_t vocab, float scale, floa
 }
 #endif
 
-void check_rows(const Tensor& logits, const char* name) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
-              logits.is_contiguous(), name, ": contiguous (N, V) float32 CPU logits");
+// What the row kernels of training (the loss's, the feed-forward network's) check of each (N, C) operand
+void check_rows(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), what,
+              ": a contiguous (N, C) float32 CPU tensor");
+}
+
+// The data of an (N, C) operand that a kernel overwrites, checked, its version bumped as an in-place ATen op's
+// would be, so that autograd refuses a copy of it saved by an earlier op
+float* rows_in_place(Tensor& t, const char* what) {
+  check_rows(t, what);
+  t.unsafeGetTensorImpl()->bump_version();
+  return t.data_ptr<float>();
 }
 
 // logits (N, V) float32, overwritten with exp(z - max) per row -> (3, N): each row's max, sum of exp(z - max)
 // and mean of z
 Tensor exp_rows_(Tensor& logits) {
-  check_rows(logits, "exp_rows_");
+  float* x = rows_in_place(logits, "exp_rows_: logits");
   const int64_t n = logits.size(0), vocab = logits.size(1);
   Tensor stats = at::empty({3, n}, logits.options());
-  logits.unsafeGetTensorImpl()->bump_version();  // an in-place change: autograd refuses a saved copy of them
-  float* x = logits.data_ptr<float>();
   float *top = stats.data_ptr<float>(), *total = top + n, *mean = top + 2 * n;
   const bool avx2 = panels_supported();
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
@@ -1150,7 +1157,7 @@ Tensor exp_rows_(Tensor& logits) {
 // gold_weight[r] at column gold[r] (scale, offset, gold_weight (N,) float32, gold (N,) int64)
 void exp_rows_grad_(Tensor& grad, const Tensor& scale_in, const Tensor& offset_in, const Tensor& gold_in,
                     const Tensor& gold_weight_in) {
-  check_rows(grad, "exp_rows_grad_");
+  float* x = rows_in_place(grad, "exp_rows_grad_: grad");
   const int64_t n = grad.size(0), vocab = grad.size(1);
   const Tensor scale = scale_in.contiguous(), offset = offset_in.contiguous(), gold = gold_in.contiguous(),
                gold_weight = gold_weight_in.contiguous();
@@ -1158,8 +1165,6 @@ void exp_rows_grad_(Tensor& grad, const Tensor& scale_in, const Tensor& offset_i
               scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
               gold_weight.scalar_type() == at::kFloat && gold.scalar_type() == at::kLong,
               "exp_rows_grad_: scale, offset, gold_weight (N,) float32 and gold (N,) int64");
-  grad.unsafeGetTensorImpl()->bump_version();
-  float* x = grad.data_ptr<float>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *wp = gold_weight.data_ptr<float>();
   const int64_t* gp = gold.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) TORCH_CHECK(gp[r] >= 0 && gp[r] < vocab, "exp_rows_grad_: gold id out of range");
@@ -1211,20 +1216,12 @@ TRANSFORMER_AVX2 void relu_grad_row(float* g, const float* h, float* sums, int64
 }
 #endif
 
-void check_matrix(const Tensor& t, int64_t cols, const char* what) {
-  TORCH_CHECK(t.dim() == 2 && t.size(1) == cols && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
-              t.is_contiguous(), what, ": a contiguous (N, ", cols, ") float32 CPU tensor");
-}
-
 // h (N, F) float32 <- relu(h + b) in place, b (F,)
 void bias_relu_(Tensor& h, const Tensor& b_in) {
-  TORCH_CHECK(h.dim() == 2, "bias_relu_: h (N, F)");
+  float* hp = rows_in_place(h, "bias_relu_: h");
   const int64_t n = h.size(0), cols = h.size(1);
-  check_matrix(h, cols, "bias_relu_: h");
   const Tensor b = b_in.contiguous();
   TORCH_CHECK(b.numel() == cols && b.scalar_type() == at::kFloat, "bias_relu_: b (F,) float32");
-  h.unsafeGetTensorImpl()->bump_version();
-  float* hp = h.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   const bool avx2 = panels_supported();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
@@ -1242,15 +1239,12 @@ void bias_relu_(Tensor& h, const Tensor& b_in) {
 
 // grad (N, F) float32 <- grad where h > 0, else 0, in place (h (N, F): the ReLU's output) -> its column sums (F,)
 Tensor relu_grad_(Tensor& grad, const Tensor& h) {
-  TORCH_CHECK(grad.dim() == 2, "relu_grad_: grad (N, F)");
+  float* gp = rows_in_place(grad, "relu_grad_: grad");
+  check_rows(h, "relu_grad_: h");
+  TORCH_CHECK(h.sizes() == grad.sizes(), "relu_grad_: h shaped as grad");
   const int64_t n = grad.size(0), cols = grad.size(1);
-  check_matrix(grad, cols, "relu_grad_: grad");
-  check_matrix(h, cols, "relu_grad_: h");
-  TORCH_CHECK(h.size(0) == n, "relu_grad_: h shaped as grad");
   const int64_t chunks = std::max<int64_t>(1, (n + kRowChunk - 1) / kRowChunk);
   Tensor partial = at::zeros({chunks, cols}, grad.options());
-  grad.unsafeGetTensorImpl()->bump_version();
-  float* gp = grad.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
   const bool avx2 = panels_supported();
