@@ -83,8 +83,8 @@ def tied_uses(weight: Tensor, n: int) -> Optional[tuple[Tensor, ...]]:
     """``n`` aliases of ``weight`` for its ``n`` uses in one step (section 3.4's shared matrix: source and target
     lookups, output projection), or None where the plain path is as good: no gradient recorded, not the CPU, or
     under ``torch.compile``. Autograd would sum the uses' gradients into a fresh (V,D) tensor, each lookup's
-    gradient first scattered into a (V,D) tensor of zeros: three passes over V x D floats per lookup (2.5% of a
-    ``base`` training step on the CPU). Here the lookups' gradients stay sparse and are added into the output
+    gradient first scattered into a (V,D) tensor of zeros: three passes over V x D floats per lookup (see
+    BENCHMARKS.md, session 20). Here the lookups' gradients stay sparse and are added into the output
     projection's in place, which touches only their rows. Give the lookups to :meth:`TokenEmbedding.forward`
     and the projection to ``_OutputLayer``."""
     if (not _FAN_OUT["on"] or n < 2 or not (torch.is_grad_enabled() and weight.requires_grad)
