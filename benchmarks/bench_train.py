@@ -10,7 +10,9 @@ Two parts:
    fresh process per config (CUDA: ``torch.cuda.max_memory_allocated``), and our speed as a ratio.
    Our step's matrix products are also replayed alone (captured from one real step with their
    shapes and strides, timed in the same rounds): the floor they set on our step, and so the highest
-   MFU the step could reach if everything else in it took no time.
+   MFU the step could reach if everything else in it took no time. With ``--products-by-shape``, those
+   products are also timed one call at a time and grouped by op, shapes and layout (a weight used
+   transposed, ``x W^T``, is a T factor): which of them fall short of the peak, and by how many ms a step.
    The three models are stepped round-robin so that load from other processes falls on all alike.
 2. ``real``: Multi30k en-de, each toolkit batching as its users do: ours with token buckets
    (``TokenBatchSampler``, padded tokens per side <= ``--max-tokens``), Hugging Face with shuffled
@@ -185,14 +187,10 @@ def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool,
 _PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
 
 
-def products_alone(step, device: torch.device) -> tuple[Callable[[], None], int, float]:
+def capture_products(step, device: torch.device) -> list[tuple]:
     """The matrix products of one ``step()`` (mm/addmm/bmm/baddbmm, as the dispatcher sees them, forward,
-    backward and optimiser), captured once with their shapes, strides and dtypes, and a call that replays
-    them alone, in order, on random operands of the same layout. Returns (replay, count, FLOPs).
-
-    The replay's time is the step's floor from its products: what the step would take if everything else
-    (attention, norms, the loss, dropout, Adam, Python, the autograd engine) were free. Attention inside
-    ``scaled_dot_product_attention`` is not among them."""
+    backward and optimiser), captured once with their shapes, strides and dtypes, each as (op, operands,
+    kwargs) on random operands of the same layout, in the step's order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     recorded = []
@@ -214,18 +212,69 @@ def products_alone(step, device: torch.device) -> tuple[Callable[[], None], int,
         shape, stride, dtype = meta
         return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
 
-    calls, flops = [], 0
-    for func, metas, kwargs in recorded:
-        operands = [operand(m) for m in metas]
-        mats = [o for o in operands if isinstance(o, Tensor)][-2:]  # the two factors (addmm's bias first)
-        flops += 2 * math.prod(mats[0].shape) * mats[1].shape[-1]  # (..., m, k) x (..., k, n)
-        calls.append((func, operands, kwargs))
+    return [(func, [operand(m) for m in metas], kwargs) for func, metas, kwargs in recorded]
+
+
+def product_flops(operands: list) -> int:
+    """FLOPs of one captured product: its two factors (addmm's bias first), (..., m, k) x (..., k, n)."""
+    mats = [o for o in operands if isinstance(o, Tensor)][-2:]
+    return 2 * math.prod(mats[0].shape) * mats[1].shape[-1]
+
+
+def products_alone(step, device: torch.device) -> tuple[Callable[[], None], int, float]:
+    """The products of one ``step()`` (:func:`capture_products`) and a call that replays them alone, in order.
+    Returns (replay, count, FLOPs).
+
+    The replay's time is the step's floor from its products: what the step would take if everything else
+    (attention, norms, the loss, dropout, Adam, Python, the autograd engine) were free. Attention inside
+    ``scaled_dot_product_attention`` or the extension's kernel is not among them."""
+    calls = capture_products(step, device)
 
     def replay() -> None:
         for func, operands, kwargs in calls:
             func(*operands, **kwargs)
 
-    return replay, len(calls), float(flops)
+    return replay, len(calls), float(sum(product_flops(operands) for _, operands, _ in calls))
+
+
+def _layout(t: Tensor) -> str:
+    """A factor's shape and how it lies: N (rows contiguous) or T (a transposed view: columns contiguous)."""
+    shape = "x".join(str(n) for n in t.shape)
+    return f"{shape} {'T' if t.dim() >= 2 and t.stride(-1) != 1 else 'N'}"
+
+
+def print_products_by_shape(step, device: torch.device, peak: float, rounds: int) -> None:
+    """Our step's products grouped by op, shapes and layouts, each call timed alone (best of ``rounds``):
+    which of them run below the GEMM peak, and by how many ms a step."""
+    calls = capture_products(step, device)
+    best = [math.inf] * len(calls)
+    for _ in range(rounds):
+        for i, (func, operands, kwargs) in enumerate(calls):
+            sync(device)
+            started = time.perf_counter()
+            func(*operands, **kwargs)
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - started)
+    groups: dict[tuple, list] = {}
+    for (func, operands, _), seconds in zip(calls, best):
+        mats = [o for o in operands if isinstance(o, Tensor)][-2:]
+        key = (func.overloadpacket.__name__, _layout(mats[0]), _layout(mats[1]))
+        group = groups.setdefault(key, [0, 0.0, 0])
+        group[0] += 1
+        group[1] += seconds
+        group[2] += product_flops(operands)
+    print(f"our step's products by op, shapes and layout (N: rows contiguous, T: a transposed view), each call "
+          f"timed alone, best of {rounds}:")
+    print("| op | A | B | calls | ms a step | GFLOP/s | of the peak | ms over the peak |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    total = over = 0.0
+    for (op, a, b), (count, seconds, flops) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        gflops = flops / seconds / 1e9
+        extra = seconds - flops / (peak * 1e9)
+        total, over = total + seconds, over + extra
+        print(f"| {op} | {a} | {b} | {count} | {seconds * 1e3:.2f} | {gflops:.1f} | {100 * gflops / peak:.0f}% "
+              f"| {extra * 1e3:+.2f} |")
+    print(f"  all: {total * 1e3:.1f} ms a step, {over * 1e3:.1f} ms of it over what the peak would take")
 
 
 def n_params(model: nn.Module) -> int:
@@ -365,6 +414,11 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
                 print(f"  so MFU could reach at most {100 * products['mfu_ceiling']:.1f}% if all the rest were free; "
                       f"the rest takes {ours - t_products:.3f} s of our {ours:.3f} s step "
                       f"({100 * (ours - t_products) / ours:.0f}%)")
+        if args.products_by_shape and "ours" in params:
+            model, forward = build_peer("ours", cfg, args.vocab, device)
+            fn = make_train_step(model, forward, device, args.bf16)
+            fn(src, tgt_in, tgt_out)  # Adam's state allocated, as in the timed steps
+            print_products_by_shape(lambda: fn(src, tgt_in, tgt_out), device, peak, args.rounds)
         if ours:
             print(f"goal: MFU >= 85% of the GEMM peak; ours {100 * rows['ours']['mfu']:.1f}% "
                   f"({rows['ours']['mfu'] / 0.85:.2f}x of the goal)")
@@ -545,6 +599,9 @@ def main() -> None:
     parser.add_argument("--real-seconds", type=float, default=45.0, help="timed seconds per stream")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="tokenizer cache (outside the repo)")
     parser.add_argument("--json", default="", help="write all results here")
+    parser.add_argument("--products-by-shape", action="store_true",
+                        help="synthetic part: also time our step's products one call at a time, grouped by op, "
+                             "shapes and layout, against the GEMM peak")
     parser.add_argument("--profile", action="store_true", help="only profile our training step (torch.profiler)")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=20)

@@ -41,3 +41,21 @@ def test_the_step_s_products_are_the_flop_formula_without_attention(n_enc, n_dec
     # The captured step was a real one (it updated the weights), and the replay runs on its own.
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     replay()
+
+
+def test_products_by_shape_groups_every_product_of_the_step(capsys):
+    cfg = dataclasses.replace(preset("tiny"), d_model=32, n_heads=4, d_ff=48, n_encoder_layers=1,
+                              n_decoder_layers=1)
+    src, tgt_in, tgt_out = bench_train.synthetic_batch(2, 6, 50, torch.device("cpu"))
+    model, forward = bench_train.build_peer("ours", cfg, 50, torch.device("cpu"))
+    step = bench_train.make_train_step(model, forward, torch.device("cpu"), bf16=False)
+    _, count, _ = bench_train.products_alone(lambda: step(src, tgt_in, tgt_out), torch.device("cpu"))
+
+    bench_train.print_products_by_shape(lambda: step(src, tgt_in, tgt_out), torch.device("cpu"), 100.0, 2)
+
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| op")]
+    assert sum(int(row[3]) for row in rows) == count  # every product in one group
+    assert {row[0].strip() for row in rows} == {"mm", "addmm"}
+    # the output layer's forward: (B*T, D) x the shared (V, D) embedding used transposed
+    assert any(row[1].strip() == "12x32 N" and row[2].strip() == "32x50 T" for row in rows)
