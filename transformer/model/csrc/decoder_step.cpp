@@ -1051,7 +1051,6 @@ Tensor dropout_apply(const Tensor& x, const std::optional<Tensor>& residual, int
   return out;
 }
 
-#ifdef TRANSFORMER_X86
 // --- the training loss: rows of logits turned into their exponentials in place ---------------------------
 //
 // transformer/training/loss.py's label-smoothed cross-entropy needs three numbers per row of float32 logits z
@@ -1283,6 +1282,7 @@ Tensor relu_grad_(Tensor& grad, const Tensor& h) {
 // sees no key gives zeros, and zero gradients. O and dQ are written as (B, T, H, Dh), dK and dV as
 // (B, S, H, Dh): contiguous once the heads are merged back, as the projections read them.
 
+#ifdef TRANSFORMER_X86
 // C (R x 8 NC) = A (R x K) B (K x 8 NC): A's element (r, k) at a[r * a_rs + k * a_ks] (so A may be a
 // transposed view), B's rows ldb apart, C's rows ldc apart.
 template <int R, int NC>
