@@ -48,7 +48,7 @@ class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], is_causal: bool,
                 module: ModuleType) -> Tensor:
-        ctx.scale = q.size(-1) ** -0.5
+        ctx.scale, ctx.causal = q.size(-1) ** -0.5, is_causal
         out, probs = module.attention_forward(q, k, v, key_mask, is_causal, ctx.scale)  # (B,H,T,Dh), (B,H,T,S8)
         ctx.save_for_backward(q, k, v, probs)
         ctx.module = module
@@ -58,7 +58,7 @@ class _ShortAttention(torch.autograd.Function):
     @once_differentiable  # its backward pass is not itself differentiable (no double backward)
     def backward(ctx, grad: Tensor):
         q, k, v, probs = ctx.saved_tensors
-        dq, dk, dv = ctx.module.attention_backward(grad, q, k, v, probs, ctx.scale)
+        dq, dk, dv = ctx.module.attention_backward(grad, q, k, v, probs, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -1273,9 +1273,11 @@ Tensor relu_grad_(Tensor& grad, const Tensor& h) {
 // scaled_dot_product_attention's CPU kernels (flash attention) tile for long sequences; at the lengths of
 // sentence-level translation (tens of positions) a (sentence, head) pair's whole problem fits in the L1
 // cache: Q (T x Dh), K and V (S x Dh), the scores (T x S). Here one task per pair runs its products as
-// register-tiled loops over those operands where they lie (no copies, no transposes), the softmax with exp_8,
-// and keeps the probabilities P (B, H, T, S rounded up to 8) for the backward pass, which so needs no
-// exponential:
+// register-tiled loops (gemm_tile: rows of B in registers, elements of A broadcast) over those operands where
+// they lie, but for the K^T and V^T of Q K^T and dO V^T, transposed into a buffer first (8 x 8 blocks: a few
+// percent of the products' time, where products of rows with hadd reductions lost a quarter); the softmax with
+// exp_8; and keeps the probabilities P (B, H, T, S rounded up to 8) for the backward pass, which so needs no
+// exponential. With a causal mask the products skip, by tiles, what the mask zeroes (about half):
 //   forward   S = Q K^T scale, masked to -inf;  P = softmax(S);  O = P V
 //   backward  dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP)) * scale;  dQ = dS K;  dK = dS^T Q.
 // Masks: none, a key mask (B, S) (True = may attend) and/or causal (query i sees keys j <= i). A query that
@@ -1318,70 +1320,65 @@ constexpr GemmTile kGemmTiles[kGemmRows][kGemmChunks] = {
     {gemm_tile<3, 1>, gemm_tile<3, 2>, gemm_tile<3, 3>},
     {gemm_tile<4, 1>, gemm_tile<4, 2>, gemm_tile<4, 3>}};
 
-// C (M x N) = A (M x K) B (K x N), N a multiple of 8; strides as gemm_tile's.
+// Which part of a product causal attention needs (query i sees keys j <= i): all of it; only C's columns j
+// <= i of each row i (Q K^T, dO V^T: the rest is left unwritten); only k <= i in row i's sum (P V, dS K: A is
+// zero past the diagonal); only k >= i (P^T dO, dS^T Q: A^T is zero before it). Tiles of 4 rows round each
+// bound up (or down) to their block, so they compute a few products of zeros, never skip a needed one.
+enum class Causal { kNone, kColumns, kSumBelow, kSumAbove };
+
+// C (M x N) = A (M x K) B (K x N), N a multiple of 8; strides as gemm_tile's; `causal` as above.
 void small_gemm(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, int64_t m, int64_t n,
-                int64_t k_dim, float* c, int64_t ldc) {
-  const int64_t chunks = n / 8;
-  for (int64_t j0 = 0; j0 < chunks; j0 += kGemmChunks) {
-    const int nc = static_cast<int>(std::min<int64_t>(kGemmChunks, chunks - j0));
-    for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
-      const int r = static_cast<int>(std::min<int64_t>(kGemmRows, m - i0));
-      kGemmTiles[r - 1][nc - 1](a + i0 * a_rs, a_rs, a_ks, b + 8 * j0, ldb, k_dim, c + i0 * ldc + 8 * j0, ldc);
+                int64_t k_dim, float* c, int64_t ldc, Causal causal = Causal::kNone) {
+  for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
+    const int r = static_cast<int>(std::min<int64_t>(kGemmRows, m - i0));
+    int64_t n_used = n, k0 = 0, k1 = k_dim;
+    if (causal == Causal::kColumns) n_used = std::min<int64_t>(n, (i0 + r + 7) / 8 * 8);
+    if (causal == Causal::kSumBelow) k1 = std::min<int64_t>(k_dim, i0 + r);
+    if (causal == Causal::kSumAbove) k0 = std::min<int64_t>(k_dim, i0);
+    const int64_t chunks = n_used / 8;
+    for (int64_t j0 = 0; j0 < chunks;) {
+      // 3 chunks a tile, but 4 as 2 + 2: a tile of one chunk has 4 accumulators, too few to hide the FMA latency
+      const int64_t left = chunks - j0;
+      const int nc = static_cast<int>(left == 4 ? 2 : std::min<int64_t>(kGemmChunks, left));
+      kGemmTiles[r - 1][nc - 1](a + i0 * a_rs + k0 * a_ks, a_rs, a_ks, b + k0 * ldb + 8 * j0, ldb, k1 - k0,
+                                c + i0 * ldc + 8 * j0, ldc);
+      j0 += nc;
     }
   }
 }
 
-// The 4 sums of the lanes of each of a, b, c, d.
-TRANSFORMER_AVX2 inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-// C (R x NB) = A (R x Dh) B^T for B (NB x Dh): dot products of rows, both with contiguous Dh (a multiple of 8).
-template <int R, int NB>
-TRANSFORMER_AVX2 void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t dh, float* c,
-                               int64_t ldc) {
-  __m256 acc[R][4];
+// bt (Dh x rows_pad) = B^T for B (rows x Dh), its rows ldb apart, Dh a multiple of 8; bt is zero past `rows`.
+TRANSFORMER_AVX2 void transpose_rows(const float* b, int64_t ldb, int64_t rows, int64_t dh, float* bt,
+                                     int64_t rows_pad) {
+  const int64_t full = rows / 8 * 8;
+  for (int64_t r0 = 0; r0 < full; r0 += 8) {
+    for (int64_t d0 = 0; d0 < dh; d0 += 8) {  // an 8 x 8 block: unpack, shuffle, swap halves
+      __m256 x[8], t[8];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < dh; d += 8) {
-    __m256 bv[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + d);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_loadu_ps(a + r * lda + d);
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
+      for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(b + (r0 + i) * ldb + d0);
+#pragma GCC unroll 4
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+      }
+#pragma GCC unroll 2
+      for (int i = 0; i < 8; i += 4) {
+        x[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(bt + (d0 + i) * rows_pad + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
+        _mm256_storeu_ps(bt + (d0 + i + 4) * rows_pad + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
+      }
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float sums[4];
-    _mm_storeu_ps(sums, sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) c[r * ldc + j] = sums[j];
-  }
-}
-
-using DotTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-constexpr int kDotRows = 3, kDotCols = 4;  // 12 accumulators, 4 registers of B, 1 of A
-constexpr DotTile kDotTiles[kDotRows][kDotCols] = {
-    {dot_tile<1, 1>, dot_tile<1, 2>, dot_tile<1, 3>, dot_tile<1, 4>},
-    {dot_tile<2, 1>, dot_tile<2, 2>, dot_tile<2, 3>, dot_tile<2, 4>},
-    {dot_tile<3, 1>, dot_tile<3, 2>, dot_tile<3, 3>, dot_tile<3, 4>}};
-
-// C (M x N) = A (M x Dh) B^T, B (N x Dh).
-void small_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t dh,
-                float* c, int64_t ldc) {
-  for (int64_t j0 = 0; j0 < n; j0 += kDotCols) {
-    const int nb = static_cast<int>(std::min<int64_t>(kDotCols, n - j0));
-    for (int64_t i0 = 0; i0 < m; i0 += kDotRows) {
-      const int r = static_cast<int>(std::min<int64_t>(kDotRows, m - i0));
-      kDotTiles[r - 1][nb - 1](a + i0 * lda, lda, b + j0 * ldb, ldb, dh, c + i0 * ldc + j0, ldc);
-    }
+  for (int64_t d = 0; d < dh; ++d) {
+    float* row = bt + d * rows_pad;
+    for (int64_t r = full; r < rows; ++r) row[r] = b[r * ldb + d];
+    std::fill(row + rows, row + rows_pad, 0.f);
   }
 }
 
@@ -1474,15 +1471,19 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
   TORCH_CHECK(panels_supported(), "attention_forward: needs a CPU with AVX2 and FMA");
 #ifdef TRANSFORMER_X86
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(dh * s_pad);  // K^T (Dh, S_pad)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
       const float* qb = qp + b * qs0 + h * qs1;
       const float* kb = kp + b * ks0 + h * ks1;
       const float* vb = vp + b * vs0 + h * vs1;
       float* pb = pp + task * t * s_pad;
-      small_dots(qb, qs2, kb, ks2, t, s, dh, pb, s_pad);  // Q K^T (T, S), unscaled
+      transpose_rows(kb, ks2, s, dh, kt.data(), s_pad);
+      small_gemm(qb, qs2, 1, kt.data(), s_pad, t, s_pad, dh, pb, s_pad,
+                 causal ? Causal::kColumns : Causal::kNone);  // Q K^T (T, S_pad), unscaled
       for (int64_t i = 0; i < t; ++i) softmax_row(pb + i * s_pad, s_pad, scale, bp + b * s_pad, causal ? i + 1 : s);
-      small_gemm(pb, s_pad, 1, vb, vs2, t, dh, s, op + (b * t * heads + h) * dh, heads * dh);  // P V
+      small_gemm(pb, s_pad, 1, vb, vs2, t, dh, s, op + (b * t * heads + h) * dh, heads * dh,
+                 causal ? Causal::kSumBelow : Causal::kNone);  // P V
     }
   });
 #endif
@@ -1491,7 +1492,7 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
 
 // (dq (B, H, T, Dh) as a view of (B, T, H, Dh), dk, dv (B, H, S, Dh) as views of (B, S, H, Dh))
 std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& probs, double scale_in) {
+                                       const Tensor& probs, bool causal, double scale_in) {
   check_attention(q, k, v);
   const Tensor grad = grad_in.stride(3) == 1 ? grad_in : grad_in.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), t = q.size(2), s = k.size(2), dh = q.size(3);
@@ -1511,8 +1512,10 @@ std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, c
                 gs1 = grad.stride(1), gs2 = grad.stride(2);
   TORCH_CHECK(panels_supported(), "attention_backward: needs a CPU with AVX2 and FMA");
 #ifdef TRANSFORMER_X86
+  const Causal below = causal ? Causal::kSumBelow : Causal::kNone, above = causal ? Causal::kSumAbove : Causal::kNone;
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ds(t * s_pad);
+    std::vector<float> ds(t * s_pad);   // dP, then dS in place (T, S_pad); 0 where causal skips it
+    std::vector<float> vt(dh * s_pad);  // V^T (Dh, S_pad)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
       const float* qb = qp + b * qs0 + h * qs1;
@@ -1521,12 +1524,14 @@ std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, c
       const float* gb = gp + b * gs0 + h * gs1;
       const float* pb = pp + task * t * s_pad;
       const int64_t out_q = (b * t * heads + h) * dh, out_kv = (b * s * heads + h) * dh;
-      small_gemm(pb, 1, s_pad, gb, gs2, s, dh, t, dvp + out_kv, heads * dh);  // dV = P^T dO
-      std::fill(ds.begin(), ds.end(), 0.f);
-      small_dots(gb, gs2, vb, vs2, t, s, dh, ds.data(), s_pad);  // dP = dO V^T
+      small_gemm(pb, 1, s_pad, gb, gs2, s, dh, t, dvp + out_kv, heads * dh, above);  // dV = P^T dO
+      if (causal) std::fill(ds.begin(), ds.end(), 0.f);
+      transpose_rows(vb, vs2, s, dh, vt.data(), s_pad);
+      small_gemm(gb, gs2, 1, vt.data(), s_pad, t, s_pad, dh, ds.data(), s_pad,
+                 causal ? Causal::kColumns : Causal::kNone);  // dP = dO V^T
       for (int64_t i = 0; i < t; ++i) softmax_grad_row(pb + i * s_pad, ds.data() + i * s_pad, s_pad, scale);
-      small_gemm(ds.data(), s_pad, 1, kb, ks2, t, dh, s, dqp + out_q, heads * dh);  // dQ = dS K
-      small_gemm(ds.data(), 1, s_pad, qb, qs2, s, dh, t, dkp + out_kv, heads * dh);  // dK = dS^T Q
+      small_gemm(ds.data(), s_pad, 1, kb, ks2, t, dh, s, dqp + out_q, heads * dh, below);  // dQ = dS K
+      small_gemm(ds.data(), 1, s_pad, qb, qs2, s, dh, t, dkp + out_kv, heads * dh, above);  // dK = dS^T Q
     }
   });
 #endif
@@ -1754,5 +1759,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward,
         "the gradients (dq, dk, dv) of attention_forward from grad_out (B, H, T, Dh) and its probabilities",
         pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
-        pybind11::arg("probs"), pybind11::arg("scale"));
+        pybind11::arg("probs"), pybind11::arg("causal"), pybind11::arg("scale"));
 }
