@@ -210,3 +210,72 @@ def test_training_step_gradients_equal_with_flash_attention(kernel):
     got = grads()
     for a, b in zip(got, reference):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cross,masked,causal", [
+    (False, False, False), (False, True, False), (False, False, True),  # encoder and decoder self-attention
+    (True, False, False), (True, True, False),  # cross-attention, with padded sources
+])
+def test_packed_projections_equal_separate_ones(kernel, bias, cross, masked, causal):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(D, H, bias=bias).train()
+    x = torch.randn(B, T, D, requires_grad=True)
+    memory = torch.randn(B, S, D, requires_grad=True) if cross else x
+    s = memory.size(1)
+    mask = None
+    if masked:
+        mask = (torch.arange(s)[None, :] < torch.tensor([s, 2, 5])[:, None])[:, None, None, :]  # (B,1,1,S)
+    assert mha._packable(x, memory, mask, causal) is kernel  # the packed path runs below
+
+    def run():
+        out = mha(x, memory, attn_mask=mask, is_causal=causal)
+        inputs = [x, memory] if cross else [x]
+        grads = torch.autograd.grad(out, inputs + list(mha.parameters()), grad_out)
+        return out, grads
+
+    grad_out = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1))
+    out, grads = run()
+    with attention_module.separate_projections():
+        assert mha._packable(x, memory, mask, causal) is None
+        ref, ref_grads = run()
+    assert _max_diff(out, ref) <= 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert a.shape == b.shape and _max_diff(a, b) <= 1e-5
+
+
+def test_projections_stay_separate_where_the_kernel_does_not_run(kernel):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(D, H).train()
+    x = torch.randn(B, T, D)
+    assert mha._packable(x, x, None, True) is kernel
+    key_mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    assert mha._packable(x, x, key_mask, True) is None  # a key mask and causal: scaled_dot_product_attention
+    assert mha._packable(x, x, torch.ones(B, 1, T, T, dtype=torch.bool), False) is None  # not a key mask
+    with torch.no_grad():
+        assert mha._packable(x, x, None, False) is None  # inference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mha._packable(x, x, None, False) is None
+    assert mha._packable(x.double(), x.double(), None, False) is None
+    long = torch.randn(1, attention_module.SHORT_MAX_LENGTH + 1, D)
+    assert mha._packable(long, long, None, False) is None
+    with flash_attention():
+        assert mha._packable(x, x, None, False) is None
+    assert MultiHeadAttention(D, H, dropout=0.1).train()._packable(x, x, None, False) is None
+    assert MultiHeadAttention(24, 2).train()._packable(torch.randn(B, T, 24), torch.randn(B, T, 24), None,
+                                                        False) is None  # head width 12
+
+
+def test_kernel_backward_checks_the_tensors_it_writes_into(kernel):
+    q, k, v = _heads(2, 5, 2, 8, 9)
+    out, probs = kernel.attention_forward(q, k, v, None, False, 8 ** -0.5)
+    grad = torch.randn_like(out)
+    packed = torch.empty(2, 5, 3, 2, 8)  # (B,T,3,H,Dh): q, k, v's gradients side by side
+    views = [packed[:, :, i].transpose(1, 2) for i in range(3)]
+    dq, dk, dv = kernel.attention_backward(grad, q, k, v, probs, False, 8 ** -0.5, *views)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip((dq, dk, dv), views))
+    ref = kernel.attention_backward(grad, q, k, v, probs, False, 8 ** -0.5)
+    for a, b in zip(views, ref):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="dk must be float32"):
+        kernel.attention_backward(grad, q, k, v, probs, False, 8 ** -0.5, None, torch.empty(2, 2, 4, 8))

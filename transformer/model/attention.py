@@ -9,7 +9,8 @@ extension (:mod:`transformer.model.native`, ``attention_forward`` / ``attention_
 sequences: one task per (sentence, head) computes the scores, softmax and products in the L1 cache and keeps
 the probabilities for the backward pass. The same maths (float32 rounding apart); ``flash_attention()`` turns
 it off for comparisons. Without the extension, in inference, with dropout on the attention weights, other
-masks, dtypes or devices, ``scaled_dot_product_attention`` runs.
+masks, dtypes or devices, ``scaled_dot_product_attention`` runs. Where the kernel runs, ``MultiHeadAttention``
+packs the projections that read the same input into one product (``separate_projections()`` turns that off).
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ from transformer.model import native
 # forward alone is 0.95-0.98x at 128, and the kernel's advantage shrinks with the length)
 SHORT_MAX_LENGTH = 128
 _KERNEL = native.Kernel("attention_forward", needs_avx2=True)  # the extension, looked up once per process
+_PACKING = native.Kernel("attention_backward", needs_avx2=True)  # off: separate projections (comparisons)
 
 
 def short_kernel() -> Optional[ModuleType]:
     """The compiled extension if it is built, enabled and runs on this CPU (AVX2 and FMA), else None."""
     return _KERNEL.get()
+
+
+def separate_projections() -> ContextManager[None]:
+    """Within the block, q, k and v are projected one by one where the kernel runs (comparisons: the
+    ``ours_separate_qkv`` peer of ``benchmarks/bench_train.py``, tests)."""
+    return _PACKING.off()
 
 
 def flash_attention() -> ContextManager[None]:
@@ -60,6 +68,46 @@ class _ShortAttention(torch.autograd.Function):
         q, k, v, probs = ctx.saved_tensors
         dq, dk, dv = ctx.module.attention_backward(grad, q, k, v, probs, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def _heads(x: Tensor, n: int, n_heads: int) -> list[Tensor]:
+    """The n (B,H,T,Dh) views of ``x`` (B,T,n*D), which holds n projections side by side."""
+    b, t, width = x.shape
+    x = x.view(b, t, n, n_heads, width // (n * n_heads))  # (B,T,n,H,Dh)
+    return [x[:, :, i].transpose(1, 2) for i in range(n)]
+
+
+def _unpack(q_in: Tensor, kv_in: Optional[Tensor], n_heads: int) -> list[Tensor]:
+    """q, k, v (B,H,T|S,Dh) of packed projections: q_in (B,T,3D) holds all three, or q_in (B,T,D) and kv_in
+    (B,S,2D)."""
+    if kv_in is None:
+        return _heads(q_in, 3, n_heads)
+    return _heads(q_in, 1, n_heads) + _heads(kv_in, 2, n_heads)
+
+
+class _PackedShortAttention(torch.autograd.Function):
+    """_ShortAttention over packed projections (see ``_unpack``). The backward pass writes the gradients of q,
+    k and v into tensors of the same packed layout, so the packed projection's backward pass is one product
+    for the input's gradient and one for the weights', with no copy to gather them."""
+
+    @staticmethod
+    def forward(ctx, q_in: Tensor, kv_in: Optional[Tensor], n_heads: int, key_mask: Optional[Tensor],
+                is_causal: bool, module: ModuleType) -> Tensor:
+        q, k, v = _unpack(q_in, kv_in, n_heads)
+        ctx.scale, ctx.causal, ctx.n_heads, ctx.module = q.size(-1) ** -0.5, is_causal, n_heads, module
+        out, probs = module.attention_forward(q, k, v, key_mask, is_causal, ctx.scale)  # (B,H,T,Dh), (B,H,T,S8)
+        ctx.save_for_backward(q_in, kv_in, probs)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        q_in, kv_in, probs = ctx.saved_tensors
+        d_q_in = torch.empty_like(q_in, memory_format=torch.contiguous_format)
+        d_kv_in = None if kv_in is None else torch.empty_like(kv_in, memory_format=torch.contiguous_format)
+        ctx.module.attention_backward(grad, *_unpack(q_in, kv_in, ctx.n_heads), probs, ctx.causal, ctx.scale,
+                                      *_unpack(d_q_in, d_kv_in, ctx.n_heads))
+        return d_q_in, d_kv_in, None, None, None, None
 
 
 def _short(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
@@ -136,6 +184,11 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention with separate q/k/v projections.
 
+    Where the CPU kernel runs (training, see ``_short``), the projections that read the same input run as one
+    product of their concatenated weights (q, k and v in self-attention, k and v in cross-attention), and the
+    kernel's backward pass writes their gradients side by side: fewer, larger products each way. The
+    parameters, and so checkpoints and converters, stay separate.
+
     Args:
         d_model: model width D.
         n_heads: number of heads H (D must be divisible by H).
@@ -153,6 +206,40 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def _packable(self, query: Tensor, key_value: Tensor, attn_mask: Optional[Tensor],
+                  is_causal: bool) -> Optional[ModuleType]:
+        """The extension when its kernel will run on these inputs (``_short``'s conditions, checked before the
+        projections), so that they can be packed; else None."""
+        if ((self.dropout and self.training) or not torch.is_grad_enabled() or query.device.type != "cpu"
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or self.head_dim % 8):
+            return None
+        weight = self.q_proj.weight
+        if not (weight.requires_grad or query.requires_grad or key_value.requires_grad):
+            return None
+        if any(x.dtype != torch.float32 for x in (query, key_value, weight)) or query.dim() != 3:
+            return None
+        b, t, s = query.size(0), query.size(1), key_value.size(1)
+        if max(t, s) > SHORT_MAX_LENGTH or key_value.dim() != 3 or key_value.size(0) != b:
+            return None
+        if attn_mask is not None and (is_causal or attn_mask.dtype != torch.bool or attn_mask.shape != (b, 1, 1, s)):
+            return None
+        return short_kernel() if _PACKING.get() is not None else None
+
+    def _packed(self, query: Tensor, key_value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                module: ModuleType) -> Tensor:
+        """``forward`` through the kernel with the projections packed: q, k and v as one product of
+        ``torch.cat`` of their weights in self-attention (query is key_value), k and v in cross-attention."""
+        both = key_value is query
+        projections = (self.q_proj, self.k_proj, self.v_proj) if both else (self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])  # (nD, D)
+        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+        packed = F.linear(key_value, weight, bias)  # (B,S,nD)
+        q_in, kv_in = (packed, None) if both else (self.q_proj(query), packed)
+        key_mask = attn_mask.reshape(query.size(0), key_value.size(1)) if attn_mask is not None else None  # (B,S)
+        out = _PackedShortAttention.apply(q_in, kv_in, self.n_heads, key_mask, is_causal, module)  # (B,H,T,Dh)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B,H,T,Dh) -> (B,T,D)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -188,6 +275,10 @@ class MultiHeadAttention(nn.Module):
         Returns:
             (B,T,D)
         """
+        if cache is None:
+            module = self._packable(query, key_value, attn_mask, is_causal)
+            if module is not None:
+                return self._packed(query, key_value, attn_mask, is_causal, module)
         k, v = self.project_kv(key_value)
         if cache is not None:
             k, v = cache.update(k, v)

@@ -1490,9 +1490,23 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
   return {out.transpose(1, 2), probs};
 }
 
-// (dq (B, H, T, Dh) as a view of (B, T, H, Dh), dk, dv (B, H, S, Dh) as views of (B, S, H, Dh))
+// An output of attention_backward: the given tensor (B, H, N, Dh), Dh contiguous, where the caller wants the
+// gradient written (a view of a buffer that packs q, k and v, say), else a new (B, N, H, Dh) seen as (B, H, N, Dh).
+Tensor gradient_out(const std::optional<Tensor>& given, const Tensor& like, const char* what) {
+  if (!given.has_value() || !given->defined())
+    return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
+  const Tensor& out = *given;
+  TORCH_CHECK(out.sizes() == like.sizes() && out.scalar_type() == at::kFloat && out.device() == like.device() &&
+              out.stride(3) == 1, "attention_backward: ", what, " must be float32 ", like.sizes(),
+              " with Dh contiguous");
+  return out;
+}
+
+// (dq (B, H, T, Dh), dk, dv (B, H, S, Dh): the given tensors, or views of new (B, T|S, H, Dh))
 std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& probs, bool causal, double scale_in) {
+                                       const Tensor& probs, bool causal, double scale_in,
+                                       const std::optional<Tensor>& dq_out, const std::optional<Tensor>& dk_out,
+                                       const std::optional<Tensor>& dv_out) {
   check_attention(q, k, v);
   const Tensor grad = grad_in.stride(3) == 1 ? grad_in : grad_in.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), t = q.size(2), s = k.size(2), dh = q.size(3);
@@ -1500,9 +1514,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, c
   TORCH_CHECK(grad.sizes() == q.sizes() && probs.is_contiguous() && probs.size(0) == batch &&
               probs.size(1) == heads && probs.size(2) == t && probs.size(3) == s_pad,
               "attention_backward: mismatched shapes");
-  Tensor dq = at::empty({batch, t, heads, dh}, q.options());
-  Tensor dk = at::empty({batch, s, heads, dh}, q.options());
-  Tensor dv = at::empty({batch, s, heads, dh}, q.options());
+  Tensor dq = gradient_out(dq_out, q, "dq"), dk = gradient_out(dk_out, k, "dk"), dv = gradient_out(dv_out, v, "dv");
   const float scale = static_cast<float>(scale_in);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *gp = grad.data_ptr<float>(), *pp = probs.data_ptr<float>();
@@ -1510,6 +1522,8 @@ std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, c
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), ks0 = k.stride(0), ks1 = k.stride(1),
                 ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), gs0 = grad.stride(0),
                 gs1 = grad.stride(1), gs2 = grad.stride(2);
+  const int64_t dqs0 = dq.stride(0), dqs1 = dq.stride(1), dqs2 = dq.stride(2), dks0 = dk.stride(0),
+                dks1 = dk.stride(1), dks2 = dk.stride(2), dvs0 = dv.stride(0), dvs1 = dv.stride(1), dvs2 = dv.stride(2);
   TORCH_CHECK(panels_supported(), "attention_backward: needs a CPU with AVX2 and FMA");
 #ifdef TRANSFORMER_X86
   const Causal below = causal ? Causal::kSumBelow : Causal::kNone, above = causal ? Causal::kSumAbove : Causal::kNone;
@@ -1523,19 +1537,21 @@ std::vector<Tensor> attention_backward(const Tensor& grad_in, const Tensor& q, c
       const float* vb = vp + b * vs0 + h * vs1;
       const float* gb = gp + b * gs0 + h * gs1;
       const float* pb = pp + task * t * s_pad;
-      const int64_t out_q = (b * t * heads + h) * dh, out_kv = (b * s * heads + h) * dh;
-      small_gemm(pb, 1, s_pad, gb, gs2, s, dh, t, dvp + out_kv, heads * dh, above);  // dV = P^T dO
+      float* dqb = dqp + b * dqs0 + h * dqs1;
+      float* dkb = dkp + b * dks0 + h * dks1;
+      float* dvb = dvp + b * dvs0 + h * dvs1;
+      small_gemm(pb, 1, s_pad, gb, gs2, s, dh, t, dvb, dvs2, above);  // dV = P^T dO
       if (causal) std::fill(ds.begin(), ds.end(), 0.f);
       transpose_rows(vb, vs2, s, dh, vt.data(), s_pad);
       small_gemm(gb, gs2, 1, vt.data(), s_pad, t, s_pad, dh, ds.data(), s_pad,
                  causal ? Causal::kColumns : Causal::kNone);  // dP = dO V^T
       for (int64_t i = 0; i < t; ++i) softmax_grad_row(pb + i * s_pad, ds.data() + i * s_pad, s_pad, scale);
-      small_gemm(ds.data(), s_pad, 1, kb, ks2, t, dh, s, dqp + out_q, heads * dh, below);  // dQ = dS K
-      small_gemm(ds.data(), 1, s_pad, qb, qs2, s, dh, t, dkp + out_kv, heads * dh, above);  // dK = dS^T Q
+      small_gemm(ds.data(), s_pad, 1, kb, ks2, t, dh, s, dqb, dqs2, below);  // dQ = dS K
+      small_gemm(ds.data(), 1, s_pad, qb, qs2, s, dh, t, dkb, dks2, above);  // dK = dS^T Q
     }
   });
 #endif
-  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+  return {dq, dk, dv};
 }
 
 }  // namespace
@@ -1757,7 +1773,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("key_mask"),
         pybind11::arg("causal"), pybind11::arg("scale"));
   m.def("attention_backward", &attention_backward,
-        "the gradients (dq, dk, dv) of attention_forward from grad_out (B, H, T, Dh) and its probabilities",
+        "the gradients (dq, dk, dv) of attention_forward from grad_out (B, H, T, Dh) and its probabilities, each "
+        "written into the given tensor (B, H, T|S, Dh), Dh contiguous, or a new one",
         pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
-        pybind11::arg("probs"), pybind11::arg("causal"), pybind11::arg("scale"));
+        pybind11::arg("probs"), pybind11::arg("causal"), pybind11::arg("scale"), pybind11::arg("dq") = pybind11::none(),
+        pybind11::arg("dk") = pybind11::none(), pybind11::arg("dv") = pybind11::none());
 }
