@@ -97,7 +97,8 @@ def _heads(b, n, h, dh, seed):
     (2, 3, 17, 17, 16, True, False),
     (4, 1, 5, 7, 8, False, True),
     (1, 1, 1, 1, 8, False, False),
-    (2, 2, 128, 128, 32, True, False),  # SHORT_MAX_LENGTH
+    (2, 2, 128, 128, 32, True, False),
+    (1, 2, 256, 256, 16, True, False),  # SHORT_MAX_LENGTH
     # causal with T != S (query i sees keys j <= i, as scaled_dot_product_attention) and rows that end a tile
     # part-way: the products skip what the mask zeroes by blocks of 4 rows and 8 columns
     (2, 2, 13, 29, 16, True, False),

@@ -25,10 +25,13 @@ from torch.autograd.function import once_differentiable
 
 from transformer.model import native
 
-# The longest T or S that takes the compiled kernel: 1.22-2.25x flash attention's forward and backward at 16
-# to 128 positions, 1024 tokens a batch, head width 64 (benchmarks/bench_micro.py --parts train-attention; the
-# forward alone is 0.95-0.98x at 128, and the kernel's advantage shrinks with the length)
-SHORT_MAX_LENGTH = 128
+# The longest T or S that takes the compiled kernel. Since session 22 (products as tiles of one kind, the causal
+# half skipped), forward and backward, it is 1.3x flash attention at 128 positions and 1.06-1.14x at 256 without
+# a causal mask, 2.1x and 1.8x with one (benchmarks/bench_micro.py --parts train-attention, 1024 tokens a batch;
+# the forward alone 0.92-0.97x at 256); 256 covers the Shakespeare LM's blocks. Not longer: the kernel keeps the
+# probabilities, (B, H, T, S) floats, for the backward pass (33 MB a layer at 8192 tokens of 256, 4 heads),
+# where flash attention keeps a row's log-sum-exp.
+SHORT_MAX_LENGTH = 256
 _KERNEL = native.Kernel("attention_forward", needs_avx2=True)  # the extension, looked up once per process
 _PACKING = native.Kernel("attention_backward", needs_avx2=True)  # off: separate projections (comparisons)
 
