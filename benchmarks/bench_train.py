@@ -220,10 +220,15 @@ def capture_products(step, device: torch.device) -> list[tuple]:
     return [(func, [operand(m) for m in metas], kwargs) for func, metas, kwargs in recorded]
 
 
+def _factors(operands: list) -> list[Tensor]:
+    """The two factors of one captured product (addmm's bias comes first, so the last two tensors)."""
+    return [o for o in operands if isinstance(o, Tensor)][-2:]
+
+
 def product_flops(operands: list) -> int:
-    """FLOPs of one captured product: its two factors (addmm's bias first), (..., m, k) x (..., k, n)."""
-    mats = [o for o in operands if isinstance(o, Tensor)][-2:]
-    return 2 * math.prod(mats[0].shape) * mats[1].shape[-1]
+    """FLOPs of one captured product: its two factors, (..., m, k) x (..., k, n)."""
+    a, b = _factors(operands)
+    return 2 * math.prod(a.shape) * b.shape[-1]
 
 
 def products_alone(step, device: torch.device) -> tuple[Callable[[], None], int, float]:
@@ -262,8 +267,8 @@ def print_products_by_shape(step, device: torch.device, peak: float, rounds: int
             best[i] = min(best[i], time.perf_counter() - started)
     groups: dict[tuple, list] = {}
     for (func, operands, _), seconds in zip(calls, best):
-        mats = [o for o in operands if isinstance(o, Tensor)][-2:]
-        key = (func.overloadpacket.__name__, _layout(mats[0]), _layout(mats[1]))
+        a, b = _factors(operands)
+        key = (func.overloadpacket.__name__, _layout(a), _layout(b))
         group = groups.setdefault(key, [0, 0.0, 0])
         group[0] += 1
         group[1] += seconds

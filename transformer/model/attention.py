@@ -33,7 +33,7 @@ from transformer.model import native
 # where flash attention keeps a row's log-sum-exp.
 SHORT_MAX_LENGTH = 256
 _KERNEL = native.Kernel("attention_forward", needs_avx2=True)  # the extension, looked up once per process
-_PACKING = native.Kernel("attention_backward", needs_avx2=True)  # off: separate projections (comparisons)
+_PACKING = native.Switch()  # off: separate projections (comparisons)
 
 
 def short_kernel() -> Optional[ModuleType]:
@@ -113,22 +113,32 @@ class _PackedShortAttention(torch.autograd.Function):
         return d_q_in, d_kv_in, None, None, None, None
 
 
-def _short(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-           is_causal: bool) -> Optional[ModuleType]:
-    """The extension when its kernel applies: training on the CPU (autograd recording), float32, no attention
-    dropout, no mask or a key mask (B,1,1,S), head width a multiple of 8, T and S up to SHORT_MAX_LENGTH."""
-    if (dropout_p or not torch.is_grad_enabled() or q.device.type != "cpu" or torch.compiler.is_compiling()
-            or not (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return None
-    if any(x.dtype != torch.float32 or x.dim() != 4 or x.stride(-1) != 1 for x in (q, k, v)):
-        return None
-    b, h, t, dh = q.shape
-    s = k.size(2)
-    if k.shape != (b, h, s, dh) or v.shape != k.shape or dh % 8 or max(t, s) > SHORT_MAX_LENGTH:
+def _kernel_for(device: torch.device, records: bool, b: int, t: int, s: int, head_dim: int,
+                attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool) -> Optional[ModuleType]:
+    """The extension when its kernel applies to attention of these sizes, float32 operands given: training on
+    the CPU (``records``: a gradient is recorded), no attention dropout, no mask or a key mask (B,1,1,S), head
+    width a multiple of 8, T and S up to SHORT_MAX_LENGTH. Shared by ``_short`` (the operands at hand) and
+    ``MultiHeadAttention._packable`` (before the projections)."""
+    if (dropout_p or not records or not torch.is_grad_enabled() or device.type != "cpu"
+            or torch.compiler.is_compiling() or head_dim % 8 or max(t, s) > SHORT_MAX_LENGTH):
         return None
     if attn_mask is not None and (is_causal or attn_mask.dtype != torch.bool or attn_mask.shape != (b, 1, 1, s)):
         return None
     return short_kernel()
+
+
+def _short(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+           is_causal: bool) -> Optional[ModuleType]:
+    """The extension when its kernel applies (``_kernel_for``) to q (B,H,T,Dh), k and v (B,H,S,Dh): float32,
+    Dh contiguous."""
+    if any(x.dtype != torch.float32 or x.dim() != 4 or x.stride(-1) != 1 for x in (q, k, v)):
+        return None
+    b, h, t, dh = q.shape
+    s = k.size(2)
+    if k.shape != (b, h, s, dh) or v.shape != k.shape:
+        return None
+    records = q.requires_grad or k.requires_grad or v.requires_grad
+    return _kernel_for(q.device, records, b, t, s, dh, attn_mask, dropout_p, is_causal)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -212,22 +222,18 @@ class MultiHeadAttention(nn.Module):
 
     def _packable(self, query: Tensor, key_value: Tensor, attn_mask: Optional[Tensor],
                   is_causal: bool) -> Optional[ModuleType]:
-        """The extension when its kernel will run on these inputs (``_short``'s conditions, checked before the
-        projections), so that they can be packed; else None."""
-        if ((self.dropout and self.training) or not torch.is_grad_enabled() or query.device.type != "cpu"
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or self.head_dim % 8):
+        """The extension when its kernel will run on the projections of these inputs (``_kernel_for``, checked
+        before projecting: ``nn.Linear`` projections (not quantised ones), float32 inputs and weights, no
+        autocast), so that they can be packed; else None."""
+        if not _PACKING or type(self.q_proj) is not nn.Linear or torch.is_autocast_enabled("cpu"):
             return None
         weight = self.q_proj.weight
-        if not (weight.requires_grad or query.requires_grad or key_value.requires_grad):
+        if (query.dim() != 3 or key_value.dim() != 3 or key_value.size(0) != query.size(0)
+                or any(x.dtype != torch.float32 for x in (query, key_value, weight))):
             return None
-        if any(x.dtype != torch.float32 for x in (query, key_value, weight)) or query.dim() != 3:
-            return None
-        b, t, s = query.size(0), query.size(1), key_value.size(1)
-        if max(t, s) > SHORT_MAX_LENGTH or key_value.dim() != 3 or key_value.size(0) != b:
-            return None
-        if attn_mask is not None and (is_causal or attn_mask.dtype != torch.bool or attn_mask.shape != (b, 1, 1, s)):
-            return None
-        return short_kernel() if _PACKING.get() is not None else None
+        records = weight.requires_grad or query.requires_grad or key_value.requires_grad
+        return _kernel_for(query.device, records, query.size(0), query.size(1), key_value.size(1), self.head_dim,
+                           attn_mask, self.dropout if self.training else 0.0, is_causal)
 
     def _packed(self, query: Tensor, key_value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
                 module: ModuleType) -> Tensor:

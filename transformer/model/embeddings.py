@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.errors import TransformerError
+from transformer.model import native
 
 
 def sinusoidal_table(n_positions: int, d_model: int) -> Tensor:
@@ -76,7 +76,7 @@ class _TiedUses(torch.autograd.Function):
         return total, None
 
 
-_FAN_OUT = {"on": True}
+_FAN_OUT = native.Switch()  # off: autograd's dense sum (comparisons)
 
 
 def tied_uses(weight: Tensor, n: int) -> Optional[tuple[Tensor, ...]]:
@@ -87,21 +87,16 @@ def tied_uses(weight: Tensor, n: int) -> Optional[tuple[Tensor, ...]]:
     BENCHMARKS.md, session 20). Here the lookups' gradients stay sparse and are added into the output
     projection's in place, which touches only their rows. Give the lookups to :meth:`TokenEmbedding.forward`
     and the projection to ``_OutputLayer``."""
-    if (not _FAN_OUT["on"] or n < 2 or not (torch.is_grad_enabled() and weight.requires_grad)
+    if (not _FAN_OUT or n < 2 or not (torch.is_grad_enabled() and weight.requires_grad)
             or weight.device.type != "cpu" or torch.compiler.is_compiling()):
         return None
     return _TiedUses.apply(weight, n)
 
 
-@contextmanager
-def dense_tied_gradients() -> Iterator[None]:
+def dense_tied_gradients() -> ContextManager[None]:
     """Within the block, :func:`tied_uses` returns None: autograd's own sum of dense gradients (comparisons:
     the ``ours_dense_tied`` peer of ``benchmarks/bench_train.py``, tests)."""
-    saved, _FAN_OUT["on"] = _FAN_OUT["on"], False
-    try:
-        yield
-    finally:
-        _FAN_OUT["on"] = saved
+    return _FAN_OUT.off()
 
 
 class PositionalEncoding(nn.Module):

@@ -103,6 +103,26 @@ def load() -> Optional[ModuleType]:
     return module
 
 
+class Switch:
+    """A training path in Python that is on unless turned off within a block (comparisons, tests), as
+    :meth:`Kernel.off` turns off a kernel: truthy while on."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def __bool__(self) -> bool:
+        return self.on
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        """Within the block, the switch is off."""
+        saved, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = saved
+
+
 class Kernel:
     """One of the extension's kernels as a Python caller sees it: the module, looked up once per process (None
     where it is not built, is turned off, lacks ``attribute``, or with ``needs_avx2`` cannot run on this CPU),
