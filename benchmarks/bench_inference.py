@@ -50,10 +50,12 @@ from transformer.config import LENGTH_PENALTY_FORMS, preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
-SYSTEMS = ("ours", "ours_nograph", "ours_pystep", "ours_eager", "ours_int8", "hf", "ct2_fp32", "ct2_int8")
+SYSTEMS = ("ours", "ours_nograph", "ours_pystep", "ours_pyloop", "ours_eager", "ours_int8", "ours_int8_pyloop", "hf",
+           "ct2_fp32", "ct2_int8")
 NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs",
-         "ours_pystep": "ours frozen, Python step", "ours_eager": "ours, not frozen",
-         "ours_int8": "ours int8", "hf": "HF generate",
+         "ours_pystep": "ours frozen, Python step", "ours_pyloop": "ours, Python greedy loop",
+         "ours_eager": "ours, not frozen", "ours_int8": "ours int8", "ours_int8_pyloop": "ours int8, Python greedy loop",
+         "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 
 
@@ -240,6 +242,18 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
         if not args.no_freeze:
             int8_model = freeze(int8_model)
         systems["ours_int8"] = lambda batch, beam: ours(batch, beam, model=int8_model)
+    if args.python_loop:  # greedy search's Python loop where the compiled one (DecoderStep.greedy) runs
+        from transformer.decoding.greedy import python_loop
+
+        def in_python_loop(system):
+            def run(batch, beam):
+                with python_loop():
+                    return system(batch, beam)
+            return run
+
+        for name in ("ours", "ours_int8"):
+            if name in systems:
+                systems[name + "_pyloop"] = in_python_loop(systems[name])
     hf_dir = os.path.join(work, "hf")
     hf.save_pretrained(hf_dir)
     # Ours stops at `limit` tokens with EOS forced at the last one; the peers stop after `limit - 1`
@@ -363,6 +377,9 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true",
                         help="add our nn.Module beside its frozen copy, and the frozen copy without CUDA graphs (CUDA) "
                              "or with the Python decoder step where the compiled one is built (CPU)")
+    parser.add_argument("--python-loop", action="store_true",
+                        help="add ours and ours int8 with greedy search's Python loop instead of the compiled one "
+                             "(DecoderStep.greedy, where the compiled step computes the logits)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--bootstrap", type=int, default=0,
@@ -398,8 +415,9 @@ def main() -> None:
               f"penalty alpha={args.alpha} (ours: {args.length_penalty_form} form; the peers: len ** alpha); "
               "systems round-robin batch by batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
-              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | ours / Python step |")
-        print("|---|---:|" + "---:|" * (len(systems) + 6))
+              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | ours / Python step | "
+              "ours / Python loop | ours int8 / Python loop |")
+        print("|---|---:|" + "---:|" * (len(systems) + 8))
         references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
@@ -412,7 +430,8 @@ def main() -> None:
             print(f"| {search} | {batch_size} | " + " | ".join(f"{rate[n]:.0f}" for n in systems)
                   + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} "
                   f"| {ratio('ours', 'ours_eager')} | {ratio('ours', 'ours_nograph')} "
-                  f"| {ratio('ours', 'ours_pystep')} |",
+                  f"| {ratio('ours', 'ours_pystep')} | {ratio('ours', 'ours_pyloop')} "
+                  f"| {ratio('ours_int8', 'ours_int8_pyloop')} |",
                   flush=True)
             hyps = {n: [tok.decode_tgt(o) for o in s["outputs"]] for n, s in stats.items()}  # detokenised
             bleu = {n: sacrebleu.corpus_bleu(h, [references]).score for n, h in hyps.items()}

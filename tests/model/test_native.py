@@ -435,6 +435,37 @@ def test_searches_on_the_compiled_step_give_the_same_outputs():
            list(sample(freeze(lm, native=False), [5, 6, 7], 12, 1.0, 0, 1.0, g2))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("rows", [1, 70])  # 70: float32 products in panels, then fewer rows as sentences end
+def test_compiled_greedy_loop_equals_the_python_loop(variant, int8, rows):
+    """DecoderStep.greedy (the whole search in C++) gives greedy_search's Python loop's tokens and float32 scores,
+    bit for bit: sentences ending by EOS at different steps (the batch shrinking) and at their length limits."""
+    from transformer.data.vocab import EOS_ID, PAD_ID
+    from transformer.decoding.greedy import python_loop
+
+    model = _transformer(**variant)
+    weight = model.output.lm_head.weight  # the EOS row made a random direction: EOS wins at some steps only
+    weight[EOS_ID] = torch.randn(weight.size(1), generator=torch.Generator().manual_seed(1)) * (
+        2.0 * weight.norm(dim=1).mean() / weight.size(1) ** 0.5)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 12, (rows,), generator=g)
+    src = torch.randint(4, weight.size(0), (rows, 12), generator=g)
+    src[torch.arange(12)[None, :] >= lengths[:, None]] = PAD_ID
+    src[torch.arange(rows), lengths - 1] = EOS_ID
+    frozen = freeze(quantize(model) if int8 else model, native=True)
+    limit = src.ne(PAD_ID).sum(1) + 3  # greedy_search(.., 1.0, 3)'s limits
+    assert frozen.compiled_greedy(frozen.encode(src), limit, [PAD_ID]) is not None  # the compiled loop runs here
+    compiled = greedy_search(frozen, src, 1.0, 3)
+    with python_loop():
+        python = greedy_search(frozen, src, 1.0, 3)
+    assert [(h.tokens, h.score) for h in compiled] == [(h.tokens, h.score) for h in python]
+    if variant == VARIANTS[0].values[0] and rows > 1:  # both ways of ending a sentence are taken
+        ended = [len(h.tokens) + 1 < n for h, n in zip(compiled, limit.tolist())]
+        assert 5 <= sum(ended) <= rows - 5
+
+
 def test_compiled_step_is_optional(monkeypatch):
     model = _transformer(norm_first=False, positional="sinusoidal")
     assert freeze(model).decoder.native is not None  # built (the fixture): used by default

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
@@ -20,6 +20,16 @@ from transformer.decoding.common import (
     max_positions,
     next_token_logprobs,
 )
+from transformer.model import native
+
+# The compiled loop where the model has one (FrozenTransformer.compiled_greedy); off within python_loop()
+COMPILED_LOOP = native.Switch()
+
+
+def python_loop() -> ContextManager[None]:
+    """Within the block, greedy search runs its Python loop even where the compiled one applies (comparisons:
+    ``benchmarks/bench_inference.py``'s ``ours_pyloop``, tests)."""
+    return COMPILED_LOOP.off()
 
 
 @torch.no_grad()
@@ -37,6 +47,11 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
     batch_size, device = src_tokens.size(0), src_tokens.device
     limit = max_output_lengths(src_tokens, max_len_a, max_len_b, max_positions(model)).cpu().numpy()  # (B,)
     enc = model.encode(src_tokens)
+    compiled = getattr(model, "compiled_greedy", None) if COMPILED_LOOP else None
+    result = compiled(enc, torch.from_numpy(limit), BANNED) if compiled is not None else None
+    if result is not None:  # the whole loop in the compiled step: the same calls, no Python between steps
+        tokens, logprobs = (t.numpy() for t in result)  # (B, max(limit)), (B,)
+        return _hypotheses(tokens, logprobs)
     cache = model.new_cache()
     # The bookkeeping is on the host (numpy), from one read of each step's tokens and log-probabilities.
     active = np.arange(batch_size)  # original index of each row
@@ -74,6 +89,11 @@ def greedy_search(model: Any, src_tokens: Tensor, max_len_a: float = 1.0, max_le
             active, best = active[keep_host], best.index_select(0, keep)
             first_limit = int(limit[active].min())
         last = best.view(-1, 1)  # (n,) -> (n,1)
+    return _hypotheses(out_tokens, logprob)
+
+
+def _hypotheses(out_tokens: np.ndarray, logprob: np.ndarray) -> list[Hypothesis]:
+    """Tokens (B, L), EOS past each end, and summed log-probabilities (B,) -> one hypothesis per sentence."""
     hyps = []
     for row, score in zip(out_tokens.tolist(), logprob.tolist()):
         tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.data.vocab import PAD_ID
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.errors import TransformerError
 from transformer.model.attention import KVCache
 from transformer.model.embeddings import check_positions
@@ -741,6 +741,26 @@ class FrozenTransformer:
         """A growing :class:`DecoderCache`, or with static-cache decoding a handle on the model's buffers
         (one search at a time: see :mod:`transformer.model.static`)."""
         return self.static.new_cache() if self.static is not None else DecoderCache()
+
+    def compiled_greedy(self, encoder_out: EncoderOut, limit: Tensor,
+                        banned: list[int]) -> Optional[tuple[Tensor, Tensor]]:
+        """Greedy search's whole loop in the compiled step (``DecoderStep.greedy``, csrc/decoder_step.cpp) where
+        it runs: the compiled step computes the logits (float32 panels or int8) with its own attention, no
+        static cache, a :class:`FrozenEncoderOut`. ``limit`` (B,) int64: each sentence's most output tokens, EOS
+        included; ``banned``: ids never generated. Returns the tokens (B, max(limit)), EOS past each end, and the summed log-probabilities (B,)
+        float32, what :func:`~transformer.decoding.greedy.greedy_search`'s Python loop returns; else None."""
+        decoder = self.decoder
+        if (self.static is not None or decoder.native is None or not decoder.native_logits
+                or decoder.layers[0].attend is None or not isinstance(encoder_out, FrozenEncoderOut)
+                or not decoder._native_rows(limit.size(0))):
+            return None
+        src_mask = encoder_out.src_mask if encoder_out.padded else None  # (B,S) bool
+        with torch.no_grad():
+            tokens, logprob = decoder.native.greedy(
+                limit, [kv[0] for kv in encoder_out.cross_kv], [kv[1] for kv in encoder_out.cross_kv], src_mask,
+                encoder_out.kv_rows, BOS_ID, EOS_ID, PAD_ID, banned, COLUMN_ROWS["decoder"],
+                PANEL_ROWS["decoder"], PANEL_ROWS["output"])
+        return tokens, logprob
 
     def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut,
                cache: Optional[Union[DecoderCache, StaticCache]] = None) -> Tensor:
