@@ -12,11 +12,12 @@ tokens: decoding starts from ``<s>``, not from Marian's zero embedding, and no v
 
 Measured: generated tokens/s (each sentence counts its output tokens plus one for the final step that
 emits EOS or hits the limit), greedy and beam 4, batch 1 and batch 32, over the first ``--sentences``
-Multi30k validation sentences, all systems stepped batch by batch round-robin. Every system gets the same
-source token ids and the same length limit (``--max-len`` output tokens, EOS included); PAD and BOS are
-never generated. The outputs are compared token for token. On the CPU the process keeps freed host memory
-for reuse (``transformer.host_memory``, what ``Translator`` sets there by default) for every system alike;
-``--system-malloc`` leaves glibc's allocator as it is.
+Multi30k validation sentences, all systems stepped batch by batch round-robin, in a shuffled order for each
+batch (since session 23). Every system gets the same source token ids and the same length limit
+(``--max-len`` output tokens, EOS included); PAD and BOS are never generated. The outputs are compared
+token for token. On the CPU the process keeps freed host memory for reuse (``transformer.host_memory``, what
+``Translator`` sets there by default) for every system alike; ``--system-malloc`` leaves glibc's allocator
+as it is.
 
 On ``--device cuda`` CTranslate2 runs on the GPU too, where it loads (float32, or bfloat16 with ``--bf16``;
 no int8 rows there): its wheels open CUDA 12's cuBLAS by name, so a machine with CUDA 13 only needs
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -324,13 +326,19 @@ def paired_bootstrap(hyp_a: list[str], hyp_b: list[str], refs: list[str], n: int
 
 
 def run_case(systems: dict, sources: list[list[int]], batch_size: int, beam: int, device) -> dict:
-    """Translate all sources in batches, systems round-robin batch by batch; seconds, tokens, outputs."""
+    """Translate all sources in batches, systems round-robin batch by batch, in a new (seeded) order for each
+    batch; seconds, tokens, outputs. A fixed order times each system right after the same other one, and what
+    that one leaves behind (the caches' contents, not busy threads: none use the CPU after their calls) moved
+    a system's speed at batch 1 by up to a fifth: in session 23 our beam search ran at 0.83x of itself, the
+    same code, where it followed CTranslate2 int8 (1.00-1.03x with the shuffled order)."""
     stats = {n: {"time": 0.0, "tokens": 0, "outputs": []} for n in systems}
     batches = [sources[i: i + batch_size] for i in range(0, len(sources), batch_size)]
     for fn in systems.values():  # warm-up on the first batch
         fn(batches[0], beam)
-    for batch in batches:
-        for name, fn in systems.items():
+    order = list(systems.items())
+    for number, batch in enumerate(batches):
+        random.Random(number).shuffle(order)
+        for name, fn in order:
             sync(device)
             start = time.perf_counter()
             outs = fn(batch, beam)
@@ -413,7 +421,7 @@ def main() -> None:
                    "cases": {}}
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha} (ours: {args.length_penalty_form} form; the peers: len ** alpha); "
-              "systems round-robin batch by batch")
+              "systems round-robin batch by batch, shuffled for each batch")
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
               "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | ours / Python step | "
               "ours / Python loop | ours int8 / Python loop |")

@@ -1,4 +1,10 @@
-"""Greedy search: the most probable next token at every step, batched, with finished rows pruned."""
+"""Greedy search: the most probable next token at every step, batched, with finished rows pruned.
+
+Where the model is frozen with the compiled extension's step computing the logits (CPU, ``transformer
+build-native``), the whole loop below runs in C++ instead (:meth:`~transformer.model.frozen.FrozenTransformer.
+compiled_greedy`): the same calls, so the same tokens and the same float32 scores, without the interpreter
+between steps (BENCHMARKS.md, session 23). :func:`python_loop` keeps the Python loop within a block.
+"""
 
 from __future__ import annotations
 

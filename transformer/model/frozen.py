@@ -34,7 +34,10 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   frozen LayerNorm: ATen's add and layer_norm cost more in calls than in arithmetic at a step's few rows),
   ReLU in the products' epilogue, ``attend_spans`` (the encoder's self-attention over its real tokens only,
   each over its own sentence's: no padded layout) and ``source_heads`` (the cross-attention keys and values
-  laid out per head in one pass). ``freeze(model, native=False)`` keeps the Python step and the forms above.
+  laid out per head in one pass). Since session 23 greedy search's whole loop runs there too where the
+  compiled step computes the logits (:meth:`FrozenTransformer.compiled_greedy`, ``DecoderStep.greedy``: the
+  same calls as :func:`~transformer.decoding.greedy.greedy_search`'s Python loop, the same tokens and scores).
+  ``freeze(model, native=False)`` keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
   exactly what quantising the fused float matrix per channel would give. Where the compiled extension is

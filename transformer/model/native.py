@@ -2,7 +2,7 @@
 
 A frozen model's decoder step at a few rows is mostly Python overhead between small ATen calls (about a
 fifth of a step at one row on the benchmark CPU). The C++ step makes the same calls without the
-interpreter. The same module has ``panel_linear``, a product for few rows (AVX2 and FMA) that the frozen
+interpreter (and runs greedy search's whole loop: ``DecoderStep.greedy``). The same module has ``panel_linear``, a product for few rows (AVX2 and FMA) that the frozen
 decoder's and encoder's products use (``frozen.PANEL_ROWS``), and kernels of training on the CPU:
 ``dropout_apply``, the dropout (:mod:`transformer.model.dropout`), ``attention_forward`` /
 ``attention_backward``, the attention of short sequences (:mod:`transformer.model.attention`), ``bias_relu_`` /

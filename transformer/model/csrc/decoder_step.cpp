@@ -6,7 +6,9 @@
 // interpreter between the calls and the fixed cost of ATen's small calls (allocations, the threads' start),
 // which at a few rows are a large part of a step. Built on demand by
 // transformer/model/native.py with torch.utils.cpp_extension; Python keeps the KV cache (it grows the
-// buffers; this writes the new position into them and into the histories' tables of rows) and the search.
+// buffers; this writes the new position into them and into the histories' tables of rows) and the search,
+// except greedy search, whose whole loop (DecoderStep.greedy: the steps, the candidates, the finished
+// sentences leaving the batch) runs here where the step computes the logits.
 //
 // It also holds panel_linear, a product for the few rows of a decoder step (below): with the weights read
 // once, in the order they lie in memory, it is 1.1-2.9x faster than MKL's and oneDNN's forms at 1-64 rows of
