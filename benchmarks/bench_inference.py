@@ -56,7 +56,8 @@ SYSTEMS = ("ours", "ours_nograph", "ours_pystep", "ours_pyloop", "ours_eager", "
            "ct2_fp32", "ct2_int8")
 NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs",
          "ours_pystep": "ours frozen, Python step", "ours_pyloop": "ours, Python greedy loop",
-         "ours_eager": "ours, not frozen", "ours_int8": "ours int8", "ours_int8_pyloop": "ours int8, Python greedy loop",
+         "ours_eager": "ours, not frozen", "ours_int8": "ours int8",
+         "ours_int8_pyloop": "ours int8, Python greedy loop",
          "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 

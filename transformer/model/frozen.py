@@ -750,8 +750,9 @@ class FrozenTransformer:
         """Greedy search's whole loop in the compiled step (``DecoderStep.greedy``, csrc/decoder_step.cpp) where
         it runs: the compiled step computes the logits (float32 panels or int8) with its own attention, no
         static cache, a :class:`FrozenEncoderOut`. ``limit`` (B,) int64: each sentence's most output tokens, EOS
-        included; ``banned``: ids never generated. Returns the tokens (B, max(limit)), EOS past each end, and the summed log-probabilities (B,)
-        float32, what :func:`~transformer.decoding.greedy.greedy_search`'s Python loop returns; else None."""
+        included; ``banned``: ids never generated. Returns the tokens (B, max(limit)), EOS past each end, and
+        the summed log-probabilities (B,) float32, what :func:`~transformer.decoding.greedy.greedy_search`'s
+        Python loop returns; else None."""
         decoder = self.decoder
         if (self.static is not None or decoder.native is None or not decoder.native_logits
                 or decoder.layers[0].attend is None or not isinstance(encoder_out, FrozenEncoderOut)

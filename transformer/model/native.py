@@ -2,14 +2,14 @@
 
 A frozen model's decoder step at a few rows is mostly Python overhead between small ATen calls (about a
 fifth of a step at one row on the benchmark CPU). The C++ step makes the same calls without the
-interpreter (and runs greedy search's whole loop: ``DecoderStep.greedy``). The same module has ``panel_linear``, a product for few rows (AVX2 and FMA) that the frozen
-decoder's and encoder's products use (``frozen.PANEL_ROWS``), and kernels of training on the CPU:
-``dropout_apply``, the dropout (:mod:`transformer.model.dropout`), ``attention_forward`` /
-``attention_backward``, the attention of short sequences (:mod:`transformer.model.attention`), ``bias_relu_`` /
-``relu_grad_``, the feed-forward network's ReLU (:mod:`transformer.model.layers`), and ``exp_rows_`` /
-``exp_rows_grad_``, the loss's passes over the logits (:mod:`transformer.training.loss`). It is
-optional: building it needs a C++ compiler and Python's headers and takes about a minute, so nothing builds
-it implicitly.
+interpreter, and runs greedy search's whole loop (``DecoderStep.greedy``). The same module has
+``panel_linear``, a product for few rows (AVX2 and FMA) that the frozen decoder's and encoder's products use
+(``frozen.PANEL_ROWS``), and kernels of training on the CPU: ``dropout_apply``, the dropout
+(:mod:`transformer.model.dropout`), ``attention_forward`` / ``attention_backward``, the attention of short
+sequences (:mod:`transformer.model.attention`), ``bias_relu_`` / ``relu_grad_``, the feed-forward network's
+ReLU (:mod:`transformer.model.layers`), and ``exp_rows_`` / ``exp_rows_grad_``, the loss's passes over the
+logits (:mod:`transformer.training.loss`). It is optional: building it needs a C++ compiler and Python's
+headers and takes about a minute, so nothing builds it implicitly.
 ``transformer build-native`` (run by ``scripts/setup.sh``) builds it into a cache folder; from then on
 :func:`~transformer.model.frozen.freeze` uses it on the CPU, and without it the Python step runs (the same
 maths); training's dropout takes its masks from it, and without it from stored masks; training's attention,

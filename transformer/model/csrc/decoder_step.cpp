@@ -1638,12 +1638,13 @@ class DecoderStep {
   // its bookkeeping in C++ (no Python between steps: about a seventh of an int8 search at 32 sentences was the
   // interpreter's). The same calls in the same order, so the same tokens and the same float32 sums: a step's
   // logits by step(); where no sentence is at its length limit, step_candidates (1 best of each row, `banned`
-  // left out, `pad` where none is left); at the limit ATen's log_softmax, the banned ids and every token but EOS at -inf where a row is at
-  // its limit, and max. Finished sentences leave the batch (their tables' rows, mask rows and source rows
-  // dropped). limit (B,) int64 >= 1: each sentence's most output tokens, EOS included; cross_k, cross_v per layer
-  // (M, H, S, Dh); src_mask (B, S) bool or none (no padding); cross_rows (B,) int64 or none (row b's source is
-  // row b). Needs the step's own attention (fast_attention: the histories as tables of rows). Returns the tokens
-  // (B, max(limit)) int64, EOS past each sentence's end, and each sentence's summed log-probability (B,) float32.
+  // left out, `pad` where none is left); from the first limit on, ATen's log_softmax, -inf at the banned ids
+  // and at every token but EOS in the rows at their limits, and max. Finished sentences leave the batch (their
+  // tables' rows, mask rows and source rows dropped). limit (B,) int64 >= 1: each sentence's most output tokens,
+  // EOS included; cross_k, cross_v per layer (M, H, S, Dh); src_mask (B, S) bool or none (no padding);
+  // cross_rows (B,) int64 or none (row b's source is row b). Needs the step's own attention (fast_attention: the
+  // histories as tables of rows). Returns the tokens (B, max(limit)) int64, EOS past each sentence's end, and
+  // each sentence's summed log-probability (B,) float32.
   std::vector<Tensor> greedy(const Tensor& limit_in, const std::vector<Tensor>& cross_k,
                              const std::vector<Tensor>& cross_v, const std::optional<Tensor>& src_mask,
                              const std::optional<Tensor>& cross_rows, int64_t bos, int64_t eos, int64_t pad,
