@@ -52,8 +52,6 @@ from transformer.config import LENGTH_PENALTY_FORMS, preset  # noqa: E402
 from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 
-SYSTEMS = ("ours", "ours_nograph", "ours_pystep", "ours_pyloop", "ours_eager", "ours_int8", "ours_int8_pyloop", "hf",
-           "ct2_fp32", "ct2_int8")
 NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs",
          "ours_pystep": "ours frozen, Python step", "ours_pyloop": "ours, Python greedy loop",
          "ours_eager": "ours, not frozen", "ours_int8": "ours int8",
@@ -329,9 +327,9 @@ def paired_bootstrap(hyp_a: list[str], hyp_b: list[str], refs: list[str], n: int
 def run_case(systems: dict, sources: list[list[int]], batch_size: int, beam: int, device) -> dict:
     """Translate all sources in batches, systems round-robin batch by batch, in a new (seeded) order for each
     batch; seconds, tokens, outputs. A fixed order times each system right after the same other one, and what
-    that one leaves behind (the caches' contents, not busy threads: none use the CPU after their calls) moved
-    a system's speed at batch 1 by up to a fifth: in session 23 our beam search ran at 0.83x of itself, the
-    same code, where it followed CTranslate2 int8 (1.00-1.03x with the shuffled order)."""
+    that one leaves behind (most likely the caches' contents; not busy threads: none use the CPU after their
+    calls) moved a system's speed at batch 1 by up to a fifth: in session 23 our beam search ran at 0.83x of
+    itself, the same code, where it followed CTranslate2 int8 (1.00-1.03x with the shuffled order)."""
     stats = {n: {"time": 0.0, "tokens": 0, "outputs": []} for n in systems}
     batches = [sources[i: i + batch_size] for i in range(0, len(sources), batch_size)]
     for fn in systems.values():  # warm-up on the first batch

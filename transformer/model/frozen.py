@@ -759,11 +759,10 @@ class FrozenTransformer:
                 or not decoder._native_rows(limit.size(0))):
             return None
         src_mask = encoder_out.src_mask if encoder_out.padded else None  # (B,S) bool
-        with torch.no_grad():
-            tokens, logprob = decoder.native.greedy(
-                limit, [kv[0] for kv in encoder_out.cross_kv], [kv[1] for kv in encoder_out.cross_kv], src_mask,
-                encoder_out.kv_rows, BOS_ID, EOS_ID, PAD_ID, banned, COLUMN_ROWS["decoder"],
-                PANEL_ROWS["decoder"], PANEL_ROWS["output"])
+        tokens, logprob = decoder.native.greedy(  # no autograd in it (the C++ side's NoGradGuard)
+            limit, [kv[0] for kv in encoder_out.cross_kv], [kv[1] for kv in encoder_out.cross_kv], src_mask,
+            encoder_out.kv_rows, BOS_ID, EOS_ID, PAD_ID, banned, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"],
+            PANEL_ROWS["output"])
         return tokens, logprob
 
     def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut,

@@ -31,7 +31,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
@@ -103,9 +103,20 @@ def load() -> Optional[ModuleType]:
     return module
 
 
+@contextmanager
+def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    """Within the block, ``owner.name`` is ``value``; the old value comes back after it."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 class Switch:
-    """A training path in Python that is on unless turned off within a block (comparisons, tests), as
-    :meth:`Kernel.off` turns off a kernel: truthy while on."""
+    """A path that is on unless turned off within a block (comparisons, tests), as :meth:`Kernel.off` turns
+    off a kernel: truthy while on."""
 
     def __init__(self) -> None:
         self.on = True
@@ -113,14 +124,9 @@ class Switch:
     def __bool__(self) -> bool:
         return self.on
 
-    @contextmanager
-    def off(self) -> Iterator[None]:
+    def off(self) -> ContextManager[None]:
         """Within the block, the switch is off."""
-        saved, self.on = self.on, False
-        try:
-            yield
-        finally:
-            self.on = saved
+        return _replaced(self, "on", False)
 
 
 class Kernel:
@@ -142,14 +148,9 @@ class Kernel:
             self.module = module if ok else None
         return self.module  # type: ignore[return-value]
 
-    @contextmanager
-    def off(self) -> Iterator[None]:
+    def off(self) -> ContextManager[None]:
         """Within the block, :meth:`get` returns None."""
-        saved, self.module = self.module, None
-        try:
-            yield
-        finally:
-            self.module = saved
+        return _replaced(self, "module", None)
 
 
 def _import_built(name: str, folder: Path) -> Optional[ModuleType]:
