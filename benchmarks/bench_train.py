@@ -53,7 +53,7 @@ from transformer.model import Transformer  # noqa: E402
 from transformer.model.attention import flash_attention, separate_projections  # noqa: E402
 from transformer.model.dropout import stored_masks  # noqa: E402
 from transformer.model.embeddings import dense_tied_gradients, sinusoidal_table  # noqa: E402
-from transformer.model.layers import plain_feed_forward  # noqa: E402
+from transformer.model.layers import plain_feed_forward, unfused_add_norm  # noqa: E402
 from transformer.training.loss import aten_loss, label_smoothed_nll_loss  # noqa: E402
 
 PEERS = ("ours", "hf", "torch")
@@ -63,15 +63,18 @@ PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "
               "ours_stored_masks": "ours, dropout masks stored",
               "ours_flash": "ours, flash attention", "ours_dense_tied": "ours, dense tied gradients",
               "ours_aten_loss": "ours, loss in ATen ops", "ours_plain_ffn": "ours, plain feed-forward",
-              "ours_separate_qkv": "ours, q, k, v projected one by one"}
+              "ours_separate_qkv": "ours, q, k, v projected one by one",
+              "ours_unfused_norm": "ours, bias, dropout, residual and LayerNorm apart"}
 # Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
 # attention by scaled_dot_product_attention's flash kernel (as before session 19); the shared embedding's
 # gradients summed by autograd as dense (V,D) tensors, the loss's passes over the logits in ATen's ops, the
 # feed-forward network as nn.Linear and F.relu (all three as before session 20); q, k and v projected one by
-# one, not as one product of their packed weights (as before session 22)
+# one, not as one product of their packed weights (as before session 22); a post-norm sub-layer ended by addmm's
+# bias, the dropout's residual pass and nn.LayerNorm, not by one pass each way (as before session 24)
 ABLATIONS = {"ours_stored_masks": stored_masks, "ours_flash": flash_attention,
              "ours_dense_tied": dense_tied_gradients, "ours_aten_loss": aten_loss,
-             "ours_plain_ffn": plain_feed_forward, "ours_separate_qkv": separate_projections}
+             "ours_plain_ffn": plain_feed_forward, "ours_separate_qkv": separate_projections,
+             "ours_unfused_norm": unfused_add_norm}
 # Batch (B, S=T) per preset for the synthetic part on the CPU: 1024 tokens a side for `small` and `base` alike
 # (the Multi30k configs' buckets hold 2048, the paper's batches ~25k), a measured `base` config about 3 min on
 # 2 cores. Until session 21 `base` ran B=8 (256 tokens), where the products' few rows hold them to 83-89% of

@@ -236,7 +236,7 @@ class MultiHeadAttention(nn.Module):
                            attn_mask, self.dropout if self.training else 0.0, is_causal)
 
     def _packed(self, query: Tensor, key_value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                module: ModuleType) -> Tensor:
+                module: ModuleType, out_bias: bool) -> Tensor:
         """``forward`` through the kernel with the projections packed: q, k and v as one product of
         ``torch.cat`` of their weights in self-attention (query is key_value), k and v in cross-attention."""
         both = key_value is query
@@ -247,8 +247,14 @@ class MultiHeadAttention(nn.Module):
         q_in, kv_in = (packed, None) if both else (self.q_proj(query), packed)
         key_mask = attn_mask.reshape(query.size(0), key_value.size(1)) if attn_mask is not None else None  # (B,S)
         out = _PackedShortAttention.apply(q_in, kv_in, self.n_heads, key_mask, is_causal, module)  # (B,H,T,Dh)
+        return self._output(out, out_bias)
+
+    def _output(self, out: Tensor, out_bias: bool) -> Tensor:
+        """The output projection of the heads ``out`` (B,H,T,Dh) -> (B,T,D); without its bias unless ``out_bias``
+        (an ``nn.Linear`` projection then: the caller adds the bias, see ``layers._AddNorm``)."""
         b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B,H,T,Dh) -> (B,T,D)
+        out = out.transpose(1, 2).reshape(b, t, -1)  # (B,T,D)
+        return self.out_proj(out) if out_bias else F.linear(out, self.out_proj.weight)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -259,15 +265,16 @@ class MultiHeadAttention(nn.Module):
         return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
 
     def attend(
-        self, query: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False
+        self, query: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+        out_bias: bool = True,
     ) -> Tensor:
-        """Attend from ``query`` (B,T,D) to projected ``k``, ``v`` (B,H,S,Dh); returns (B,T,D)."""
+        """Attend from ``query`` (B,T,D) to projected ``k``, ``v`` (B,H,S,Dh); returns (B,T,D) (see ``forward`` for
+        ``out_bias``)."""
         q = self._split_heads(self.q_proj(query))  # (B,H,T,Dh)
         out = attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B,H,T,Dh)
-        b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B,H,T,Dh) -> (B,T,D)
+        return self._output(out, out_bias)
 
     def forward(
         self,
@@ -276,10 +283,13 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
         cache: Optional[KVCache] = None,
+        out_bias: bool = True,
     ) -> Tensor:
         """Attention of ``query`` (B,T,D) over ``key_value`` (B,S,D).
 
         With a ``cache``, the new keys/values are appended to it and the query attends to the whole history.
+        With ``out_bias=False`` the output projection's bias is left out (``out_proj`` must be an ``nn.Linear``):
+        the post-norm layers add it in the pass that ends the sub-layer (``layers._AddNorm``).
 
         Returns:
             (B,T,D)
@@ -287,8 +297,8 @@ class MultiHeadAttention(nn.Module):
         if cache is None:
             module = self._packable(query, key_value, attn_mask, is_causal)
             if module is not None:
-                return self._packed(query, key_value, attn_mask, is_causal, module)
+                return self._packed(query, key_value, attn_mask, is_causal, module, out_bias)
         k, v = self.project_kv(key_value)
         if cache is not None:
             k, v = cache.update(k, v)
-        return self.attend(query, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.attend(query, k, v, attn_mask=attn_mask, is_causal=is_causal, out_bias=out_bias)

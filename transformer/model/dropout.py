@@ -64,13 +64,20 @@ def stored_masks() -> ContextManager[None]:
     return _KERNEL.off()
 
 
+def hashed_mask(p: float) -> tuple[int, int, float]:
+    """(seed, dropped lanes, scale): the arguments of the extension's hashed mask for dropout ``p``, one seed drawn
+    from ``torch``'s default generator (no draw, and a mask that keeps all, for ``p`` of 0)."""
+    if p == 0.0:
+        return 0, 0, 1.0
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)), *_threshold(p)
+
+
 class _HashedDropout(torch.autograd.Function):
     """``(residual +) x * mask(seed)`` with the mask recomputed from the seed in the backward pass."""
 
     @staticmethod
     def forward(ctx, x: Tensor, residual: Optional[Tensor], p: float, module: ModuleType) -> Tensor:
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))  # from torch's generator
-        ctx.args = (seed, *_threshold(p))
+        ctx.args = hashed_mask(p)
         ctx.module, ctx.with_residual = module, residual is not None
         return module.dropout_apply(x, residual, *ctx.args)
 
@@ -115,4 +122,4 @@ class Dropout(nn.Dropout):
         return torch.addcmul(residual, x, dropout_mask(x, self.p))
 
 
-__all__ = ["Dropout", "dropout_mask", "kernel", "stored_masks"]
+__all__ = ["Dropout", "dropout_mask", "hashed_mask", "kernel", "stored_masks"]

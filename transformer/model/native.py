@@ -7,14 +7,15 @@ interpreter, and runs greedy search's whole loop (``DecoderStep.greedy``). The s
 (``frozen.PANEL_ROWS``), and kernels of training on the CPU: ``dropout_apply``, the dropout
 (:mod:`transformer.model.dropout`), ``attention_forward`` / ``attention_backward``, the attention of short
 sequences (:mod:`transformer.model.attention`), ``bias_relu_`` / ``relu_grad_``, the feed-forward network's
-ReLU (:mod:`transformer.model.layers`), and ``exp_rows_`` / ``exp_rows_grad_``, the loss's passes over the
+ReLU, ``add_norm_forward`` / ``add_norm_backward``, a post-norm sub-layer's bias, dropout, residual and
+LayerNorm (:mod:`transformer.model.layers`), and ``exp_rows_`` / ``exp_rows_grad_``, the loss's passes over the
 logits (:mod:`transformer.training.loss`). It is optional: building it needs a C++ compiler and Python's
 headers and takes about a minute, so nothing builds it implicitly.
 ``transformer build-native`` (run by ``scripts/setup.sh``) builds it into a cache folder; from then on
 :func:`~transformer.model.frozen.freeze` uses it on the CPU, and without it the Python step runs (the same
 maths); training's dropout takes its masks from it, and without it from stored masks; training's attention,
-feed-forward ReLU and loss run their kernels, and without it ``scaled_dot_product_attention``, ``nn.Linear``
-with ``F.relu``, and ATen's ops.
+feed-forward ReLU, sub-layer ends and loss run their kernels, and without it
+``scaled_dot_product_attention``, ``nn.Linear`` with ``F.relu``, ``nn.LayerNorm``, and ATen's ops.
 
 The cache folder is ``$TRANSFORMER_NATIVE_DIR``, else ``~/.cache/transformer/native``, one subfolder per
 torch version, Python version and hash of the source and build flags, so a changed source or another torch

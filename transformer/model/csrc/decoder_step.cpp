@@ -16,8 +16,10 @@
 // products use a fraction of the memory bandwidth. And kernels for training: dropout_apply, the CPU dropout
 // of transformer/model/dropout.py, its mask hashed from a seed where it is applied instead of stored; the loss's
 // passes over the logits (exp_rows_, exp_rows_grad_; transformer/training/loss.py); the feed-forward network's
-// ReLU with fc1's bias (bias_relu_, relu_grad_; transformer/model/layers.py); and attention_forward /
-// attention_backward, the attention of short sequences (transformer/model/attention.py).
+// ReLU with fc1's bias (bias_relu_, relu_grad_; transformer/model/layers.py); a post-norm sub-layer's end, its
+// bias, dropout, residual and LayerNorm in one pass each way (add_norm_forward, add_norm_backward; the same
+// file); and attention_forward / attention_backward, the attention of short sequences
+// (transformer/model/attention.py).
 //
 // Shapes: N rows (batch x beams, one new position each), D model width, H heads, Dh = D / H, L cached
 // positions before this step, S source length.
@@ -1271,6 +1273,331 @@ Tensor relu_grad_(Tensor& grad, const Tensor& h) {
   return partial.sum(0);
 }
 
+// --- a post-norm sub-layer's end for training: LayerNorm(residual + dropout(s + b)) --------------------------
+//
+// transformer/model/layers.py's post-norm layers (the paper's) on the CPU: the sub-layer's last product (the
+// attention's output projection, the feed-forward network's fc2) runs without its bias, and one pass per row
+// adds the bias, applies the dropout mask (hashed from the seed as dropout_apply does, the same bits for the
+// same element index), adds the residual and normalises, where ATen made addmm copy the bias into its output,
+// then dropout_apply's pass, then layer_norm's. The forward pass keeps the normalised rows (x_hat, N x D) and
+// 1/std per row for the backward pass, which is one pass too: LayerNorm's gradient (the residual's), the same
+// mask applied to it (the sub-layer's), and the column sums for the LayerNorm's weight and bias and the
+// sub-layer's bias, each task of kRowChunk rows with its own partial sums.
+
+// keep[j] = scale where element start + j is kept, else 0, j < cols (the mask of dropout_apply), one at a time
+void dropout_keep_scalar(float* keep, int64_t start, int64_t cols, uint32_t seed_lo, uint32_t seed_hi,
+                         uint32_t dropped, float scale) {
+  for (int64_t j = 0; j < cols; ++j) keep[j] = dropout_bits(start + j, seed_lo, seed_hi) >= dropped ? scale : 0.f;
+}
+
+// one row: z = r + (s + b) * keep (b may be null) -> x_hat = (z - mean) / std, y = x_hat * w + lb; returns 1/std
+float add_norm_scalar(const float* s, const float* b, const float* r, const float* keep, const float* w,
+                      const float* lb, float eps, int64_t d, float* x_hat, float* y) {
+  float total = 0.f, squares = 0.f;
+  for (int64_t j = 0; j < d; ++j) total += (x_hat[j] = r[j] + (s[j] + (b != nullptr ? b[j] : 0.f)) * keep[j]);
+  const float mean = total / static_cast<float>(d);
+  for (int64_t j = 0; j < d; ++j) squares += (x_hat[j] - mean) * (x_hat[j] - mean);
+  const float rstd = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
+  for (int64_t j = 0; j < d; ++j) {
+    x_hat[j] = (x_hat[j] - mean) * rstd;
+    y[j] = x_hat[j] * w[j] + lb[j];
+  }
+  return rstd;
+}
+
+// one row of the backward pass: g_r = LayerNorm's input gradient, g_s = g_r * keep; sums += (gy x_hat, gy, g_s)
+void add_norm_grad_scalar(const float* gy, const float* x_hat, float rstd, const float* w, const float* keep,
+                          int64_t d, float* g_r, float* g_s, float* sums) {
+  float a = 0.f, c = 0.f;  // sums of gy w and of gy w x_hat
+  for (int64_t j = 0; j < d; ++j) {
+    const float gw = gy[j] * w[j];
+    a += gw;
+    c += gw * x_hat[j];
+    sums[j] += gy[j] * x_hat[j];
+    sums[d + j] += gy[j];
+  }
+  const float mean_a = a / static_cast<float>(d), mean_c = c / static_cast<float>(d);
+  for (int64_t j = 0; j < d; ++j) {
+    g_r[j] = (gy[j] * w[j] - mean_a - x_hat[j] * mean_c) * rstd;
+    g_s[j] = g_r[j] * keep[j];
+    sums[2 * d + j] += g_s[j];
+  }
+}
+
+#ifdef TRANSFORMER_X86
+// The mask of elements 16 b .. 16 b + 15 (as dropout_blocks computes it): scale where kept, else 0, in two registers
+struct Keep16 {
+  __m256i lo, hi, below, low16, lanes;
+  __m256 kept;
+  TRANSFORMER_AVX2 Keep16(uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped, float scale)
+      : lo(_mm256_set1_epi32(static_cast<int>(seed_lo))), hi(_mm256_set1_epi32(static_cast<int>(seed_hi))),
+        below(_mm256_set1_epi32(static_cast<int>(dropped) - 1)), low16(_mm256_set1_epi32(0xffff)),
+        lanes(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), kept(_mm256_set1_ps(scale)) {}
+  TRANSFORMER_AVX2 inline void block(int64_t b, __m256& first, __m256& second) const {
+    const __m256i word = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(8 * b))), lanes);
+    const __m256i h = lowbias32_x8(_mm256_add_epi32(lowbias32_x8(_mm256_xor_si256(word, lo)), hi));
+    first = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(h, low16), below)), kept);
+    second = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_srli_epi32(h, 16), below)), kept);
+  }
+};
+
+// the same three with AVX2 and FMA (the mask's bits 16 elements at a time where the index is a multiple of 16)
+TRANSFORMER_AVX2 void dropout_keep_avx2(float* keep, int64_t start, int64_t cols, uint32_t seed_lo, uint32_t seed_hi,
+                                        uint32_t dropped, float scale) {
+  const Keep16 mask(seed_lo, seed_hi, dropped, scale);
+  int64_t j = 0;
+  for (; j < cols && (start + j) % 16 != 0; ++j) {
+    keep[j] = dropout_bits(start + j, seed_lo, seed_hi) >= dropped ? scale : 0.f;
+  }
+  for (; j + 16 <= cols; j += 16) {
+    __m256 first, second;
+    mask.block((start + j) / 16, first, second);
+    _mm256_storeu_ps(keep + j, first);
+    _mm256_storeu_ps(keep + j + 8, second);
+  }
+  for (; j < cols; ++j) keep[j] = dropout_bits(start + j, seed_lo, seed_hi) >= dropped ? scale : 0.f;
+}
+
+// With `keep` null, the row starts at element 16 * block0 and d is a multiple of 16: the mask is computed in
+// registers (`mask`), not read from `keep`
+TRANSFORMER_AVX2 float add_norm_avx2(const float* s, const float* b, const float* r, const float* keep,
+                                     const Keep16& mask, int64_t block0, const float* w, const float* lb, float eps,
+                                     int64_t d, float* x_hat, float* y) {
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  if (keep == nullptr) {
+    for (; j + 16 <= d; j += 16) {
+      __m256 k0, k1;
+      mask.block(block0 + j / 16, k0, k1);
+      __m256 v0 = _mm256_loadu_ps(s + j), v1 = _mm256_loadu_ps(s + j + 8);
+      if (b != nullptr) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(b + j));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(b + j + 8));
+      }
+      v0 = _mm256_fmadd_ps(v0, k0, _mm256_loadu_ps(r + j));
+      v1 = _mm256_fmadd_ps(v1, k1, _mm256_loadu_ps(r + j + 8));
+      _mm256_storeu_ps(x_hat + j, v0);
+      _mm256_storeu_ps(x_hat + j + 8, v1);
+      sum0 = _mm256_add_ps(sum0, v0);
+      sum1 = _mm256_add_ps(sum1, v1);
+    }
+  } else {
+    for (; j + 8 <= d; j += 8) {
+      __m256 v = _mm256_loadu_ps(s + j);
+      if (b != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(b + j));
+      v = _mm256_fmadd_ps(v, _mm256_loadu_ps(keep + j), _mm256_loadu_ps(r + j));
+      _mm256_storeu_ps(x_hat + j, v);
+      sum0 = _mm256_add_ps(sum0, v);
+    }
+  }
+  float total = sum_8(_mm256_add_ps(sum0, sum1));
+  for (; j < d; ++j) total += (x_hat[j] = r[j] + (s[j] + (b != nullptr ? b[j] : 0.f)) * keep[j]);
+  const float mean = total / static_cast<float>(d);
+  const float rstd = 1.f / std::sqrt(row_squares(x_hat, d, mean) / static_cast<float>(d) + eps);
+  const __m256 m = _mm256_set1_ps(mean), sd = _mm256_set1_ps(rstd);
+  for (j = 0; j + 8 <= d; j += 8) {
+    const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x_hat + j), m), sd);
+    _mm256_storeu_ps(x_hat + j, xh);
+    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(xh, _mm256_loadu_ps(w + j), _mm256_loadu_ps(lb + j)));
+  }
+  for (; j < d; ++j) {
+    x_hat[j] = (x_hat[j] - mean) * rstd;
+    y[j] = x_hat[j] * w[j] + lb[j];
+  }
+  return rstd;
+}
+
+TRANSFORMER_AVX2 void add_norm_grad_avx2(const float* gy, const float* x_hat, float rstd, const float* w,
+                                         const float* keep, const Keep16& mask, int64_t block0, int64_t d, float* g_r,
+                                         float* g_s, float* sums) {
+  float* sum_w = sums;
+  float* sum_lb = sums + d;
+  float* sum_b = sums + 2 * d;
+  __m256 av = _mm256_setzero_ps(), cv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m256 g = _mm256_loadu_ps(gy + j), xh = _mm256_loadu_ps(x_hat + j);
+    const __m256 gw = _mm256_mul_ps(g, _mm256_loadu_ps(w + j));
+    av = _mm256_add_ps(av, gw);
+    cv = _mm256_fmadd_ps(gw, xh, cv);
+    _mm256_storeu_ps(sum_w + j, _mm256_fmadd_ps(g, xh, _mm256_loadu_ps(sum_w + j)));
+    _mm256_storeu_ps(sum_lb + j, _mm256_add_ps(g, _mm256_loadu_ps(sum_lb + j)));
+  }
+  float a = sum_8(av), c = sum_8(cv);  // sums of gy w and of gy w x_hat
+  for (int64_t t = j; t < d; ++t) {
+    const float gw = gy[t] * w[t];
+    a += gw;
+    c += gw * x_hat[t];
+    sum_w[t] += gy[t] * x_hat[t];
+    sum_lb[t] += gy[t];
+  }
+  const float mean_a = a / static_cast<float>(d), mean_c = c / static_cast<float>(d);
+  const __m256 ma = _mm256_set1_ps(mean_a), mc = _mm256_set1_ps(mean_c), sd = _mm256_set1_ps(rstd);
+  auto one = [&](int64_t at, __m256 k) TRANSFORMER_AVX2 {
+    const __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(gy + at), _mm256_loadu_ps(w + at));
+    const __m256 gr = _mm256_mul_ps(_mm256_fnmadd_ps(_mm256_loadu_ps(x_hat + at), mc, _mm256_sub_ps(gw, ma)), sd);
+    const __m256 gs = _mm256_mul_ps(gr, k);
+    _mm256_storeu_ps(g_r + at, gr);
+    _mm256_storeu_ps(g_s + at, gs);
+    _mm256_storeu_ps(sum_b + at, _mm256_add_ps(gs, _mm256_loadu_ps(sum_b + at)));
+  };
+  j = 0;
+  if (keep == nullptr) {
+    for (; j + 16 <= d; j += 16) {
+      __m256 k0, k1;
+      mask.block(block0 + j / 16, k0, k1);
+      one(j, k0);
+      one(j + 8, k1);
+    }
+  } else {
+    for (; j + 8 <= d; j += 8) one(j, _mm256_loadu_ps(keep + j));
+  }
+  for (; j < d; ++j) {
+    g_r[j] = (gy[j] * w[j] - mean_a - x_hat[j] * mean_c) * rstd;
+    g_s[j] = g_r[j] * keep[j];
+    sum_b[j] += g_s[j];
+  }
+}
+#endif
+
+// the mask of one row, AVX2 where `avx2`
+void dropout_keep_row(float* keep, int64_t start, int64_t cols, uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped,
+                      float scale, bool avx2) {
+  if (dropped == 0) {
+    std::fill(keep, keep + cols, scale);
+    return;
+  }
+#ifdef TRANSFORMER_X86
+  if (avx2) return dropout_keep_avx2(keep, start, cols, seed_lo, seed_hi, dropped, scale);
+#endif
+  dropout_keep_scalar(keep, start, cols, seed_lo, seed_hi, dropped, scale);
+}
+
+// A contiguous (..., D) float32 CPU tensor of n rows of d
+void check_add_norm(const Tensor& t, int64_t n, int64_t d, const char* what) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == d && t.numel() == n * d && t.scalar_type() == at::kFloat &&
+                  t.device().is_cpu() && t.is_contiguous(), what, ": a contiguous (..., D) float32 CPU tensor of the "
+                  "sub-layer's shape");
+}
+
+void check_vector(const Tensor& t, int64_t d, const char* what) {
+  TORCH_CHECK(t.numel() == d && t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), what,
+              ": a contiguous (D,) float32 CPU tensor");
+}
+
+// s (..., D): the sub-layer's product without its bias, N rows; bias (D,) or none; residual shaped as s; the
+// mask's seed, dropped lanes (0 .. 65535; 0: no dropout) and scale; LayerNorm weight, bias (D,), eps
+// -> y = LayerNorm(residual + dropout(s + bias)) and x_hat, both shaped as s, and 1/std (N,). The outputs come
+// in the caller's shape, not as views of (N, D) ones: autograd adds a gradient into a tensor in place, not a view
+std::vector<Tensor> add_norm_forward(const Tensor& s, const std::optional<Tensor>& bias, const Tensor& residual,
+                                     int64_t seed, int64_t dropped, double scale, const Tensor& weight,
+                                     const Tensor& norm_bias, double eps) {
+  TORCH_CHECK(s.dim() >= 1 && s.size(-1) > 0, "add_norm_forward: s (..., D)");
+  const int64_t d = s.size(-1), n = s.numel() / d;
+  check_add_norm(s, n, d, "add_norm_forward: s");
+  check_add_norm(residual, n, d, "add_norm_forward: residual");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_vector(*bias, d, "add_norm_forward: bias");
+  check_vector(weight, d, "add_norm_forward: weight");
+  check_vector(norm_bias, d, "add_norm_forward: norm_bias");
+  TORCH_CHECK(dropped >= 0 && dropped < 65536, "add_norm_forward: dropped lanes in 0 .. 65535");
+  Tensor y = at::empty_like(s), x_hat = at::empty_like(s), rstd = at::empty({n}, s.options());
+  const float* sp = s.data_ptr<float>();
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* lbp = norm_bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* xp = x_hat.data_ptr<float>();
+  float* dp = rstd.data_ptr<float>();
+  const auto u = static_cast<uint64_t>(seed);
+  const auto seed_lo = static_cast<uint32_t>(u), seed_hi = static_cast<uint32_t>(u >> 32);
+  const auto dr = static_cast<uint32_t>(dropped);
+  const auto sc = static_cast<float>(scale), e = static_cast<float>(eps);
+  const bool avx2 = panels_supported();
+  const bool in_registers = avx2 && dr != 0 && d % 16 == 0;  // the mask computed where it is applied
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> keep(d);
+#ifdef TRANSFORMER_X86
+    const Keep16 mask(seed_lo, seed_hi, dr, sc);
+#endif
+    for (int64_t i = begin; i < end; ++i) {
+      if (!in_registers) dropout_keep_row(keep.data(), i * d, d, seed_lo, seed_hi, dr, sc, avx2);
+#ifdef TRANSFORMER_X86
+      if (avx2) {
+        dp[i] = add_norm_avx2(sp + i * d, bp, rp + i * d, in_registers ? nullptr : keep.data(), mask, i * d / 16, wp,
+                              lbp, e, d, xp + i * d, yp + i * d);
+        continue;
+      }
+#endif
+      dp[i] = add_norm_scalar(sp + i * d, bp, rp + i * d, keep.data(), wp, lbp, e, d, xp + i * d, yp + i * d);
+    }
+  });
+  return {y, x_hat, rstd};
+}
+
+// grad_y, x_hat (..., D) and 1/std (N,) of the forward pass, its LayerNorm weight (D,) and mask -> the
+// residual's gradient and the sub-layer output's, shaped as x_hat, and the column sums (3, D): the LayerNorm
+// weight's gradient, its bias's, and the sub-layer bias's
+std::vector<Tensor> add_norm_backward(const Tensor& grad_y, const Tensor& x_hat, const Tensor& rstd,
+                                      const Tensor& weight, int64_t seed, int64_t dropped, double scale) {
+  TORCH_CHECK(x_hat.dim() >= 1 && x_hat.size(-1) > 0, "add_norm_backward: x_hat (..., D)");
+  const int64_t d = x_hat.size(-1), n = x_hat.numel() / d;
+  TORCH_CHECK(grad_y.sizes() == x_hat.sizes(), "add_norm_backward: grad_y shaped as x_hat");
+  const Tensor gy = grad_y.contiguous();
+  check_add_norm(gy, n, d, "add_norm_backward: grad_y");
+  check_add_norm(x_hat, n, d, "add_norm_backward: x_hat");
+  check_vector(rstd, n, "add_norm_backward: rstd");
+  check_vector(weight, d, "add_norm_backward: weight");
+  TORCH_CHECK(dropped >= 0 && dropped < 65536, "add_norm_backward: dropped lanes in 0 .. 65535");
+  Tensor g_r = at::empty_like(x_hat), g_s = at::empty_like(x_hat);
+  const int64_t chunks = std::max<int64_t>(1, (n + kRowChunk - 1) / kRowChunk);
+  Tensor partial = at::zeros({chunks, 3, d}, x_hat.options());
+  const float* gp = gy.data_ptr<float>();
+  const float* xp = x_hat.data_ptr<float>();
+  const float* dp = rstd.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* grp = g_r.data_ptr<float>();
+  float* gsp = g_s.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const auto u = static_cast<uint64_t>(seed);
+  const auto seed_lo = static_cast<uint32_t>(u), seed_hi = static_cast<uint32_t>(u >> 32);
+  const auto dr = static_cast<uint32_t>(dropped);
+  const auto sc = static_cast<float>(scale);
+  const bool avx2 = panels_supported();
+  const bool in_registers = avx2 && dr != 0 && d % 16 == 0;  // the mask computed where it is applied
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keep(d);
+#ifdef TRANSFORMER_X86
+    const Keep16 mask(seed_lo, seed_hi, dr, sc);
+#endif
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t i = c * kRowChunk; i < std::min(n, (c + 1) * kRowChunk); ++i) {
+        if (!in_registers) dropout_keep_row(keep.data(), i * d, d, seed_lo, seed_hi, dr, sc, avx2);
+#ifdef TRANSFORMER_X86
+        if (avx2) {
+          add_norm_grad_avx2(gp + i * d, xp + i * d, dp[i], wp, in_registers ? nullptr : keep.data(), mask, i * d / 16,
+                             d, grp + i * d, gsp + i * d, pp + c * 3 * d);
+          continue;
+        }
+#endif
+        add_norm_grad_scalar(gp + i * d, xp + i * d, dp[i], wp, keep.data(), d, grp + i * d, gsp + i * d, pp + c * 3 * d);
+      }
+    }
+  });
+  std::vector<Tensor> out{g_r, g_s};
+  for (int64_t k = 0; k < 3; ++k) {  // the chunks' partial sums added up, one (D,) tensor each
+    Tensor total = at::zeros({d}, x_hat.options());
+    float* tp = total.data_ptr<float>();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = pp + (c * 3 + k) * d;
+      for (int64_t j = 0; j < d; ++j) tp[j] += part[j];
+    }
+    out.push_back(total);
+  }
+  return out;
+}
+
 // --- attention for training: short sequences, forward and backward in one task per (sentence, head) -------
 //
 // scaled_dot_product_attention's CPU kernels (flash attention) tile for long sequences; at the lengths of
@@ -1866,6 +2193,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("gold"), pybind11::arg("gold_weight"));
   m.def("bias_relu_", &bias_relu_, "training feed-forward: h (N, F) <- relu(h + b) in place, b (F,)",
         pybind11::arg("h"), pybind11::arg("b"));
+  m.def("add_norm_forward", &add_norm_forward,
+        "post-norm sub-layer end: LayerNorm(residual + dropout(s + bias)) -> y, x_hat (..., D), 1/std (N,)");
+  m.def("add_norm_backward", &add_norm_backward,
+        "its backward pass: grad_y, x_hat, 1/std, weight, the mask -> the residual's and s's gradients, and the "
+        "LayerNorm weight's, its bias's and the sub-layer bias's (D,)");
   m.def("relu_grad_", &relu_grad_,
         "training feed-forward: grad (N, F) <- grad where h > 0 else 0, in place -> its column sums (F,)",
         pybind11::arg("grad"), pybind11::arg("h"));
