@@ -85,7 +85,7 @@ def unfused_add_norm() -> ContextManager[None]:
 class _AddNorm(torch.autograd.Function):
     """``layer_norm(residual + dropout(s + bias))`` over the last dimension, in one pass of the extension each way;
     s (B,T,D) is the sub-layer's output without its bias. Saved for the backward pass: the normalised rows and
-    1/std per row (what ``nn.LayerNorm`` keeps: its input and two numbers per row) and the mask's seed."""
+    1/std per row (about what ``nn.LayerNorm`` keeps: its input, the mean and 1/std per row) and the mask's seed."""
 
     @staticmethod
     def forward(ctx, s: Tensor, bias: Optional[Tensor], residual: Tensor, weight: Tensor, norm_bias: Tensor,

@@ -1473,6 +1473,21 @@ void dropout_keep_row(float* keep, int64_t start, int64_t cols, uint32_t seed_lo
   dropout_keep_scalar(keep, start, cols, seed_lo, seed_hi, dropped, scale);
 }
 
+// The dropout mask's arguments as the row kernels take them; with `in_registers` (AVX2, some dropout, rows of a
+// multiple of 16) the mask is computed in registers where it is applied, else into a row buffer first
+struct HashedMask {
+  uint32_t seed_lo, seed_hi, dropped;
+  float scale;
+  bool avx2, in_registers;
+  HashedMask(int64_t seed, int64_t dropped_lanes, double keep_scale, int64_t d)
+      : seed_lo(static_cast<uint32_t>(static_cast<uint64_t>(seed))),
+        seed_hi(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)),
+        dropped(static_cast<uint32_t>(dropped_lanes)), scale(static_cast<float>(keep_scale)),
+        avx2(panels_supported()), in_registers(avx2 && dropped_lanes != 0 && d % 16 == 0) {
+    TORCH_CHECK(dropped_lanes >= 0 && dropped_lanes < 65536, "add_norm: dropped lanes in 0 .. 65535");
+  }
+};
+
 // A contiguous (..., D) float32 CPU tensor of n rows of d
 void check_add_norm(const Tensor& t, int64_t n, int64_t d, const char* what) {
   TORCH_CHECK(t.dim() >= 1 && t.size(-1) == d && t.numel() == n * d && t.scalar_type() == at::kFloat &&
@@ -1500,7 +1515,6 @@ std::vector<Tensor> add_norm_forward(const Tensor& s, const std::optional<Tensor
   if (has_bias) check_vector(*bias, d, "add_norm_forward: bias");
   check_vector(weight, d, "add_norm_forward: weight");
   check_vector(norm_bias, d, "add_norm_forward: norm_bias");
-  TORCH_CHECK(dropped >= 0 && dropped < 65536, "add_norm_forward: dropped lanes in 0 .. 65535");
   Tensor y = at::empty_like(s), x_hat = at::empty_like(s), rstd = at::empty({n}, s.options());
   const float* sp = s.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
@@ -1510,12 +1524,10 @@ std::vector<Tensor> add_norm_forward(const Tensor& s, const std::optional<Tensor
   float* yp = y.data_ptr<float>();
   float* xp = x_hat.data_ptr<float>();
   float* dp = rstd.data_ptr<float>();
-  const auto u = static_cast<uint64_t>(seed);
-  const auto seed_lo = static_cast<uint32_t>(u), seed_hi = static_cast<uint32_t>(u >> 32);
-  const auto dr = static_cast<uint32_t>(dropped);
-  const auto sc = static_cast<float>(scale), e = static_cast<float>(eps);
-  const bool avx2 = panels_supported();
-  const bool in_registers = avx2 && dr != 0 && d % 16 == 0;  // the mask computed where it is applied
+  const HashedMask hm(seed, dropped, scale, d);
+  const auto seed_lo = hm.seed_lo, seed_hi = hm.seed_hi, dr = hm.dropped;
+  const float sc = hm.scale, e = static_cast<float>(eps);
+  const bool avx2 = hm.avx2, in_registers = hm.in_registers;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> keep(d);
 #ifdef TRANSFORMER_X86
@@ -1549,7 +1561,6 @@ std::vector<Tensor> add_norm_backward(const Tensor& grad_y, const Tensor& x_hat,
   check_add_norm(x_hat, n, d, "add_norm_backward: x_hat");
   check_vector(rstd, n, "add_norm_backward: rstd");
   check_vector(weight, d, "add_norm_backward: weight");
-  TORCH_CHECK(dropped >= 0 && dropped < 65536, "add_norm_backward: dropped lanes in 0 .. 65535");
   Tensor g_r = at::empty_like(x_hat), g_s = at::empty_like(x_hat);
   const int64_t chunks = std::max<int64_t>(1, (n + kRowChunk - 1) / kRowChunk);
   Tensor partial = at::zeros({chunks, 3, d}, x_hat.options());
@@ -1560,12 +1571,10 @@ std::vector<Tensor> add_norm_backward(const Tensor& grad_y, const Tensor& x_hat,
   float* grp = g_r.data_ptr<float>();
   float* gsp = g_s.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
-  const auto u = static_cast<uint64_t>(seed);
-  const auto seed_lo = static_cast<uint32_t>(u), seed_hi = static_cast<uint32_t>(u >> 32);
-  const auto dr = static_cast<uint32_t>(dropped);
-  const auto sc = static_cast<float>(scale);
-  const bool avx2 = panels_supported();
-  const bool in_registers = avx2 && dr != 0 && d % 16 == 0;  // the mask computed where it is applied
+  const HashedMask hm(seed, dropped, scale, d);
+  const auto seed_lo = hm.seed_lo, seed_hi = hm.seed_hi, dr = hm.dropped;
+  const float sc = hm.scale;
+  const bool avx2 = hm.avx2, in_registers = hm.in_registers;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keep(d);
 #ifdef TRANSFORMER_X86
