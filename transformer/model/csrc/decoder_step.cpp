@@ -987,20 +987,31 @@ TRANSFORMER_AVX2 inline __m256i lowbias32_x8(__m256i x) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
+// The mask of elements 16 b .. 16 b + 15: scale where kept, else 0, in two registers (the first 8 elements' and
+// the last 8's); kept where bits >= dropped, as bits > dropped - 1 (both within 0 .. 65536 as signed 32-bit values)
+struct Keep16 {
+  __m256i lo, hi, below, low16, lanes;
+  __m256 kept;
+  TRANSFORMER_AVX2 Keep16(uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped, float scale)
+      : lo(_mm256_set1_epi32(static_cast<int>(seed_lo))), hi(_mm256_set1_epi32(static_cast<int>(seed_hi))),
+        below(_mm256_set1_epi32(static_cast<int>(dropped) - 1)), low16(_mm256_set1_epi32(0xffff)),
+        lanes(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), kept(_mm256_set1_ps(scale)) {}
+  TRANSFORMER_AVX2 inline void block(int64_t b, __m256& first, __m256& second) const {
+    const __m256i word = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(8 * b))), lanes);
+    const __m256i h = lowbias32_x8(_mm256_add_epi32(lowbias32_x8(_mm256_xor_si256(word, lo)), hi));
+    first = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(h, low16), below)), kept);
+    second = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_srli_epi32(h, 16), below)), kept);
+  }
+};
+
 // the same for blocks of 16 elements, begin .. end - 1
 template <bool kResidual>
 TRANSFORMER_AVX2 void dropout_blocks(const float* x, const float* residual, float* out, int64_t begin, int64_t end,
                                      uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped, float scale) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i lo = _mm256_set1_epi32(static_cast<int>(seed_lo)), hi = _mm256_set1_epi32(static_cast<int>(seed_hi));
-  const __m256i below = _mm256_set1_epi32(static_cast<int>(dropped) - 1), low16 = _mm256_set1_epi32(0xffff);
-  const __m256 kept = _mm256_set1_ps(scale);
+  const Keep16 mask(seed_lo, seed_hi, dropped, scale);
   for (int64_t b = begin; b < end; ++b) {
-    const __m256i word = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(8 * b))), lanes);
-    const __m256i h = lowbias32_x8(_mm256_add_epi32(lowbias32_x8(_mm256_xor_si256(word, lo)), hi));
-    // bits >= dropped, as bits > dropped - 1 (both within 0 .. 65536 as signed 32-bit values)
-    const __m256 keep_lo = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(h, low16), below)), kept);
-    const __m256 keep_hi = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_srli_epi32(h, 16), below)), kept);
+    __m256 keep_lo, keep_hi;
+    mask.block(b, keep_lo, keep_hi);
     const int64_t i = 16 * b;
     __m256 a = _mm256_mul_ps(_mm256_loadu_ps(x + i), keep_lo);
     __m256 c = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), keep_hi);
@@ -1325,37 +1336,20 @@ void add_norm_grad_scalar(const float* gy, const float* x_hat, float rstd, const
 }
 
 #ifdef TRANSFORMER_X86
-// The mask of elements 16 b .. 16 b + 15 (as dropout_blocks computes it): scale where kept, else 0, in two registers
-struct Keep16 {
-  __m256i lo, hi, below, low16, lanes;
-  __m256 kept;
-  TRANSFORMER_AVX2 Keep16(uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped, float scale)
-      : lo(_mm256_set1_epi32(static_cast<int>(seed_lo))), hi(_mm256_set1_epi32(static_cast<int>(seed_hi))),
-        below(_mm256_set1_epi32(static_cast<int>(dropped) - 1)), low16(_mm256_set1_epi32(0xffff)),
-        lanes(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), kept(_mm256_set1_ps(scale)) {}
-  TRANSFORMER_AVX2 inline void block(int64_t b, __m256& first, __m256& second) const {
-    const __m256i word = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(8 * b))), lanes);
-    const __m256i h = lowbias32_x8(_mm256_add_epi32(lowbias32_x8(_mm256_xor_si256(word, lo)), hi));
-    first = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(h, low16), below)), kept);
-    second = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_srli_epi32(h, 16), below)), kept);
-  }
-};
-
 // the same three with AVX2 and FMA (the mask's bits 16 elements at a time where the index is a multiple of 16)
 TRANSFORMER_AVX2 void dropout_keep_avx2(float* keep, int64_t start, int64_t cols, uint32_t seed_lo, uint32_t seed_hi,
                                         uint32_t dropped, float scale) {
   const Keep16 mask(seed_lo, seed_hi, dropped, scale);
-  int64_t j = 0;
-  for (; j < cols && (start + j) % 16 != 0; ++j) {
-    keep[j] = dropout_bits(start + j, seed_lo, seed_hi) >= dropped ? scale : 0.f;
-  }
+  const int64_t head = std::min(cols, (16 - start % 16) % 16);  // elements before the first multiple of 16
+  dropout_keep_scalar(keep, start, head, seed_lo, seed_hi, dropped, scale);
+  int64_t j = head;
   for (; j + 16 <= cols; j += 16) {
     __m256 first, second;
     mask.block((start + j) / 16, first, second);
     _mm256_storeu_ps(keep + j, first);
     _mm256_storeu_ps(keep + j + 8, second);
   }
-  for (; j < cols; ++j) keep[j] = dropout_bits(start + j, seed_lo, seed_hi) >= dropped ? scale : 0.f;
+  dropout_keep_scalar(keep + j, start + j, cols - j, seed_lo, seed_hi, dropped, scale);
 }
 
 // With `keep` null, the row starts at element 16 * block0 and d is a multiple of 16: the mask is computed in
@@ -1460,19 +1454,6 @@ TRANSFORMER_AVX2 void add_norm_grad_avx2(const float* gy, const float* x_hat, fl
 }
 #endif
 
-// the mask of one row, AVX2 where `avx2`
-void dropout_keep_row(float* keep, int64_t start, int64_t cols, uint32_t seed_lo, uint32_t seed_hi, uint32_t dropped,
-                      float scale, bool avx2) {
-  if (dropped == 0) {
-    std::fill(keep, keep + cols, scale);
-    return;
-  }
-#ifdef TRANSFORMER_X86
-  if (avx2) return dropout_keep_avx2(keep, start, cols, seed_lo, seed_hi, dropped, scale);
-#endif
-  dropout_keep_scalar(keep, start, cols, seed_lo, seed_hi, dropped, scale);
-}
-
 // The dropout mask's arguments as the row kernels take them; with `in_registers` (AVX2, some dropout, rows of a
 // multiple of 16) the mask is computed in registers where it is applied, else into a row buffer first
 struct HashedMask {
@@ -1487,6 +1468,18 @@ struct HashedMask {
     TORCH_CHECK(dropped_lanes >= 0 && dropped_lanes < 65536, "add_norm: dropped lanes in 0 .. 65535");
   }
 };
+
+// the mask of one row, AVX2 where the CPU has it
+void dropout_keep_row(float* keep, int64_t start, int64_t cols, const HashedMask& m) {
+  if (m.dropped == 0) {
+    std::fill(keep, keep + cols, m.scale);
+    return;
+  }
+#ifdef TRANSFORMER_X86
+  if (m.avx2) return dropout_keep_avx2(keep, start, cols, m.seed_lo, m.seed_hi, m.dropped, m.scale);
+#endif
+  dropout_keep_scalar(keep, start, cols, m.seed_lo, m.seed_hi, m.dropped, m.scale);
+}
 
 // A contiguous (..., D) float32 CPU tensor of n rows of d
 void check_add_norm(const Tensor& t, int64_t n, int64_t d, const char* what) {
@@ -1525,20 +1518,18 @@ std::vector<Tensor> add_norm_forward(const Tensor& s, const std::optional<Tensor
   float* xp = x_hat.data_ptr<float>();
   float* dp = rstd.data_ptr<float>();
   const HashedMask hm(seed, dropped, scale, d);
-  const auto seed_lo = hm.seed_lo, seed_hi = hm.seed_hi, dr = hm.dropped;
-  const float sc = hm.scale, e = static_cast<float>(eps);
-  const bool avx2 = hm.avx2, in_registers = hm.in_registers;
+  const float e = static_cast<float>(eps);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> keep(d);
 #ifdef TRANSFORMER_X86
-    const Keep16 mask(seed_lo, seed_hi, dr, sc);
+    const Keep16 mask(hm.seed_lo, hm.seed_hi, hm.dropped, hm.scale);
 #endif
     for (int64_t i = begin; i < end; ++i) {
-      if (!in_registers) dropout_keep_row(keep.data(), i * d, d, seed_lo, seed_hi, dr, sc, avx2);
+      if (!hm.in_registers) dropout_keep_row(keep.data(), i * d, d, hm);
 #ifdef TRANSFORMER_X86
-      if (avx2) {
-        dp[i] = add_norm_avx2(sp + i * d, bp, rp + i * d, in_registers ? nullptr : keep.data(), mask, i * d / 16, wp,
-                              lbp, e, d, xp + i * d, yp + i * d);
+      if (hm.avx2) {
+        dp[i] = add_norm_avx2(sp + i * d, bp, rp + i * d, hm.in_registers ? nullptr : keep.data(), mask, i * d / 16,
+                              wp, lbp, e, d, xp + i * d, yp + i * d);
         continue;
       }
 #endif
@@ -1572,39 +1563,28 @@ std::vector<Tensor> add_norm_backward(const Tensor& grad_y, const Tensor& x_hat,
   float* gsp = g_s.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
   const HashedMask hm(seed, dropped, scale, d);
-  const auto seed_lo = hm.seed_lo, seed_hi = hm.seed_hi, dr = hm.dropped;
-  const float sc = hm.scale;
-  const bool avx2 = hm.avx2, in_registers = hm.in_registers;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keep(d);
 #ifdef TRANSFORMER_X86
-    const Keep16 mask(seed_lo, seed_hi, dr, sc);
+    const Keep16 mask(hm.seed_lo, hm.seed_hi, hm.dropped, hm.scale);
 #endif
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t i = c * kRowChunk; i < std::min(n, (c + 1) * kRowChunk); ++i) {
-        if (!in_registers) dropout_keep_row(keep.data(), i * d, d, seed_lo, seed_hi, dr, sc, avx2);
+        if (!hm.in_registers) dropout_keep_row(keep.data(), i * d, d, hm);
 #ifdef TRANSFORMER_X86
-        if (avx2) {
-          add_norm_grad_avx2(gp + i * d, xp + i * d, dp[i], wp, in_registers ? nullptr : keep.data(), mask, i * d / 16,
-                             d, grp + i * d, gsp + i * d, pp + c * 3 * d);
+        if (hm.avx2) {
+          add_norm_grad_avx2(gp + i * d, xp + i * d, dp[i], wp, hm.in_registers ? nullptr : keep.data(), mask,
+                             i * d / 16, d, grp + i * d, gsp + i * d, pp + c * 3 * d);
           continue;
         }
 #endif
-        add_norm_grad_scalar(gp + i * d, xp + i * d, dp[i], wp, keep.data(), d, grp + i * d, gsp + i * d, pp + c * 3 * d);
+        add_norm_grad_scalar(gp + i * d, xp + i * d, dp[i], wp, keep.data(), d, grp + i * d, gsp + i * d,
+                             pp + c * 3 * d);
       }
     }
   });
-  std::vector<Tensor> out{g_r, g_s};
-  for (int64_t k = 0; k < 3; ++k) {  // the chunks' partial sums added up, one (D,) tensor each
-    Tensor total = at::zeros({d}, x_hat.options());
-    float* tp = total.data_ptr<float>();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* part = pp + (c * 3 + k) * d;
-      for (int64_t j = 0; j < d; ++j) tp[j] += part[j];
-    }
-    out.push_back(total);
-  }
-  return out;
+  // the chunks' partial sums added up, each its own (D,) tensor (not views of one: autograd accumulates in place)
+  return {g_r, g_s, partial.select(1, 0).sum(0), partial.select(1, 1).sum(0), partial.select(1, 2).sum(0)};
 }
 
 // --- attention for training: short sequences, forward and backward in one task per (sentence, head) -------
