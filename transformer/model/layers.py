@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import ContextManager, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +125,15 @@ def _add_norm_kernel(layer: nn.Module, x: Tensor, ends: tuple) -> Optional[Modul
     return _ADD_NORM.get()
 
 
-def _add_norm(module: ModuleType, residual: Tensor, s: Tensor, bias: Tensor, norm: nn.LayerNorm,
-              dropout: Dropout) -> Tensor:
-    """``norm(residual + dropout(s + bias))`` through ``_AddNorm``."""
+def _post_norm_end(fused: Optional[ModuleType], residual: Tensor, run: Callable[[bool], Tensor], projection: nn.Module,
+                   norm: nn.LayerNorm, dropout: Dropout) -> Tensor:
+    """``norm(residual + dropout(sublayer))``, the sub-layer's output from ``run(out_bias)``: with its bias and the
+    separate ops, or through ``_AddNorm`` (the extension ``fused``, from ``_add_norm_kernel``) without it, the
+    bias of ``projection`` (its output projection) added there."""
+    if fused is None:
+        return norm(dropout.residual(residual, run(True)))
     p = dropout.p if dropout.training else 0.0
-    return _AddNorm.apply(s, bias, residual, norm.weight, norm.bias, p, norm.eps, module)
+    return _AddNorm.apply(run(False), projection.bias, residual, norm.weight, norm.bias, p, norm.eps, fused)
 
 
 class FeedForward(nn.Module):
@@ -185,12 +189,10 @@ class EncoderLayer(nn.Module):
             return self.dropout.residual(x, self.ffn(self.ffn_norm(x)))
         ends = ((self.self_attn.out_proj, self.self_attn_norm), (self.ffn.fc2, self.ffn_norm))
         fused = _add_norm_kernel(self, x, ends)
-        if fused is not None:
-            s = self.self_attn(x, x, attn_mask=src_mask, out_bias=False)
-            x = _add_norm(fused, x, s, self.self_attn.out_proj.bias, self.self_attn_norm, self.dropout)
-            return _add_norm(fused, x, self.ffn(x, out_bias=False), self.ffn.fc2.bias, self.ffn_norm, self.dropout)
-        x = self.self_attn_norm(self.dropout.residual(x, self.self_attn(x, x, attn_mask=src_mask)))
-        return self.ffn_norm(self.dropout.residual(x, self.ffn(x)))
+        x = _post_norm_end(fused, x, lambda bias: self.self_attn(x, x, attn_mask=src_mask, out_bias=bias),
+                           self.self_attn.out_proj, self.self_attn_norm, self.dropout)
+        return _post_norm_end(fused, x, lambda bias: self.ffn(x, out_bias=bias), self.ffn.fc2, self.ffn_norm,
+                              self.dropout)
 
 
 @dataclass
@@ -262,14 +264,10 @@ class DecoderLayer(nn.Module):
         if self.cross_attn is not None:
             ends += ((self.cross_attn.out_proj, self.cross_attn_norm),)
         fused = _add_norm_kernel(self, x, ends)
-        if fused is not None:
-            s = self._self_attention(x, self_attn_mask, is_causal, cache, out_bias=False)
-            x = _add_norm(fused, x, s, self.self_attn.out_proj.bias, self.self_attn_norm, self.dropout)
-            if self.cross_attn is not None:
-                s = self._cross_attention(x, memory, memory_mask, cache, out_bias=False)
-                x = _add_norm(fused, x, s, self.cross_attn.out_proj.bias, self.cross_attn_norm, self.dropout)
-            return _add_norm(fused, x, self.ffn(x, out_bias=False), self.ffn.fc2.bias, self.ffn_norm, self.dropout)
-        x = self.self_attn_norm(self.dropout.residual(x, self._self_attention(x, self_attn_mask, is_causal, cache)))
+        x = _post_norm_end(fused, x, lambda bias: self._self_attention(x, self_attn_mask, is_causal, cache, bias),
+                           self.self_attn.out_proj, self.self_attn_norm, self.dropout)
         if self.cross_attn is not None:
-            x = self.cross_attn_norm(self.dropout.residual(x, self._cross_attention(x, memory, memory_mask, cache)))
-        return self.ffn_norm(self.dropout.residual(x, self.ffn(x)))
+            x = _post_norm_end(fused, x, lambda bias: self._cross_attention(x, memory, memory_mask, cache, bias),
+                               self.cross_attn.out_proj, self.cross_attn_norm, self.dropout)
+        return _post_norm_end(fused, x, lambda bias: self.ffn(x, out_bias=bias), self.ffn.fc2, self.ffn_norm,
+                              self.dropout)
