@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from training_helpers import copy_task, ddp_config
 from transformer.data.batching import sampler_for
@@ -39,3 +40,19 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
     assert ddp["valid"] == pytest.approx(single.valid[-1]["loss"], abs=1e-5)
     # only rank 0 wrote the run directory
     assert (tmp_path / "run/checkpoints/step_00000006").is_dir()
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank_and_too_few_gpus_are_named(monkeypatch):
+    from transformer.errors import TransformerError
+    from transformer.training.distributed import DistInfo, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    second = DistInfo(rank=1, world_size=2, local_rank=1)
+    assert resolve_device("cuda", second) == torch.device("cuda:1")
+    assert resolve_device("auto", second) == torch.device("cuda:1")
+    assert resolve_device("cuda:0", second) == torch.device("cuda:0")  # a named GPU is kept
+    assert resolve_device("cpu", second) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TransformerError, match=r"train.device.*process 1 sees 1 CUDA device.*--nproc-per-node"):
+        resolve_device("auto", second)

@@ -55,8 +55,9 @@ def lm_task(n_docs: int = 40, seed: int = 0) -> SimpleNamespace:
 
 
 def ddp_config(run_dir: Path, update_freq: int):
-    """Dropout off (masks differ across processes), 6 updates within the first epoch."""
+    """Dropout off (masks differ across processes), 6 updates within the first epoch, on the CPU (gloo) also
+    where a GPU is: two processes on one GPU is no launch torchrun's users make."""
     from transformer.config import replace
 
-    cfg = tiny_config(run_dir, max_steps=6, update_freq=update_freq, valid_every=6, save_every=6)
+    cfg = tiny_config(run_dir, max_steps=6, update_freq=update_freq, valid_every=6, save_every=6, device="cpu")
     return replace(cfg, model=replace(cfg.model, dropout=0.0))

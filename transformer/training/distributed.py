@@ -71,6 +71,11 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
         if not torch.cuda.is_available():
             raise TransformerError(f"config field train.device: {name!r} but CUDA is not available; use cpu or auto")
         if info.enabled and name == "cuda":
+            if info.local_rank >= torch.cuda.device_count():
+                raise TransformerError(
+                    f"config field train.device: {name!r} gives each process the GPU of its LOCAL_RANK, but process "
+                    f"{info.local_rank} sees {torch.cuda.device_count()} CUDA device(s); launch at most that many "
+                    "processes a node (torchrun --nproc-per-node), or set train.device=cpu")
             name = f"cuda:{info.local_rank}"
     try:
         return torch.device(name)
