@@ -89,6 +89,39 @@ def test_fused_loss_and_gradient_match_autograd_of_the_formula(form, shape, nll_
     assert leaf.grad.view(-1, shape[-1])[:3].abs().max() == 0  # ignored rows get no gradient
 
 
+def test_a_gpus_blocks_of_rows_are_few():
+    # On a GPU each block is a few kernel launches: the CPU's cache-sized blocks would be ~126 at 16k x 8000
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert len(loss_module._row_blocks(16384, 8000, cpu)) == 126
+    assert len(loss_module._row_blocks(16384, 8000, gpu)) == 2
+    with loss_module.cpu_sized_blocks():
+        assert loss_module._row_blocks(16384, 8000, gpu) == loss_module._row_blocks(16384, 8000, cpu)
+    blocks = loss_module._row_blocks(16384, 8000, gpu)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 16384 and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overwrite_logits", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nll_weight", [0.0, -3.0])
+def test_loss_on_cuda_matches_autograd_of_the_formula(dtype, nll_weight, overwrite_logits, monkeypatch):
+    monkeypatch.setattr(loss_module, "_GPU_BLOCK_ELEMENTS", 100 * 5000)  # three blocks of 100 rows
+    torch.manual_seed(0)
+    base = (torch.randn(300, 5000, device="cuda") * 4).to(dtype)
+    target = torch.randint(1, 5000, (300,), device="cuda")
+    target[:3] = 0
+    ref_leaf, leaf = base.clone().requires_grad_(), base.clone().requires_grad_()
+    ref_loss, ref_nll = _reference(ref_leaf, target, 0.1)
+    (ref_loss + nll_weight * ref_nll).backward()
+    loss, nll = label_smoothed_nll_loss(leaf * 1.0, target, 0.1, overwrite_logits=overwrite_logits)
+    (loss + nll_weight * nll).backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-3)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)  # bf16 grads
+    torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad.float(), **tolerance)
+    assert leaf.grad[:3].abs().max() == 0
+
+
 def test_overwrite_logits_leaves_the_gradient_in_the_logits(form):
     torch.manual_seed(0)
     leaf = torch.randn(4, 9, requires_grad=True)

@@ -14,9 +14,11 @@ The loss is one autograd function rather than ``log_softmax`` followed by a gath
 ``mean_v(-log p_v) = lse - mean(z)``, so the forward pass needs only three numbers per token, and the
 gradient is ``c * softmax(z) - a * onehot(gold) - b / V`` with ``a = (1 - eps) g``, ``b = eps g``, ``c = a + b``
 for the incoming gradient ``g`` of the token's loss. Both passes walk the (N, V) logits in blocks of rows
-that stay in the cache, and neither allocates an (N, V) temporary: autograd's version makes four (the
-log-probabilities, their gradient, the gather's and the mean's), which at N x V = 2048 x 8000 are 65 MB
-each, and a large allocation that the C library maps afresh costs a page fault per 4 KiB on first touch.
+that stay in the cache (on the CPU; a GPU's blocks are 64 times larger, so that the loss is a few kernel
+launches a step), and neither allocates an (N, V) temporary (bf16 logits take a float32 copy of one block at a
+time): autograd's version makes four (the log-probabilities, their gradient, the gather's and the mean's), which
+at N x V = 2048 x 8000 are 65 MB each, and a large allocation that the C library maps afresh costs a page fault
+per 4 KiB on first touch.
 With ``overwrite_logits=True`` the logits' own storage is reused (as Liger-Kernel's cross-entropy does):
 float32 logits hold ``exp(z - max)`` after the forward pass, so the backward pass is a multiply, a
 subtraction and a scatter with no second ``exp`` (the exponential is the costliest step of the loss on the
@@ -40,8 +42,13 @@ from torch import Tensor
 from transformer.data.vocab import PAD_ID
 from transformer.model import native
 
-# Rows per block: about 1M elements (4 MB in float32), so a block's second and third passes hit the cache.
-_BLOCK_ELEMENTS = 1 << 20
+# Rows per block: on the CPU about 1M elements (4 MB in float32), so a block's second and third passes hit the
+# cache; on a GPU about 64M (256 MB in float32: each block is a few kernel launches, and a GPU has no cache to
+# keep it in: 1M-element blocks made the loss about a thousand launches a step at 16k tokens, which a host
+# could not issue as fast as the GPU ran them)
+_BLOCK_ELEMENTS = {"cpu": 1 << 20}
+_GPU_BLOCK_ELEMENTS = 1 << 26
+_GPU_BLOCKS = native.Switch()  # off: the CPU's blocks on every device (comparisons)
 _KERNEL = native.Kernel("exp_rows_")  # the extension, looked up once per process
 
 
@@ -51,8 +58,16 @@ def aten_loss() -> ContextManager[None]:
     return _KERNEL.off()
 
 
-def _row_blocks(n_rows: int, vocab: int) -> list[tuple[int, int]]:
-    rows = max(1, _BLOCK_ELEMENTS // max(1, vocab))
+def cpu_sized_blocks() -> ContextManager[None]:
+    """Within the block, the loss walks the logits in the CPU's blocks of rows on every device, as before session
+    25 (comparisons: the ``ours_cpu_loss_blocks`` peer of ``benchmarks/bench_train.py``). A backward pass reads the
+    choice too: keep both passes inside the block."""
+    return _GPU_BLOCKS.off()
+
+
+def _row_blocks(n_rows: int, vocab: int, device: torch.device) -> list[tuple[int, int]]:
+    gpu = _GPU_BLOCK_ELEMENTS if _GPU_BLOCKS else _BLOCK_ELEMENTS["cpu"]
+    rows = max(1, _BLOCK_ELEMENTS.get(device.type, gpu) // max(1, vocab))
     return [(start, min(n_rows, start + rows)) for start in range(0, n_rows, rows)]
 
 
@@ -78,7 +93,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
                 top, total, mean = module.exp_rows_(data)  # (N,) each
             else:
                 top, total = torch.empty_like(mean), torch.empty_like(mean)
-                for start, end in _row_blocks(n, vocab):
+                for start, end in _row_blocks(n, vocab, logits.device):
                     block = data[start:end]  # (n_b,V)
                     torch.mean(block, 1, out=mean[start:end])
                     torch.amax(block, 1, out=top[start:end])
@@ -88,7 +103,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             norm = total  # the backward pass divides the stored exponentials by it
         else:
             lse = torch.empty_like(mean)
-            for start, end in _row_blocks(n, vocab):
+            for start, end in _row_blocks(n, vocab, logits.device):
                 block = logits[start:end].float()  # (n_b,V); a view when the logits are float32
                 torch.logsumexp(block, 1, out=lse[start:end])
                 torch.mean(block, 1, out=mean[start:end])
@@ -115,7 +130,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             if ctx.module is not None:  # the extension, one pass: exps * scale - offset, and -a at the gold token
                 ctx.module.exp_rows_grad_(grad, scale.float(), offset.float(), gold_ids.view(-1), a.float())
                 return grad, None, None, None, None
-            for start, end in _row_blocks(n, vocab):
+            for start, end in _row_blocks(n, vocab, logits.device):
                 out = grad[start:end]
                 out.mul_(scale[start:end].unsqueeze(1)).sub_(offset[start:end].unsqueeze(1))
                 out.scatter_add_(1, gold_ids[start:end], -a[start:end].unsqueeze(1))
@@ -124,10 +139,11 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         lse = norm
         # c * exp(z - lse) = exp(z - (lse - log c)): one subtraction and one exp per element. log 0 = -inf
         # gives exp(-inf) = 0 on ignored rows; a negative c (an unusual objective) takes the multiply.
-        scale_in_exp = bool((c >= 0).all())
+        # On a GPU the multiply always: the test would make the host wait for the device at every step.
+        scale_in_exp = logits.device.type == "cpu" and bool((c >= 0).all())
         shift = (lse - torch.log(c) if scale_in_exp else lse).unsqueeze(1)  # (N,1)
         grad = logits if ctx.overwrite else torch.empty_like(logits)
-        for start, end in _row_blocks(n, vocab):
+        for start, end in _row_blocks(n, vocab, logits.device):
             src = logits[start:end]
             out = grad[start:end]
             if src.dtype == torch.float32:
