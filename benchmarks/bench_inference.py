@@ -421,9 +421,10 @@ def main() -> None:
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha} (ours: {args.length_penalty_form} form; the peers: len ** alpha); "
               "systems round-robin batch by batch, shuffled for each batch")
+        ct2_label = "bf16" if dtype == torch.bfloat16 else "fp32"  # the ct2_fp32 system runs ours' dtype on CUDA
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
-              "ours / CT2 fp32 | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | ours / Python step | "
-              "ours / Python loop | ours int8 / Python loop |")
+              f"ours / CT2 {ct2_label} | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | "
+              "ours / Python step | ours / Python loop | ours int8 / Python loop |")
         print("|---|---:|" + "---:|" * (len(systems) + 8))
         references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):

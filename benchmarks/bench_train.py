@@ -54,7 +54,7 @@ from transformer.model.attention import flash_attention, separate_projections  #
 from transformer.model.dropout import stored_masks  # noqa: E402
 from transformer.model.embeddings import dense_tied_gradients, sinusoidal_table  # noqa: E402
 from transformer.model.layers import plain_feed_forward, unfused_add_norm  # noqa: E402
-from transformer.training.loss import aten_loss, label_smoothed_nll_loss  # noqa: E402
+from transformer.training.loss import aten_loss, cpu_sized_blocks, label_smoothed_nll_loss  # noqa: E402
 
 PEERS = ("ours", "hf", "torch")
 PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "torch.nn.Transformer",
@@ -64,17 +64,20 @@ PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "
               "ours_flash": "ours, flash attention", "ours_dense_tied": "ours, dense tied gradients",
               "ours_aten_loss": "ours, loss in ATen ops", "ours_plain_ffn": "ours, plain feed-forward",
               "ours_separate_qkv": "ours, q, k, v projected one by one",
-              "ours_unfused_norm": "ours, bias, dropout, residual and LayerNorm apart"}
+              "ours_unfused_norm": "ours, bias, dropout, residual and LayerNorm apart",
+              "ours_graphed": "ours, the step as one CUDA graph",
+              "ours_cpu_loss_blocks": "ours, the loss in the CPU's blocks of rows"}
 # Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
 # attention by scaled_dot_product_attention's flash kernel (as before session 19); the shared embedding's
 # gradients summed by autograd as dense (V,D) tensors, the loss's passes over the logits in ATen's ops, the
 # feed-forward network as nn.Linear and F.relu (all three as before session 20); q, k and v projected one by
 # one, not as one product of their packed weights (as before session 22); a post-norm sub-layer ended by addmm's
-# bias, the dropout's residual pass and nn.LayerNorm, not by one pass each way (as before session 24)
+# bias, the dropout's residual pass and nn.LayerNorm, not by one pass each way (as before session 24); on a GPU,
+# the loss in the CPU's blocks of 1M logits, a few launches each (as before session 25)
 ABLATIONS = {"ours_stored_masks": stored_masks, "ours_flash": flash_attention,
              "ours_dense_tied": dense_tied_gradients, "ours_aten_loss": aten_loss,
              "ours_plain_ffn": plain_feed_forward, "ours_separate_qkv": separate_projections,
-             "ours_unfused_norm": unfused_add_norm}
+             "ours_unfused_norm": unfused_add_norm, "ours_cpu_loss_blocks": cpu_sized_blocks}
 # Batch (B, S=T) per preset for the synthetic part on the CPU: 1024 tokens a side for `small` and `base` alike
 # (the Multi30k configs' buckets hold 2048, the paper's batches ~25k), a measured `base` config about 3 min on
 # 2 cores. Until session 21 `base` ran B=8 (256 tokens), where the products' few rows hold them to 83-89% of
@@ -135,7 +138,7 @@ def synthetic_shape(args, preset_name: str) -> tuple[int, int]:
 def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     """(module, forward(src, tgt_input) -> logits) for one peer, on ``device``, in training mode."""
     torch.manual_seed(0)
-    if name == "ours" or name in ABLATIONS:  # an ablation's kernel is turned off by make_train_step (ablation(name))
+    if name in ("ours", "ours_graphed") or name in ABLATIONS:  # an ablation's kernel is turned off by make_train_step (ablation(name))
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
     if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
@@ -190,6 +193,55 @@ def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool,
         return 0.0
 
     return step
+
+
+def make_graphed_step(model: nn.Module, forward, device: torch.device, bf16: bool):
+    """The step of :func:`make_train_step` (forward, loss, backward, Adam) recorded once as one CUDA graph and
+    replayed (PyTorch's whole-network capture: a side stream for the warm-up steps, Adam with ``capturable=True``,
+    autocast without its cast cache, inputs copied into static tensors). Recorded at the first call's shapes,
+    which must not change. It measures what launching the step's kernels one by one from Python costs."""
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-4, device=device), betas=(0.9, 0.98), eps=1e-9,
+                           fused=True, capturable=True)
+    state: dict = {}
+
+    def body(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            logits = forward(src, tgt_in)
+        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
+        (loss / tgt_out.ne(PAD_ID).sum()).backward()
+        opt.step()
+
+    def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:
+        if not state:
+            static = tuple(t.clone() for t in (src, tgt_in, tgt_out))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+                for _ in range(3):
+                    opt.zero_grad(set_to_none=True)
+                    body(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            opt.zero_grad(set_to_none=True)  # the gradients are then allocated (and written, not added) by the graph
+            with torch.cuda.graph(graph):
+                body(*static)
+            state.update(graph=graph, static=static)
+        for into, new in zip(state["static"], (src, tgt_in, tgt_out)):
+            into.copy_(new)
+        state["graph"].replay()
+        return 0.0
+
+    return step
+
+
+def peer_step(name: str, model: nn.Module, forward, device: torch.device, bf16: bool):
+    """A peer's step: :func:`make_graphed_step` for ``ours_graphed`` (CUDA only), else :func:`make_train_step`
+    within the peer's ablation."""
+    if name == "ours_graphed":
+        if device.type != "cuda":
+            raise ValueError("a CUDA graph needs --device cuda")
+        return make_graphed_step(model, forward, device, bf16)
+    return make_train_step(model, forward, device, bf16, ablation(name))
 
 
 _PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
@@ -316,7 +368,7 @@ def memory_child(args) -> None:
     src, tgt_in, tgt_out = synthetic_batch(batch, length, args.vocab, device)
     rss_before = current_rss_mb()
     model, forward = build_peer(args.child_peer, cfg, args.vocab, device)
-    step = make_train_step(model, forward, device, args.bf16, ablation(args.child_peer))
+    step = peer_step(args.child_peer, model, forward, device, args.bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
@@ -348,8 +400,8 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         steps, params = {}, {}
         for name in args.peers:
             model, forward = build_peer(name, cfg, args.vocab, device)
-            fn = make_train_step(model, forward, device, args.bf16, ablation(name))
-            try:  # a first step outside the timing: it also compiles, for ours_compiled
+            try:  # a first step outside the timing: it also compiles, for ours_compiled (and records ours_graphed)
+                fn = peer_step(name, model, forward, device, args.bf16)
                 started = time.perf_counter()
                 fn(src, tgt_in, tgt_out)
                 sync(device)

@@ -1,5 +1,6 @@
 """Invariants of Transformer and TransformerLM: causality, padding, cached = uncached, sizes, tying, limits."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -338,3 +339,80 @@ def test_dropout_only_in_train_mode():
     train_a, train_b = model(src, tgt), model(src, tgt)
     assert not torch.equal(train_a, train_b)
     assert not _close(train_a, eval_a)
+
+
+# --- the same training step on CUDA -------------------------------------------------------------------
+
+# The autograd nodes of training's CPU kernels (the compiled extension's, where it is built); on CUDA a step
+# runs PyTorch's own ops instead
+CPU_KERNEL_NODES = {"_AddNormBackward", "_ShortAttentionBackward", "_PackedShortAttentionBackward",
+                    "_ReluFeedForwardBackward", "_HashedDropoutBackward"}
+CUDA_KINDS = [pytest.param(dict(norm_first=False), id="post-ln"), pytest.param(dict(norm_first=True), id="pre-ln"),
+              pytest.param(dict(arch="lm", norm_first=True), id="lm")]
+
+
+def _cuda_pair(dropout: float, **overrides):
+    """One model on the CPU and its copy on CUDA, with a head size that the CPU's attention kernel takes."""
+    torch.manual_seed(0)
+    cfg = replace(TINY, d_model=64, n_heads=2, d_ff=128, dropout=dropout, **overrides)
+    model = (TransformerLM(cfg, V) if cfg.arch == "lm" else Transformer(cfg, V, V)).train()
+    return model, copy.deepcopy(model).cuda()
+
+
+def _loss_step(model, src: torch.Tensor, tgt: torch.Tensor, device: str, bf16: bool = False):
+    """(loss, gradients by name, autograd node names) of one label-smoothed step, all on the CPU."""
+    from transformer.training.loss import label_smoothed_nll_loss
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        inputs = (tgt[:, :-1].to(device),) if isinstance(model, TransformerLM) else (src.to(device), tgt[:, :-1].to(device))
+        logits = model(*inputs)
+    loss, _ = label_smoothed_nll_loss(logits, tgt[:, 1:].to(device), 0.1)
+    loss.backward()
+    return loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}, _backward_nodes(loss)
+
+
+def _cuda_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    src, tgt = _tokens(4, 9), _tokens(4, 8)
+    src[1, -3:] = PAD_ID
+    tgt[2, -2:] = PAD_ID
+    return src, tgt
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", CUDA_KINDS)
+def test_cuda_training_step_equals_the_cpu_one(kind, monkeypatch):
+    # Without dropout the CPU's kernels (where the extension is built) and CUDA's ops compute the same step
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cpu, gpu = _cuda_pair(0.0, **kind)
+    src, tgt = _cuda_batch()
+    cpu_loss, cpu_grads, cpu_nodes = _loss_step(cpu, src, tgt, "cpu")
+    gpu_loss, gpu_grads, gpu_nodes = _loss_step(gpu, src, tgt, "cuda")
+    assert not gpu_nodes & CPU_KERNEL_NODES
+    from transformer.model import attention
+
+    if attention._KERNEL.get() is not None:  # the extension is built and runs here: the comparison is with it
+        assert cpu_nodes & CPU_KERNEL_NODES
+    torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-5, atol=1e-5)
+    assert gpu_grads.keys() == cpu_grads.keys()
+    for name in cpu_grads:
+        torch.testing.assert_close(gpu_grads[name], cpu_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", CUDA_KINDS)
+def test_cuda_training_step_with_dropout_and_bf16_autocast(kind):
+    _, gpu = _cuda_pair(0.1, **kind)
+    src, tgt = _cuda_batch()
+    first, _, _ = _loss_step(gpu, src, tgt, "cuda")
+    second, grads, _ = _loss_step(gpu, src, tgt, "cuda")
+    assert first != second  # dropout draws new masks each step
+    gpu.eval()  # no dropout: the same loss twice
+    assert torch.equal(_loss_step(gpu, src, tgt, "cuda")[0], _loss_step(gpu, src, tgt, "cuda")[0])
+    fp32, fp32_grads, _ = _loss_step(gpu, src, tgt, "cuda")
+    bf16, bf16_grads, _ = _loss_step(gpu, src, tgt, "cuda", bf16=True)
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=2e-2)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in bf16_grads.values())
+    flat_bf16, flat_fp32 = (torch.cat([g.flatten() for g in gs.values()]) for gs in (bf16_grads, fp32_grads))
+    assert torch.nn.functional.cosine_similarity(flat_bf16, flat_fp32, dim=0) > 0.99  # some tensors' are ~0 (k bias)

@@ -137,8 +137,9 @@ class Encoder(nn.Module):
         """src_tokens (B,S) -> EncoderOut(memory (B,S,D), src_mask (B,S)). ``embed_weight``: as the decoder's."""
         src_mask = src_tokens.ne(PAD_ID)  # (B,S)
         # Eager: skip the mask when nothing is padded (a device sync, then the fastest attention kernel).
-        # Compiled: always pass it, so that no data-dependent branch breaks the graph.
-        padded = True if torch.compiler.is_compiling() else not bool(src_mask.all())
+        # Compiled or captured in a CUDA graph: always pass it (no data-dependent branch, no sync while capturing).
+        fixed = torch.compiler.is_compiling() or (src_tokens.is_cuda and torch.cuda.is_current_stream_capturing())
+        padded = True if fixed else not bool(src_mask.all())
         attn_mask = src_mask[:, None, None, :] if padded else None  # (B,1,1,S)
         x = self.dropout(self.embed_positions(self.embed_tokens(src_tokens, embed_weight)))  # (B,S,D)
         for layer in self.layers:
