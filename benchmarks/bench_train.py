@@ -66,6 +66,7 @@ PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "
               "ours_separate_qkv": "ours, q, k, v projected one by one",
               "ours_unfused_norm": "ours, bias, dropout, residual and LayerNorm apart",
               "ours_graphed": "ours, the step as one CUDA graph",
+              "ours_compiled_graphed": "ours + torch.compile, the step as one CUDA graph",
               "ours_cpu_loss_blocks": "ours, the loss in the CPU's blocks of rows"}
 # Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
 # attention by scaled_dot_product_attention's flash kernel (as before session 19); the shared embedding's
@@ -138,10 +139,12 @@ def synthetic_shape(args, preset_name: str) -> tuple[int, int]:
 def build_peer(name: str, cfg: ModelConfig, vocab: int, device: torch.device):
     """(module, forward(src, tgt_input) -> logits) for one peer, on ``device``, in training mode."""
     torch.manual_seed(0)
-    if name in ("ours", "ours_graphed") or name in ABLATIONS:  # an ablation's kernel is turned off by make_train_step (ablation(name))
+    if name in ("ours", "ours_graphed") or name in ABLATIONS:  # an ablation's kernel: off in make_train_step
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, model
-    if name == "ours_compiled":  # torch.compile's default mode on fixed shapes (the trainer adds dynamic=True)
+    if name in ("ours_compiled", "ours_compiled_graphed"):  # torch.compile's default mode on fixed shapes (the
+        # trainer adds dynamic=True); ours_compiled_graphed then records the step, compiled kernels and all, as a
+        # CUDA graph (peer_step)
         model = Transformer(cfg, vocab, vocab).to(device).train()
         return model, torch.compile(model)
     if name == "ours_compiled_dynamic":  # what the trainer runs with train.compile=true (token buckets change shapes)
@@ -235,9 +238,10 @@ def make_graphed_step(model: nn.Module, forward, device: torch.device, bf16: boo
 
 
 def peer_step(name: str, model: nn.Module, forward, device: torch.device, bf16: bool):
-    """A peer's step: :func:`make_graphed_step` for ``ours_graphed`` (CUDA only), else :func:`make_train_step`
+    """A peer's step: :func:`make_graphed_step` for ``ours_graphed`` and ``ours_compiled_graphed`` (CUDA only),
+    else :func:`make_train_step`
     within the peer's ablation."""
-    if name == "ours_graphed":
+    if name in ("ours_graphed", "ours_compiled_graphed"):
         if device.type != "cuda":
             raise ValueError("a CUDA graph needs --device cuda")
         return make_graphed_step(model, forward, device, bf16)
@@ -405,8 +409,8 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
                 started = time.perf_counter()
                 fn(src, tgt_in, tgt_out)
                 sync(device)
-                if name == "ours_compiled":
-                    print(f"torch.compile: first step took {time.perf_counter() - started:.0f} s")
+                if "compiled" in name:
+                    print(f"{PEER_NAMES[name]}: first step took {time.perf_counter() - started:.0f} s")
             except Exception as exc:  # report the peer, keep the others
                 print(f"{PEER_NAMES[name]}: its first step failed, left out: {type(exc).__name__}: {exc}"[:2000])
                 continue
@@ -431,7 +435,7 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         mem = {}
         if not args.no_memory:
             for name in peers:
-                if name == "ours_compiled":
+                if "compiled" in name:
                     continue  # a second compilation in a fresh process would cost minutes
                 child = [__file__, "--child-memory", "--child-preset", preset_name, "--child-peer", name,
                          "--device", args.device, "--vocab", str(args.vocab)]
