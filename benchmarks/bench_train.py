@@ -239,8 +239,7 @@ def make_graphed_step(model: nn.Module, forward, device: torch.device, bf16: boo
 
 def peer_step(name: str, model: nn.Module, forward, device: torch.device, bf16: bool):
     """A peer's step: :func:`make_graphed_step` for ``ours_graphed`` and ``ours_compiled_graphed`` (CUDA only),
-    else :func:`make_train_step`
-    within the peer's ablation."""
+    else :func:`make_train_step` within the peer's ablation."""
     if name in ("ours_graphed", "ours_compiled_graphed"):
         if device.type != "cuda":
             raise ValueError("a CUDA graph needs --device cuda")

@@ -1809,8 +1809,6 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
   return {out.transpose(1, 2), probs};
 }
 
-// An output of attention_backward: the given tensor (B, H, N, Dh), Dh contiguous, where the caller wants the
-// gradient written (a view of a buffer that packs q, k and v, say), else a new (B, N, H, Dh) seen as (B, H, N, Dh).
 // "[2, 5, 3]": a shape in one std::string for a check's message. c10::str streams numbers, which crashed the
 // extension as built on the GPU machine (Ubuntu's gcc 13.3 against torch 2.11+cu130; see attend_one)
 std::string shape_text(at::IntArrayRef sizes) {
@@ -1819,6 +1817,8 @@ std::string shape_text(at::IntArrayRef sizes) {
   return text + "]";
 }
 
+// An output of attention_backward: the given tensor (B, H, N, Dh), Dh contiguous, where the caller wants the
+// gradient written (a view of a buffer that packs q, k and v, say), else a new (B, N, H, Dh) seen as (B, H, N, Dh).
 Tensor gradient_out(const std::optional<Tensor>& given, const Tensor& like, const char* what) {
   if (!given.has_value() || !given->defined())
     return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
