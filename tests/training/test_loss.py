@@ -106,6 +106,21 @@ def test_a_gpus_blocks_of_rows_are_few():
     assert blocks[0][0] == 0 and blocks[-1][1] == 16384 and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
 
 
+def test_the_backward_pass_walks_the_blocks_of_its_forward_pass(monkeypatch):
+    # A comparison's block (cpu_sized_blocks) holds around the forward pass only: its backward pass must follow
+    torch.manual_seed(0)
+    logits = torch.randn(300, 5000, requires_grad=True)
+    target = torch.randint(1, 5000, (300,))
+    monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 100 * 5000)
+    loss, _ = label_smoothed_nll_loss(logits * 1.0, target, 0.1)
+    monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 1 << 20)
+    assert loss.grad_fn.blocks == [(0, 100), (100, 200), (200, 300)]
+    loss.backward()
+    reference = logits.detach().clone().requires_grad_()
+    _reference(reference, target, 0.1)[0].backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("overwrite_logits", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -46,7 +46,7 @@ from transformer.model import native
 # cache; on a GPU about 64M (256 MB in float32: each block is a few kernel launches, and a GPU has no cache to
 # keep it in: 1M-element blocks made the loss about a thousand launches a step at 16k tokens, which a host
 # could not issue as fast as the GPU ran them)
-_BLOCK_ELEMENTS = {"cpu": 1 << 20}
+_CPU_BLOCK_ELEMENTS = 1 << 20
 _GPU_BLOCK_ELEMENTS = 1 << 26
 _GPU_BLOCKS = native.Switch()  # off: the CPU's blocks on every device (comparisons)
 _KERNEL = native.Kernel("exp_rows_")  # the extension, looked up once per process
@@ -60,14 +60,14 @@ def aten_loss() -> ContextManager[None]:
 
 def cpu_sized_blocks() -> ContextManager[None]:
     """Within the block, the loss walks the logits in the CPU's blocks of rows on every device, as before session
-    25 (comparisons: the ``ours_cpu_loss_blocks`` peer of ``benchmarks/bench_train.py``). A backward pass reads the
-    choice too: keep both passes inside the block."""
+    25 (comparisons: the ``ours_cpu_loss_blocks`` peer of ``benchmarks/bench_train.py``, tests). A backward pass
+    follows its forward pass."""
     return _GPU_BLOCKS.off()
 
 
 def _row_blocks(n_rows: int, vocab: int, device: torch.device) -> list[tuple[int, int]]:
-    gpu = _GPU_BLOCK_ELEMENTS if _GPU_BLOCKS else _BLOCK_ELEMENTS["cpu"]
-    rows = max(1, _BLOCK_ELEMENTS.get(device.type, gpu) // max(1, vocab))
+    elements = _GPU_BLOCK_ELEMENTS if device.type != "cpu" and _GPU_BLOCKS else _CPU_BLOCK_ELEMENTS
+    rows = max(1, elements // max(1, vocab))
     return [(start, min(n_rows, start + rows)) for start in range(0, n_rows, rows)]
 
 
@@ -77,6 +77,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, epsilon: float, ignore_index: int, overwrite: bool):
         n, vocab = logits.shape
+        blocks = _row_blocks(n, vocab, logits.device)  # the backward pass walks the same ones
         keep = target.ne(ignore_index)  # (N,)
         gold_ids = target.masked_fill(~keep, 0).unsqueeze(1)  # (N,1), a safe index on ignored rows
         gold = logits.gather(1, gold_ids).squeeze(1).float()  # (N,), read before any overwriting
@@ -93,7 +94,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
                 top, total, mean = module.exp_rows_(data)  # (N,) each
             else:
                 top, total = torch.empty_like(mean), torch.empty_like(mean)
-                for start, end in _row_blocks(n, vocab, logits.device):
+                for start, end in blocks:
                     block = data[start:end]  # (n_b,V)
                     torch.mean(block, 1, out=mean[start:end])
                     torch.amax(block, 1, out=top[start:end])
@@ -103,7 +104,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             norm = total  # the backward pass divides the stored exponentials by it
         else:
             lse = torch.empty_like(mean)
-            for start, end in _row_blocks(n, vocab, logits.device):
+            for start, end in blocks:
                 block = logits[start:end].float()  # (n_b,V); a view when the logits are float32
                 torch.logsumexp(block, 1, out=lse[start:end])
                 torch.mean(block, 1, out=mean[start:end])
@@ -113,6 +114,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         loss_sum = (1.0 - epsilon) * nll_sum + epsilon * ((lse - mean) * keep_f).sum()
         ctx.save_for_backward(logits, norm, gold_ids, keep_f)
         ctx.epsilon, ctx.overwrite, ctx.keep_exps, ctx.module = epsilon, overwrite, keep_exps, module
+        ctx.blocks = blocks
         return loss_sum, nll_sum
 
     @staticmethod
@@ -130,7 +132,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             if ctx.module is not None:  # the extension, one pass: exps * scale - offset, and -a at the gold token
                 ctx.module.exp_rows_grad_(grad, scale.float(), offset.float(), gold_ids.view(-1), a.float())
                 return grad, None, None, None, None
-            for start, end in _row_blocks(n, vocab, logits.device):
+            for start, end in ctx.blocks:
                 out = grad[start:end]
                 out.mul_(scale[start:end].unsqueeze(1)).sub_(offset[start:end].unsqueeze(1))
                 out.scatter_add_(1, gold_ids[start:end], -a[start:end].unsqueeze(1))
@@ -143,7 +145,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         scale_in_exp = logits.device.type == "cpu" and bool((c >= 0).all())
         shift = (lse - torch.log(c) if scale_in_exp else lse).unsqueeze(1)  # (N,1)
         grad = logits if ctx.overwrite else torch.empty_like(logits)
-        for start, end in _row_blocks(n, vocab, logits.device):
+        for start, end in ctx.blocks:
             src = logits[start:end]
             out = grad[start:end]
             if src.dtype == torch.float32:
