@@ -182,15 +182,10 @@ def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool,
     Adam update (the paper's betas/eps; torch's fused kernel for every peer, as
     transformer.training.optim builds it, so that the peers differ only in their models), all ``within`` the
     given context (an ablation's)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
+    opt = paper_adam(model, lr=1e-4)
 
     def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:
-        with within():  # the backward pass follows what the forward pass chose
-            with autocast(device, bf16):
-                logits = forward(src, tgt_in)
-            loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
-        n_tokens = tgt_out.ne(PAD_ID).sum()
-        (loss / n_tokens).backward()
+        forward_backward(forward, src, tgt_in, tgt_out, device, bf16, within)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return 0.0
@@ -198,20 +193,32 @@ def make_train_step(model: nn.Module, forward, device: torch.device, bf16: bool,
     return step
 
 
+def paper_adam(model: nn.Module, **options) -> torch.optim.Adam:
+    """Adam with the paper's betas and eps in torch's fused kernel, for every peer alike."""
+    return torch.optim.Adam(model.parameters(), betas=(0.9, 0.98), eps=1e-9, fused=True, **options)
+
+
+def forward_backward(forward, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, device: torch.device, bf16: bool,
+                     within: Callable[[], ContextManager[None]] = contextlib.nullcontext, cast_cache: bool = True):
+    """A step's forward pass (autocast to bf16 where asked) and label-smoothed loss ``within`` the given
+    context, then its backward pass, which follows what the forward pass chose."""
+    with within():
+        with autocast(device, bf16, cache=cast_cache):
+            logits = forward(src, tgt_in)
+        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
+    (loss / tgt_out.ne(PAD_ID).sum()).backward()
+
+
 def make_graphed_step(model: nn.Module, forward, device: torch.device, bf16: bool):
     """The step of :func:`make_train_step` (forward, loss, backward, Adam) recorded once as one CUDA graph and
     replayed (PyTorch's whole-network capture: a side stream for the warm-up steps, Adam with ``capturable=True``,
     autocast without its cast cache, inputs copied into static tensors). Recorded at the first call's shapes,
     which must not change. It measures what launching the step's kernels one by one from Python costs."""
-    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-4, device=device), betas=(0.9, 0.98), eps=1e-9,
-                           fused=True, capturable=True)
+    opt = paper_adam(model, lr=torch.tensor(1e-4, device=device), capturable=True)
     state: dict = {}
 
     def body(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-            logits = forward(src, tgt_in)
-        loss, _ = label_smoothed_nll_loss(logits, tgt_out, LABEL_SMOOTHING, overwrite_logits=True)
-        (loss / tgt_out.ne(PAD_ID).sum()).backward()
+        forward_backward(forward, src, tgt_in, tgt_out, device, bf16, cast_cache=False)
         opt.step()
 
     def step(src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> float:

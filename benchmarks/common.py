@@ -318,6 +318,8 @@ def add_common_args(parser) -> None:
     )
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; otherwise a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+def autocast(device: torch.device, bf16: bool, cache: bool = True):
+    """bf16 autocast on CUDA when asked; otherwise a no-op context. ``cache=False``: no cache of the weights'
+    casts (what recording a CUDA graph needs)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda",
+                          cache_enabled=cache)
