@@ -365,8 +365,8 @@ def _loss_step(model, src: torch.Tensor, tgt: torch.Tensor, device: str, bf16: b
 
     model.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-        inputs = (tgt[:, :-1].to(device),) if isinstance(model, TransformerLM) else (src.to(device), tgt[:, :-1].to(device))
-        logits = model(*inputs)
+        tgt_in = tgt[:, :-1].to(device)
+        logits = model(tgt_in) if isinstance(model, TransformerLM) else model(src.to(device), tgt_in)
     loss, _ = label_smoothed_nll_loss(logits, tgt[:, 1:].to(device), 0.1)
     loss.backward()
     return loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}, _backward_nodes(loss)
