@@ -408,9 +408,9 @@ def test_cuda_training_step_with_dropout_and_bf16_autocast(kind):
     first, _, _ = _loss_step(gpu, src, tgt, "cuda")
     second, grads, _ = _loss_step(gpu, src, tgt, "cuda")
     assert first != second  # dropout draws new masks each step
-    gpu.eval()  # no dropout: the same loss twice
-    assert torch.equal(_loss_step(gpu, src, tgt, "cuda")[0], _loss_step(gpu, src, tgt, "cuda")[0])
+    gpu.eval()
     fp32, fp32_grads, _ = _loss_step(gpu, src, tgt, "cuda")
+    assert torch.equal(_loss_step(gpu, src, tgt, "cuda")[0], fp32)  # no dropout: the same loss twice
     bf16, bf16_grads, _ = _loss_step(gpu, src, tgt, "cuda", bf16=True)
     torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=2e-2)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in bf16_grads.values())
