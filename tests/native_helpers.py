@@ -1,6 +1,7 @@
 """What tests of the compiled extension's kernels share (model and training): whether a compiler is here, a
 kernel built and looked up anew for a test, and a fixture's two forms (the kernel's fallback, the kernel)."""
 
+import contextlib
 import shutil
 from typing import Iterator
 
@@ -34,3 +35,20 @@ def each_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, k
         return
     built_kernel(kernel, monkeypatch)
     yield request.param
+
+
+def cpu_levels(module) -> list[int]:
+    """The instruction levels of the extension's kernels that this CPU runs (2 AVX2, 3 AVX-512, 4 AVX-512 VNNI;
+    see ``set_cpu_level`` in csrc/decoder_step.cpp), lowest first; empty without AVX2."""
+    top = module.cpu_level()
+    return list(range(2, top + 1)) if top >= 2 else []
+
+
+@contextlib.contextmanager
+def at_cpu_level(module, level: int) -> Iterator[None]:
+    """Within the block the extension's kernels use instructions up to ``level``; the highest afterwards."""
+    try:
+        assert module.set_cpu_level(level) == level
+        yield
+    finally:
+        module.set_cpu_level(4)

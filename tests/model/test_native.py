@@ -15,7 +15,7 @@ from transformer.model import native
 from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
 from transformer.model.quantize import quantize, w8a8_row_rounding
 
-from native_helpers import HAVE_COMPILER
+from native_helpers import HAVE_COMPILER, at_cpu_level, cpu_levels
 from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
 
 pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler to build the compiled step with")
@@ -341,6 +341,109 @@ def _dequantized_copy(model, int8_model):
     # in eval mode the output layer multiplies by its weight without calling lm_head (transformer._OutputLayer)
     ref.output.register_forward_pre_hook(lambda _, args: (_rounded_rows(args[0]),))
     return ref.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("threads", [1, 2])
+def test_panel_products_are_the_same_bits_at_every_cpu_level(threads):
+    """panel_linear and panel_linear_w8a8 give the same bits with AVX2 as with AVX-512 (16-float panels) and
+    AVX-512 VNNI (vpdpbusd), where this CPU has them: the same operations per output in the same order, the
+    int8 sums exact (u = 127 against q = -128 included), at tile sizes of both forms and their rests."""
+    module = native.build()
+    levels = cpu_levels(module)
+    if len(levels) < 2:
+        pytest.skip(f"this CPU runs the kernels at one level only ({levels})")
+    torch.manual_seed(threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_features, in_features in [(16, 8), (40, 7), (1, 64), (768, 256), (17, 1), (33, 2050)]:
+            linear = torch.nn.Linear(in_features, out_features)
+            dense = _Dense(linear.weight, linear.bias, "decoder", module)
+            w_q = _quantized(linear.weight.detach())
+            q = w_q.int_repr()
+            q[:, :2] = -128
+            w_q = torch._make_per_channel_quantized_tensor(q, w_q.q_per_channel_scales(),
+                                                            w_q.q_per_channel_zero_points(), 0)
+            int8 = _Int8Panels(w_q, linear.bias, module)
+            for rows in (1, 2, 3, 5, 6, 7, 8, 9, 13, 17, 41):
+                x = torch.randn(rows, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
+                x[0] = 1.0  # u = 127 everywhere
+                results = []
+                for level in levels:
+                    with at_cpu_level(module, level):
+                        results.append([dense(x), dense(x, relu=True), int8(x), int8(x, relu=True)])
+                for level, result in zip(levels[1:], results[1:]):
+                    for name, a, b in zip(("fp32", "fp32 relu", "int8", "int8 relu"), results[0], result):
+                        assert torch.equal(a, b), (level, name, out_features, in_features, rows)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _at_each_level(module, compute):
+    """``compute()`` (a list of tensors) at each instruction level this CPU has; skips with fewer than two."""
+    levels = cpu_levels(module)
+    if len(levels) < 2:
+        pytest.skip(f"this CPU runs the kernels at one level only ({levels})")
+    results = []
+    for level in levels:
+        with at_cpu_level(module, level):
+            results.append([t.clone() for t in compute()])
+    return levels, results
+
+
+@pytest.mark.parametrize("b,h,t,s,dh", [(3, 4, 32, 32, 64), (2, 2, 7, 13, 8), (2, 3, 33, 20, 24), (1, 2, 17, 17, 40)])
+def test_training_kernels_are_the_same_bits_at_every_cpu_level(b, h, t, s, dh):
+    """Training's attention (its products in 16-float tiles with AVX-512, 8-wide rests masked) and the loss's
+    passes over the logits (exp_16, its sums still added 8 lanes at a time), and decoding's candidates: the same
+    bits at every level, with and without masks."""
+    module = native.build()
+    torch.manual_seed(t + s)
+    q = torch.randn(b, t, h, dh).transpose(1, 2)  # (B,H,T,Dh) views of (B,T,H,Dh), as the projections give
+    k, v = torch.randn(b, s, h, dh).transpose(1, 2), torch.randn(b, s, h, dh).transpose(1, 2)
+    grad = torch.randn(b, h, t, dh)
+    key_mask = torch.rand(b, s) < 0.8
+    key_mask[:, 0] = True
+    logits = torch.randn(b * t, 1003 + s) * 4  # widths with 16-, 8- and 1-float rests
+    scores = torch.randn(b * t // 2 if t % 2 == 0 else b * t, 2 if t % 2 == 0 else 1)
+
+    def compute():
+        out = []
+        for mask, causal in ((None, False), (key_mask, False)) + (((None, True),) if t == s else ()):
+            o, p = module.attention_forward(q, k, v, mask, causal, dh**-0.5)
+            out += [o, p, *module.attention_backward(grad, q, k, v, p, causal, dh**-0.5)]
+        exps = logits.clone()
+        out += [exps, module.exp_rows_(exps)]
+        out += module.step_candidates(logits, scores, 3, [0, 1], 0)[:1]
+        return out
+
+    levels, results = _at_each_level(module, compute)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(results[-1][0], expected, rtol=1e-4, atol=1e-4)
+    for level, result in zip(levels[1:], results[1:]):
+        for i, (x, y) in enumerate(zip(results[0], result)):
+            assert torch.equal(x, y), (level, i)
+
+
+def test_set_cpu_level_checks_its_argument():
+    with pytest.raises(RuntimeError, match="set_cpu_level"):
+        native.build().set_cpu_level(1)
+
+
+def test_cpu_level_from_the_environment(monkeypatch):
+    """TRANSFORMER_CPU_LEVEL caps the kernels' level when the extension is loaded; another value is a clear
+    error naming the variable."""
+    module = native.build()
+    if module.cpu_level() < 2:
+        pytest.skip("this CPU lacks AVX2")
+    try:
+        monkeypatch.setenv("TRANSFORMER_CPU_LEVEL", "avx2")
+        assert native._with_cpu_level(module).cpu_level() == 2
+        monkeypatch.setenv("TRANSFORMER_CPU_LEVEL", "sse")
+        with pytest.raises(TransformerError, match="TRANSFORMER_CPU_LEVEL='sse'"):
+            native._with_cpu_level(module)
+    finally:
+        module.set_cpu_level(4)
 
 
 @torch.no_grad()

@@ -20,6 +20,12 @@ feed-forward ReLU, sub-layer ends and loss run their kernels, and without it
 The cache folder is ``$TRANSFORMER_NATIVE_DIR``, else ``~/.cache/transformer/native``, one subfolder per
 torch version, Python version and hash of the source and build flags, so a changed source or another torch
 builds anew. ``TRANSFORMER_NATIVE=0`` turns all of it off (the compiled step, ``panel_linear``, and training's kernels).
+
+Every kernel has an AVX2 + FMA form. On a CPU with AVX-512, the decoding products (``panel_linear``), training's
+attention products and the passes of exponentials (the loss's, the candidates') take 16-float registers, and
+with AVX-512 VNNI the int8 products (``panel_linear_w8a8``) take ``vpdpbusd``: the same operations per output in
+the same order, so the same bits as the AVX2 forms (``tests/model/test_native.py`` checks both where the CPU has
+them). ``TRANSFORMER_CPU_LEVEL=avx2`` (or ``avx512``) caps the forms used (comparisons).
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def build(verbose: bool = False) -> ModuleType:
         raise TransformerError(f"could not build the compiled decoder step in {folder}: "
                                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__} "
                                "(it needs g++ and Python's headers; decoding works without it)") from exc
-    _loaded[name] = module
+    _loaded[name] = module = _with_cpu_level(module)
     return module
 
 
@@ -154,6 +160,24 @@ class Kernel:
         return _replaced(self, "module", None)
 
 
+CPU_LEVELS = {"avx2": 2, "avx512": 3, "vnni": 4}  # TRANSFORMER_CPU_LEVEL's values (set_cpu_level's caps)
+
+
+def _with_cpu_level(module: ModuleType) -> ModuleType:
+    """``module`` with its kernels capped at ``$TRANSFORMER_CPU_LEVEL`` where that is set (see the docstring).
+
+    Raises:
+        TransformerError: the variable holds another value.
+    """
+    wanted = os.environ.get("TRANSFORMER_CPU_LEVEL", "").strip().lower()
+    if wanted:
+        if wanted not in CPU_LEVELS:
+            raise TransformerError(f"TRANSFORMER_CPU_LEVEL={wanted!r}: expected one of {', '.join(CPU_LEVELS)}")
+        if hasattr(module, "set_cpu_level"):
+            module.set_cpu_level(CPU_LEVELS[wanted])
+    return module
+
+
 def _import_built(name: str, folder: Path) -> Optional[ModuleType]:
     """The library built in ``folder``, imported, or None if there is none or it does not load."""
     library = folder / f"{name}.so"
@@ -165,4 +189,4 @@ def _import_built(name: str, folder: Path) -> Optional[ModuleType]:
         spec.loader.exec_module(module)
     except (ImportError, OSError):  # built against something no longer there: build() compiles it anew
         return None
-    return module
+    return _with_cpu_level(module)

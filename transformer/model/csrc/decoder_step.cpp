@@ -38,6 +38,8 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define TRANSFORMER_AVX2 __attribute__((target("avx2,fma")))
+#define TRANSFORMER_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define TRANSFORMER_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")))
 #else
 #define TRANSFORMER_AVX2
 #endif
@@ -59,6 +61,42 @@
 using at::Tensor;
 
 namespace {
+
+// --- which instructions the kernels use ---------------------------------------------------------------------
+//
+// Every kernel here has an AVX2 + FMA form. Where the CPU has AVX-512 (F, BW, DQ, VL), the decoding products
+// (panel_linear) take 16-float registers, and where it also has AVX-512 VNNI the int8 products
+// (panel_linear_w8a8) take vpdpbusd; each computes the same operations per output in the same order as the
+// AVX2 form, so the results are the same bits. set_cpu_level caps the level (tests run both forms).
+
+enum CpuLevel : int { kScalar = 0, kAvx2 = 2, kAvx512 = 3, kAvx512Vnni = 4 };
+
+int detected_cpu_level() {
+#ifdef TRANSFORMER_X86
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return kScalar;
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vl"))
+    return kAvx2;
+  return __builtin_cpu_supports("avx512vnni") ? kAvx512Vnni : kAvx512;
+#else
+  return kScalar;
+#endif
+}
+
+int g_cpu_cap = kAvx512Vnni;  // set_cpu_level's cap
+
+int cpu_level() {
+  static const int detected = detected_cpu_level();
+  return std::min(detected, g_cpu_cap);
+}
+
+// The level the kernels use from now on: min(what the CPU has, `cap`: 2 AVX2, 3 AVX-512, 4 AVX-512 VNNI);
+// returns it. Not while kernels run.
+int set_cpu_level(int64_t cap) {
+  TORCH_CHECK(cap >= kAvx2 && cap <= kAvx512Vnni, "set_cpu_level: 2 (AVX2), 3 (AVX-512) or 4 (AVX-512 VNNI)");
+  g_cpu_cap = static_cast<int>(cap);
+  return cpu_level();
+}
 
 // --- panel_linear: y = x W^T + b for a few rows, W stored as column panels ----------------------------
 //
@@ -138,6 +176,43 @@ constexpr PanelTile kStreamTiles[kTileRows + 1] = {nullptr,
                                                    panel_tile<4, true>,
                                                    panel_tile<5, true>,
                                                    panel_tile<6, true>};
+
+// AVX-512: a panel's 16 columns in one register, so a tile keeps up to 8 rows' sums in 8 registers and each k
+// takes one load of weights and one FMA per row (the AVX2 tile: two of each). Per output, the same FMAs in
+// the same order from the bias: the same bits as panel_tile.
+constexpr int kTileRows512 = 8;
+
+template <int R, bool Stream = false>
+TRANSFORMER_AVX512 void panel_tile512(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
+                                      const float* bias, float* out, int64_t ldo, int columns) {
+  constexpr int64_t kAhead = kPrefetch / (kPanel * sizeof(float));
+  __m512 acc[R];
+  const __m512 b = _mm512_loadu_ps(bias);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = b;
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const char* ahead = reinterpret_cast<const char*>(panel + (k + kAhead) * kPanel);
+    if (Stream) {
+      _mm_prefetch(ahead, _MM_HINT_NTA);
+    } else {
+      _mm_prefetch(ahead, _MM_HINT_T0);
+    }
+    const __m512 w = _mm512_loadu_ps(panel + k * kPanel);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[r * ldx + k]), acc[r]);
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << columns) - 1);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo, keep, acc[r]);
+}
+
+constexpr PanelTile kTiles512[kTileRows512 + 1] = {
+    nullptr,           panel_tile512<1>, panel_tile512<2>, panel_tile512<3>, panel_tile512<4>,
+    panel_tile512<5>,  panel_tile512<6>, panel_tile512<7>, panel_tile512<8>};
+constexpr PanelTile kStreamTiles512[kTileRows512 + 1] = {
+    nullptr,                 panel_tile512<1, true>, panel_tile512<2, true>, panel_tile512<3, true>,
+    panel_tile512<4, true>,  panel_tile512<5, true>, panel_tile512<6, true>, panel_tile512<7, true>,
+    panel_tile512<8, true>};
 #endif
 
 bool panels_supported() {
@@ -192,17 +267,21 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   const float* wp = panels.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const bool wide = cpu_level() >= kAvx512;
+  const int tile_rows = wide ? kTileRows512 : kTileRows;
+  const PanelTile* tiles = wide ? kTiles512 : kTiles;
+  const PanelTile* stream_tiles = wide ? kStreamTiles512 : kStreamTiles;
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
       const float* panel = wp + j * k_dim * kPanel;
-      if (rows <= kTileRows) {
-        kStreamTiles[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns);
+      if (rows <= tile_rows) {
+        stream_tiles[rows](xp, k_dim, panel, k_dim, bp + j * kPanel, op + j * kPanel, out_features, columns);
       } else {
-        for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {  // further tiles over the panel while it is in cache
-          const int r = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
-          kTiles[r](xp + r0 * k_dim, k_dim, panel, k_dim, bp + j * kPanel, op + r0 * out_features + j * kPanel,
-                    out_features, columns);
+        for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {  // further tiles over the panel while it is in cache
+          const int r = static_cast<int>(std::min<int64_t>(tile_rows, rows - r0));
+          tiles[r](xp + r0 * k_dim, k_dim, panel, k_dim, bp + j * kPanel, op + r0 * out_features + j * kPanel,
+                   out_features, columns);
         }
       }
       if (relu) relu_block(op + j * kPanel, rows, out_features, columns);
@@ -322,6 +401,44 @@ TRANSFORMER_AVX2 void quad_tile(const uint8_t* u, int64_t ldu, const float* sx, 
 using QuadTile = void (*)(const uint8_t*, int64_t, const float*, const int32_t*, const int8_t*, int64_t,
                           const int32_t*, const float*, const float*, float*, int64_t, int);
 constexpr QuadTile kQuadTiles[kQuadRows + 1] = {nullptr, quad_tile<1>, quad_tile<2>, quad_tile<3>};
+
+// AVX-512 VNNI: one vpdpbusd per row and group adds a group's 4 products for all 16 columns into int32 (the
+// AVX2 tile: vpmaddubsw, vpmaddwd and vpaddd per 8 columns). The 7-bit u keep vpmaddubsw's 16-bit pair sums
+// exact, so both forms sum the same integers exactly, and the epilogue is the same float32 arithmetic: the
+// same bits as quad_tile. Up to 8 rows a tile.
+constexpr int kQuadRowsVnni = 8;
+
+template <int R>
+TRANSFORMER_VNNI void quad_tile_vnni(const uint8_t* u, int64_t ldu, const float* sx, const int32_t* zero,
+                                     const int8_t* panel, int64_t groups, const int32_t* colsum, const float* scale,
+                                     const float* bias, float* out, int64_t ldo, int columns) {
+  __m512i acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (g + 16) * 64), _MM_HINT_T0);  // a cache line per group
+    const __m512i w = _mm512_loadu_si512(panel + g * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t xu;
+      std::memcpy(&xu, u + r * ldu + 4 * g, 4);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(xu), w);
+    }
+  }
+  const __m512i c = _mm512_loadu_si512(colsum);
+  const __m512 s = _mm512_loadu_ps(scale), b = _mm512_loadu_ps(bias);
+  const __mmask16 keep = static_cast<__mmask16>((1u << columns) - 1);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512i i = _mm512_sub_epi32(acc[r], _mm512_mullo_epi32(_mm512_set1_epi32(zero[r]), c));
+    const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s, _mm512_set1_ps(sx[r])), b);
+    _mm512_mask_storeu_ps(out + r * ldo, keep, y);
+  }
+}
+
+constexpr QuadTile kQuadTilesVnni[kQuadRowsVnni + 1] = {
+    nullptr,            quad_tile_vnni<1>, quad_tile_vnni<2>, quad_tile_vnni<3>, quad_tile_vnni<4>,
+    quad_tile_vnni<5>,  quad_tile_vnni<6>, quad_tile_vnni<7>, quad_tile_vnni<8>};
 #endif
 
 // x (N, in) float32; quad panels (P, ceil(in / 4), 64) int8; colsums (P * 16,) int32 (each column's sum of Q);
@@ -356,12 +473,15 @@ Tensor panel_linear_w8a8(const Tensor& x_in, const Tensor& panels, const Tensor&
     quantize_rows(xp + begin * k_dim, end - begin, k_dim, k_pad, u.get() + begin * k_pad, sx.data() + begin,
                   zero.data() + begin);
   };
+  const bool vnni = cpu_level() >= kAvx512Vnni;
+  const int tile_rows = vnni ? kQuadRowsVnni : kQuadRows;
+  const QuadTile* tiles = vnni ? kQuadTilesVnni : kQuadTiles;
   auto multiply = [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
-      for (int64_t r0 = 0; r0 < rows; r0 += kQuadRows) {
-        const int r = static_cast<int>(std::min<int64_t>(kQuadRows, rows - r0));
-        kQuadTiles[r](u.get() + r0 * k_pad, k_pad, sx.data() + r0, zero.data() + r0, wp + j * groups * 64, groups,
+      for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+        const int r = static_cast<int>(std::min<int64_t>(tile_rows, rows - r0));
+        tiles[r](u.get() + r0 * k_pad, k_pad, sx.data() + r0, zero.data() + r0, wp + j * groups * 64, groups,
                       cp + j * kPanel, sp + j * kPanel, bp + j * kPanel, op + r0 * out_features + j * kPanel,
                       out_features, columns);
       }
@@ -771,6 +891,24 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(two_k));
 }
 
+// exp_8's operations on 16 lanes (AVX-512): the same value per lane
+TRANSFORMER_AVX512 inline __m512 exp_16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.3762626647949f));
+  __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i two_k = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(two_k));
+}
+
 // Keeps the n largest (value, token) seen, sorted descending; `floor` is the value a newcomer must exceed.
 struct Best {
   std::vector<float> values;
@@ -792,6 +930,25 @@ struct Best {
     if (static_cast<int64_t>(values.size()) == n) floor = values.back();
   }
 };
+
+// sum_v e^(x_v - m) of a row with exp_16 (AVX-512), added 8 lanes at a time in row_candidates' order: the same
+// bits as its AVX2 loop
+TRANSFORMER_AVX512 float exp_sum512(const float* x, int64_t vocab, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 16 <= vocab; v += 16) {
+    const __m512 e = exp_16(_mm512_sub_ps(_mm512_loadu_ps(x + v), mv));
+    sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
+  }
+  if (v + 8 <= vocab) {
+    sum = _mm256_add_ps(sum, exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), _mm256_set1_ps(m))));
+    v += 8;
+  }
+  float total = sum_8(sum);
+  for (; v < vocab; ++v) total += std::exp(x[v] - m);
+  return total;
+}
 
 // One row of logits: its maximum m and log(sum_v e^(x_v - m)) (log_softmax(x) = (x - m) - that), and its n
 // best non-banned tokens by logit
@@ -819,6 +976,7 @@ __attribute__((target("avx2,fma"))) std::pair<float, float> row_candidates(const
     if (!banned[w]) best.offer(x[w], w);
   }
   if (m == -std::numeric_limits<float>::infinity()) return {m, 0.f};
+  if (cpu_level() >= kAvx512) return {m, std::log(exp_sum512(x, vocab, m))};
   const __m256 mv = _mm256_set1_ps(m);
   __m256 sum = _mm256_setzero_ps();
   for (v = 0; v + 8 <= vocab; v += 8) sum = _mm256_add_ps(sum, exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), mv)));
@@ -1112,6 +1270,54 @@ TRANSFORMER_AVX2 float row_exps(float* x, int64_t vocab, float m) {
   return total;
 }
 
+// row_max_sum and row_exps with 16 floats a load and exp_16 (AVX-512): the sums still add 8 lanes at a time in
+// the same order, so the results are the same bits
+TRANSFORMER_AVX512 std::pair<float, float> row_max_sum512(const float* x, int64_t vocab) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 sum = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 16 <= vocab; v += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + v);
+    top = _mm512_max_ps(top, xv);
+    sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(xv)), _mm512_extractf32x8_ps(xv, 1));
+  }
+  float m = _mm512_reduce_max_ps(top);
+  if (v + 8 <= vocab) {
+    const __m256 xv = _mm256_loadu_ps(x + v);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, xv);
+    for (float l : lanes) m = std::max(m, l);
+    sum = _mm256_add_ps(sum, xv);
+    v += 8;
+  }
+  float total = sum_8(sum);
+  for (; v < vocab; ++v) {
+    m = std::max(m, x[v]);
+    total += x[v];
+  }
+  return {m, total};
+}
+
+TRANSFORMER_AVX512 float row_exps512(float* x, int64_t vocab, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 16 <= vocab; v += 16) {
+    const __m512 e = exp_16(_mm512_sub_ps(_mm512_loadu_ps(x + v), mv));
+    _mm512_storeu_ps(x + v, e);
+    sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
+  }
+  if (v + 8 <= vocab) {
+    const __m256 e = exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), _mm256_set1_ps(m)));
+    _mm256_storeu_ps(x + v, e);
+    sum = _mm256_add_ps(sum, e);
+    v += 8;
+  }
+  float total = sum_8(sum);
+  for (; v < vocab; ++v) total += (x[v] = std::exp(x[v] - m));
+  return total;
+}
+
 // x <- x * scale - offset in place
 TRANSFORMER_AVX2 void row_scale_shift(float* x, int64_t vocab, float scale, float offset) {
   const __m256 sv = _mm256_set1_ps(scale), ov = _mm256_set1_ps(offset);
@@ -1142,13 +1348,16 @@ Tensor exp_rows_(Tensor& logits) {
   const int64_t n = logits.size(0), vocab = logits.size(1);
   Tensor stats = at::empty({3, n}, logits.options());
   float *top = stats.data_ptr<float>(), *total = top + n, *mean = top + 2 * n;
-  const bool avx2 = panels_supported();
+  const bool avx2 = panels_supported(), wide = cpu_level() >= kAvx512;
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* row = x + r * vocab;
       float m = -std::numeric_limits<float>::infinity(), sum = 0.f, exps = 0.f;
 #ifdef TRANSFORMER_X86
-      if (avx2) {
+      if (wide) {
+        std::tie(m, sum) = row_max_sum512(row, vocab);
+        exps = row_exps512(row, vocab, m);
+      } else if (avx2) {
         std::tie(m, sum) = row_max_sum(row, vocab);
         exps = row_exps(row, vocab, m);
       }
@@ -1645,15 +1854,70 @@ constexpr GemmTile kGemmTiles[kGemmRows][kGemmChunks] = {
 // bound up (or down) to their block, so they compute a few products of zeros, never skip a needed one.
 enum class Causal { kNone, kColumns, kSumBelow, kSumAbove };
 
+// gemm_tile with 16-float registers (AVX-512): C (R x 16 NC, the last chunk only 8 wide where Half) = A B. Per
+// output, the same FMAs in the same order from zero: the same bits as gemm_tile.
+template <int R, int NC, bool Half>
+TRANSFORMER_AVX512 void gemm_tile512(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                                     int64_t k_dim, float* c, int64_t ldc) {
+  constexpr __mmask16 kLast = Half ? 0x00FF : 0xFFFF;
+  __m512 acc[R][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    __m512 bv[NC];
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j)
+      bv[j] = j + 1 < NC ? _mm512_loadu_ps(b + k * ldb + 16 * j) : _mm512_maskz_loadu_ps(kLast, b + k * ldb + 16 * j);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * a_rs + k * a_ks]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) {
+      if (j + 1 < NC) {
+        _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+      } else {
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, kLast, acc[r][j]);
+      }
+    }
+}
+
+constexpr int kGemmChunks512 = 4;  // up to 4 rows x 64 columns: 16 accumulators, 4 registers of B, 1 broadcast
+template <int R>
+constexpr GemmTile kGemmRow512[2][kGemmChunks512] = {
+    {gemm_tile512<R, 1, false>, gemm_tile512<R, 2, false>, gemm_tile512<R, 3, false>, gemm_tile512<R, 4, false>},
+    {gemm_tile512<R, 1, true>, gemm_tile512<R, 2, true>, gemm_tile512<R, 3, true>, gemm_tile512<R, 4, true>}};
+const GemmTile (*const kGemmTiles512[kGemmRows])[kGemmChunks512] = {kGemmRow512<1>, kGemmRow512<2>, kGemmRow512<3>,
+                                                                     kGemmRow512<4>};
+
 // C (M x N) = A (M x K) B (K x N), N a multiple of 8; strides as gemm_tile's; `causal` as above.
 void small_gemm(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, int64_t m, int64_t n,
                 int64_t k_dim, float* c, int64_t ldc, Causal causal = Causal::kNone) {
+  const bool wide = cpu_level() >= kAvx512;
   for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
     const int r = static_cast<int>(std::min<int64_t>(kGemmRows, m - i0));
     int64_t n_used = n, k0 = 0, k1 = k_dim;
     if (causal == Causal::kColumns) n_used = std::min<int64_t>(n, (i0 + r + 7) / 8 * 8);
     if (causal == Causal::kSumBelow) k1 = std::min<int64_t>(k_dim, i0 + r);
     if (causal == Causal::kSumAbove) k0 = std::min<int64_t>(k_dim, i0);
+    if (wide) {  // chunks of 16 columns, the last one 8 wide where n_used is an odd multiple of 8
+      const int64_t chunks = (n_used + 15) / 16;
+      for (int64_t j0 = 0; j0 < chunks;) {
+        const int nc = static_cast<int>(std::min<int64_t>(kGemmChunks512, chunks - j0));
+        const bool half = j0 + nc == chunks && n_used % 16 != 0;
+        kGemmTiles512[r - 1][half][nc - 1](a + i0 * a_rs + k0 * a_ks, a_rs, a_ks, b + k0 * ldb + 16 * j0, ldb, k1 - k0,
+                                           c + i0 * ldc + 16 * j0, ldc);
+        j0 += nc;
+      }
+      continue;
+    }
     const int64_t chunks = n_used / 8;
     for (int64_t j0 = 0; j0 < chunks;) {
       // 3 chunks a tile, but 4 as 2 + 2: a tile of one chunk has 4 accumulators, too few to hide the FMA latency
@@ -2177,6 +2441,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the n best continuations of each sentence: scores (B, K) + log_softmax(logits (B*K, V)), banned ids left "
         "out -> (scores (B, n), rows (B, n), tokens (B, n))");
   m.def("panels_supported", &panels_supported, "whether this CPU runs panel_linear (AVX2 and FMA)");
+  m.def("cpu_level", &cpu_level, "the instructions the kernels use: 0 none (no AVX2), 2 AVX2, 3 AVX-512, "
+        "4 AVX-512 VNNI");
+  m.def("set_cpu_level", &set_cpu_level, "cap the kernels' instructions at 2 (AVX2), 3 (AVX-512) or 4 (AVX-512 "
+        "VNNI), within what the CPU has -> the level now (the results are the same bits at every level)",
+        pybind11::arg("cap"));
   m.def("dropout_apply", &dropout_apply,
         "training dropout: (residual +) x * mask, element i kept when 16 bits of a hash of (seed, i) are >= "
         "dropped, kept elements scaled by scale", pybind11::arg("x"), pybind11::arg("residual"),
