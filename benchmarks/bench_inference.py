@@ -56,6 +56,7 @@ NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graph
          "ours_pystep": "ours frozen, Python step", "ours_pyloop": "ours, Python greedy loop",
          "ours_eager": "ours, not frozen", "ours_int8": "ours int8",
          "ours_int8_pyloop": "ours int8, Python greedy loop",
+         "ours_avx2": "ours, AVX2 kernels", "ours_int8_avx2": "ours int8, AVX2 kernels",
          "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
 
@@ -255,6 +256,25 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
         for name in ("ours", "ours_int8"):
             if name in systems:
                 systems[name + "_pyloop"] = in_python_loop(systems[name])
+    if args.avx2:  # the extension's kernels capped at AVX2 where the CPU has AVX-512 (the same bits)
+        from transformer.model import native
+
+        module = native.load()
+        if module is not None and module.cpu_level() > 2:
+            def at_avx2(system):
+                def run(batch, beam):
+                    module.set_cpu_level(2)
+                    try:
+                        return system(batch, beam)
+                    finally:
+                        module.set_cpu_level(4)
+                return run
+
+            for name in ("ours", "ours_int8"):
+                if name in systems:
+                    systems[name + "_avx2"] = at_avx2(systems[name])
+        else:
+            print("--avx2: the extension is not built or this CPU has no AVX-512 form to compare with")
     hf_dir = os.path.join(work, "hf")
     hf.save_pretrained(hf_dir)
     # Ours stops at `limit` tokens with EOS forced at the last one; the peers stop after `limit - 1`
@@ -387,6 +407,9 @@ def main() -> None:
     parser.add_argument("--python-loop", action="store_true",
                         help="add ours and ours int8 with greedy search's Python loop instead of the compiled one "
                              "(DecoderStep.greedy, where the compiled step computes the logits)")
+    parser.add_argument("--avx2", action="store_true",
+                        help="add ours and ours int8 with the extension's kernels capped at AVX2 (where the CPU has "
+                             "AVX-512 forms; the same outputs)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--bootstrap", type=int, default=0,
@@ -424,8 +447,8 @@ def main() -> None:
         ct2_label = "bf16" if dtype == torch.bfloat16 else "fp32"  # the ct2_fp32 system runs ours' dtype on CUDA
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
               f"ours / CT2 {ct2_label} | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | "
-              "ours / Python step | ours / Python loop | ours int8 / Python loop |")
-        print("|---|---:|" + "---:|" * (len(systems) + 8))
+              "ours / Python step | ours / Python loop | ours int8 / Python loop | ours / AVX2 | ours int8 / AVX2 |")
+        print("|---|---:|" + "---:|" * (len(systems) + 10))
         references = read_lines("val", "de")[: args.sentences]
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
@@ -439,7 +462,8 @@ def main() -> None:
                   + f" | {ratio('ours', 'hf')} | {ratio('ours', 'ct2_fp32')} | {ratio('ours_int8', 'ct2_int8')} "
                   f"| {ratio('ours', 'ours_eager')} | {ratio('ours', 'ours_nograph')} "
                   f"| {ratio('ours', 'ours_pystep')} | {ratio('ours', 'ours_pyloop')} "
-                  f"| {ratio('ours_int8', 'ours_int8_pyloop')} |",
+                  f"| {ratio('ours_int8', 'ours_int8_pyloop')} | {ratio('ours', 'ours_avx2')} "
+                  f"| {ratio('ours_int8', 'ours_int8_avx2')} |",
                   flush=True)
             hyps = {n: [tok.decode_tgt(o) for o in s["outputs"]] for n, s in stats.items()}  # detokenised
             bleu = {n: sacrebleu.corpus_bleu(h, [references]).score for n, h in hyps.items()}

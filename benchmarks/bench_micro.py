@@ -39,8 +39,12 @@
 11. ``train-attention`` (session 19): training's attention on the CPU, the extension's kernel for short
    sequences (``transformer.model.attention.attention``) against ATen's flash attention, forward and forward
    + backward, 16 to 512 positions, no mask, causal, and a key mask.
+12. ``cpu-levels`` (session 27): each kernel that has an AVX-512 form, timed at every instruction level this
+   CPU has (``set_cpu_level``: AVX2, AVX-512, AVX-512 VNNI) in the same process, with the same inputs, its
+   outputs checked equal across the levels: ``panel_linear`` and ``panel_linear_w8a8`` at decoding shapes,
+   training's attention forward + backward, the loss's ``exp_rows_`` and ``step_candidates``.
 
-    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels,attention,train-attention
+    python benchmarks/bench_micro.py --parts projection,collate,frozen,overhead,roles,compile,int8,panels,int8-panels,attention,train-attention,cpu-levels
 
 Best of 7 repeats; timings are printed, never asserted.
 """
@@ -605,6 +609,68 @@ def run_train_attention() -> None:
                   f"| {ms[2]:.3f} | {ms[3]:.3f} | {ms[2] / ms[3]:.2f}x |", flush=True)
 
 
+@torch.no_grad()
+def run_cpu_levels() -> None:
+    """Session 27: the kernels with AVX-512 forms at each instruction level this CPU has, same inputs."""
+    import warnings
+
+    from transformer.model.frozen import _Dense, _Int8Panels
+
+    module = compiled_extension("cpu-levels")
+    if module is None:
+        return
+    top = module.cpu_level()
+    levels = list(range(2, top + 1))
+    names = {2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI"}
+    cases = []  # (kernel, shape text, fn)
+    torch.manual_seed(0)
+    for d_in, d_out, w, b in layer_weights():
+        dense = _Dense(w, b, "decoder", module)
+        scale = w.abs().amax(1).clamp_min(1e-8) / 127
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
+            w_q = torch.quantize_per_channel(w, scale.double(), torch.zeros(d_out, dtype=torch.long), 0, torch.qint8)
+        int8 = _Int8Panels(w_q, b, module)
+        for rows in (1, 8, 32, 128):
+            x = torch.randn(rows, d_in)
+            cases.append(("panel_linear", f"{rows} x {d_in} -> {d_out}", lambda x=x, d=dense: d(x)))
+            cases.append(("panel_linear_w8a8", f"{rows} x {d_in} -> {d_out}", lambda x=x, q=int8: q(x)))
+    for batch, heads, length in ((32, 4, 32), (16, 4, 64), (8, 8, 128)):
+        q, k, v = (torch.randn(batch, length, heads, 64).transpose(1, 2) for _ in range(3))
+        grad = torch.randn(batch, heads, length, 64)
+        for causal in (False, True):
+            def attend(q=q, k=k, v=v, grad=grad, causal=causal):
+                out, probs = module.attention_forward(q, k, v, None, causal, 0.125)
+                return (out, *module.attention_backward(grad, q, k, v, probs, causal, 0.125))
+            cases.append(("attention fwd + bwd", f"{batch} x {heads} x {length}{', causal' if causal else ''}",
+                          attend))
+    logits = torch.randn(1024, 8000) * 4
+    cases.append(("exp_rows_ (loss)", "1024 x 8000", lambda: (lambda z: (z, module.exp_rows_(z)))(logits.clone())))
+    cases.append(("clone (exp_rows_'s copy)", "1024 x 8000", lambda: logits.clone()))
+    scores = torch.randn(32, 4)
+    cases.append(("step_candidates", "128 x 8000, beam 4", lambda: module.step_candidates(logits[:128], scores, 8,
+                                                                                         [0, 1], 0)))
+    print(f"\n== the kernels at each instruction level this CPU has ({', '.join(names[lv] for lv in levels)}), "
+          "us, best of 7; outputs equal across levels ==")
+    print("| kernel | shape | " + " | ".join(names[lv] for lv in levels) + " | " +
+          " | ".join(f"{names[lv]} speed-up" for lv in levels[1:]) + " |")
+    print("|---|---|" + "---:|" * (2 * len(levels) - 1))
+    try:
+        for kernel, shape, fn in cases:
+            us, outs = [], []
+            for level in levels:
+                module.set_cpu_level(level)
+                result = fn()
+                outs.append([t.clone() for t in (result if isinstance(result, (tuple, list)) else (result,))])
+                us.append(best_seconds(fn, 20 if "x 8000" in shape or "attention" in kernel else 200) * 1e6)
+            for other in outs[1:]:
+                assert all(torch.equal(a, c) for a, c in zip(outs[0], other)), (kernel, shape)
+            print(f"| {kernel} | {shape} | " + " | ".join(f"{u:.1f}" for u in us) + " | " +
+                  " | ".join(f"{us[0] / u:.2f}x" for u in us[1:]) + " |", flush=True)
+    finally:
+        module.set_cpu_level(4)
+
+
 # each part's runner, in the order they run; the ones without options ignore args
 PARTS = {
     "projection": lambda args: run_projection(),
@@ -618,6 +684,7 @@ PARTS = {
     "int8-panels": lambda args: run_int8_panels(),
     "attention": lambda args: run_attention(),
     "train-attention": lambda args: run_train_attention(),
+    "cpu-levels": lambda args: run_cpu_levels(),
 }
 
 

@@ -21,7 +21,8 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
 * On the CPU, once ``transformer build-native`` has compiled it (:mod:`transformer.model.native`), a step of
   one new position runs in C++ (``csrc/decoder_step.cpp``), from the token embedding to the logits: the same
   calls in the same order, bit for bit the Python step's results, without the interpreter between them.
-  The same build brings ``panel_linear``, a product for few rows (AVX2 and FMA) by the weight cut into
+  The same build brings ``panel_linear``, a product for few rows (AVX2 and FMA, AVX-512 where the CPU has
+  it: the same bits) by the weight cut into
   column panels that are each one sequential stream of memory; it replaces the forms above for the
   decoder's, the encoder's and the output projection's products up to ``PANEL_ROWS`` (256) rows (1.1-2.9x
   faster products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py
@@ -110,7 +111,8 @@ class _Dense:
       from 64 rows (beam search over many sentences), but not for a decoder step's few rows.
     * otherwise (no oneDNN), ``addmm(b, x, W_t)``;
     * but first, from 1 to ``PANEL_ROWS[role]`` rows, when the compiled extension is built
-      (:mod:`transformer.model.native`, a CPU with AVX2 and FMA): its ``panel_linear``, by ``W^T`` cut into
+      (:mod:`transformer.model.native`, a CPU with AVX2 and FMA; AVX-512 forms where it has them): its
+      ``panel_linear``, by ``W^T`` cut into
       column panels of 16 that are each one sequential stream of memory (see ``csrc/decoder_step.cpp``).
 
     ``role`` ("encoder", "decoder" or "output") picks the thresholds; they were measured on the benchmark

@@ -4,7 +4,8 @@ The copy is PyTorch's dynamic quantisation: each Linear's weight is stored as in
 scale s per output channel. Run as it is, each activation matrix is also quantised, to uint8 with a scale
 computed from that batch, and the product runs in PyTorch's x86 (fbgemm) int8 kernels, rescaled to float32.
 Decoding runs the copy frozen (:mod:`transformer.model.frozen`), and where the compiled extension is built
-(``transformer build-native``, a CPU with AVX2 and FMA) its products run instead in ``panel_linear_w8a8``
+(``transformer build-native``, a CPU with AVX2 and FMA; with AVX-512 VNNI its ``vpdpbusd``, the same
+bits) its products run instead in ``panel_linear_w8a8``
 (since session 15; sessions 9-14 kept float32 activations): the same int8 weights and scales, each
 activation row rounded to 7-bit unsigned values with its own scale and zero point, integer arithmetic with
 exact int32 sums, so a row's result does not depend on the batch; the weights a decoder step reads are a

@@ -177,6 +177,15 @@ constexpr PanelTile kStreamTiles[kTileRows + 1] = {nullptr,
                                                    panel_tile<5, true>,
                                                    panel_tile<6, true>};
 
+// Whether a product of one tile of rows prefetches its panels as a stream (NTA, past the caches) rather than
+// into them (T0): on AMD's Zen CPUs, where the stream was faster (session 12, above). On the Intel Xeon
+// (Emerald Rapids, KVM) of session 27 it was 2-2.3x slower, warm and cold: 310 us against 133 us for one row
+// by the 256 x 8000 output layer (ad hoc; benchmarks/bench_micro.py --parts cpu-levels gives the result).
+bool stream_panels() {
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+}
+
 // AVX-512: a panel's 16 columns in one register, so a tile keeps up to 8 rows' sums in 8 registers and each k
 // takes one load of weights and one FMA per row (the AVX2 tile: two of each). Per output, the same FMAs in
 // the same order from the bias: the same bits as panel_tile.
@@ -270,7 +279,7 @@ Tensor panel_linear(const Tensor& x_in, const Tensor& panels, const Tensor& bias
   const bool wide = cpu_level() >= kAvx512;
   const int tile_rows = wide ? kTileRows512 : kTileRows;
   const PanelTile* tiles = wide ? kTiles512 : kTiles;
-  const PanelTile* stream_tiles = wide ? kStreamTiles512 : kStreamTiles;
+  const PanelTile* stream_tiles = stream_panels() ? (wide ? kStreamTiles512 : kStreamTiles) : tiles;
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanel, out_features - j * kPanel));
