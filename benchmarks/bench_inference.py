@@ -19,6 +19,14 @@ token for token. On the CPU the process keeps freed host memory for reuse (``tra
 ``Translator`` sets there by default) for every system alike; ``--system-malloc`` leaves glibc's allocator
 as it is.
 
+``--isolate`` (since session 27) runs each system instead in a process of its own, as its users run it: one
+child process per system and round (two rounds, the second in the reverse order), the best of the two per
+system and case. In one process the systems' OpenMP runtimes meet (PyTorch's libgomp and the copy that
+CTranslate2's wheel bundles), and with two CTranslate2 translators (float32 and int8) CTranslate2's runtime
+manages more threads than there are cores, which makes its threads sleep between parallel regions: on
+session 27's 2-core Intel Xeon that made CTranslate2 alone 1.9-2.3x slower, and our greedy search at batch 1
+3-4x slower once CTranslate2's translators had run in the process (BENCHMARKS.md, session 27).
+
 On ``--device cuda`` CTranslate2 runs on the GPU too, where it loads (float32, or bfloat16 with ``--bf16``;
 no int8 rows there): its wheels open CUDA 12's cuBLAS by name, so a machine with CUDA 13 only needs
 ``libcublas.so.12`` / ``libcublasLt.so.12`` on ``LD_LIBRARY_PATH`` (BENCHMARKS.md, GPU, session 11, ran
@@ -300,6 +308,8 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
         else:
             variants = (("ct2_fp32", None, "float32"), ("ct2_int8", "int8", "int8"))
         for name, quant, compute_type in variants:
+            if args.only and name != args.only:  # a child of --isolate: its own system's translator only
+                continue
             path = convert_ct2(hf_dir, os.path.join(work, name), pieces, quant)
             options = dict(device="cpu", intra_threads=torch.get_num_threads(), inter_threads=1)
             if device.type == "cuda":
@@ -384,6 +394,28 @@ def profile_ours(systems: dict, sources: list[list[int]], batch_size: int, beam:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
 
 
+def isolated_stats(args, cases: list[str], names: list[str]) -> dict:
+    """--isolate: each system's run of every case in a child process of its own (this script with ``--only``),
+    two rounds (the second in the reverse order), the faster of the two per system and case -> {case: stats
+    as run_case returns them}."""
+    import subprocess
+
+    best: dict = {case: {} for case in cases}
+    for round_names in (names, names[::-1]):
+        for name in round_names:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                argv = [a for a in sys.argv[1:] if a not in ("--isolate", "--profile")]
+                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", name, "--child-json", out.name]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                child = json.loads(Path(out.name).read_text())
+            for case in cases:
+                stats = child[case]
+                if name not in best[case] or stats["time"] < best[case][name]["time"]:
+                    best[case][name] = stats
+            print(f"    (isolated: {NAMES[name]} done)", flush=True)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -410,6 +442,10 @@ def main() -> None:
     parser.add_argument("--avx2", action="store_true",
                         help="add ours and ours int8 with the extension's kernels capped at AVX2 (where the CPU has "
                              "AVX-512 forms; the same outputs)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each system in a process of its own, two rounds, the best of the two (see the docstring)")
+    parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # --isolate's child: this system only
+    parser.add_argument("--child-json", default="", help=argparse.SUPPRESS)  # --isolate's child: its results
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
     parser.add_argument("--work-dir", default="/tmp/transformer_bench", help="caches (outside the repository)")
     parser.add_argument("--bootstrap", type=int, default=0,
@@ -427,14 +463,26 @@ def main() -> None:
     model, tok, weights = load_weights(args, device)
     cfg = model.cfg
     v = tok.tgt_vocab_size
+    sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[: args.sentences])]
+    if args.only:  # a child of --isolate: one system, every case, the results into --child-json
+        with tempfile.TemporaryDirectory(dir=args.work_dir if os.path.isdir(args.work_dir) else None) as work:
+            systems, _ = make_systems(args, model, tok, device, work)
+            systems = {args.only: systems[args.only]}
+            out = {}
+            for case in args.cases.split(","):
+                search, batch_size = case.split(":")
+                beam = 1 if search == "greedy" else int(search.removeprefix("beam"))
+                out[case] = run_case(systems, sources, int(batch_size), beam, device)[args.only]
+        Path(args.child_json).write_text(json.dumps(out))
+        return
     peak, gemms = gemm_peak([(1, cfg.d_model, cfg.d_ff), (32, cfg.d_model, cfg.d_ff), (128, cfg.d_model, v),
                              (1024, cfg.d_model, cfg.d_ff)], device, dtype)
     bandwidth = memory_bandwidth_gbs(device)
     print_limits(peak, gemms, bandwidth)
     print(f"weights: {weights}; D={cfg.d_model} L={cfg.n_encoder_layers}+{cfg.n_decoder_layers} V={v}")
-    sources = [ids + [EOS_ID] for ids in tok.encode_src_batch(read_lines("val", "en")[: args.sentences])]
     with tempfile.TemporaryDirectory(dir=args.work_dir if os.path.isdir(args.work_dir) else None) as work:
         systems, frozen = make_systems(args, model, tok, device, work)
+        isolated = isolated_stats(args, args.cases.split(","), list(systems)) if args.isolate else None
         if device.type == "cpu" and frozen is not None:  # the extension's hash follows its source: rebuild after edits
             print("compiled extension (transformer build-native): "
                   + ("built" if frozen.decoder.native is not None else
@@ -443,7 +491,8 @@ def main() -> None:
                    "cases": {}}
         print(f"\n{len(sources)} Multi30k val sentences, max {args.max_len} output tokens, beam length "
               f"penalty alpha={args.alpha} (ours: {args.length_penalty_form} form; the peers: len ** alpha); "
-              "systems round-robin batch by batch, shuffled for each batch")
+              + ("each system in a process of its own, the best of two rounds" if isolated else
+                 "systems round-robin batch by batch, shuffled for each batch"))
         ct2_label = "bf16" if dtype == torch.bfloat16 else "fp32"  # the ct2_fp32 system runs ours' dtype on CUDA
         print("| search | batch | " + " | ".join(f"{NAMES[n]} tok/s" for n in systems) + " | ours / HF | "
               f"ours / CT2 {ct2_label} | ours int8 / CT2 int8 | ours / not frozen | ours / no graphs | "
@@ -453,7 +502,7 @@ def main() -> None:
         for case in args.cases.split(","):
             search, batch_size = case.split(":")
             beam = 1 if search == "greedy" else int(search.removeprefix("beam"))
-            stats = run_case(systems, sources, int(batch_size), beam, device)
+            stats = isolated[case] if isolated else run_case(systems, sources, int(batch_size), beam, device)
             rate = {n: s["tokens"] / s["time"] for n, s in stats.items()}
             def ratio(ours: str, peer: str) -> str:
                 return f"{rate[ours] / rate[peer]:.2f}x" if ours in rate and peer in rate else "-"
