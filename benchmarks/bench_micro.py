@@ -56,6 +56,7 @@ import sys
 import time
 from pathlib import Path
 
+import transformer  # noqa: F401  # before torch: its OpenMP defaults (transformer/__init__.py) apply, as in the CLI
 import torch
 import torch.nn.functional as F
 

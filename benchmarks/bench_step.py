@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import transformer  # noqa: F401  # before torch: its OpenMP defaults (transformer/__init__.py) apply, as in the CLI
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, ContextManager
 
+import transformer  # noqa: F401  # before torch: its OpenMP defaults (transformer/__init__.py) apply, as in the CLI
 import torch
 from torch import Tensor, nn
 
