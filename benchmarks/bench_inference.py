@@ -397,24 +397,53 @@ def profile_ours(systems: dict, sources: list[list[int]], batch_size: int, beam:
 
 def isolated_stats(args, cases: list[str], names: list[str]) -> dict:
     """--isolate: each system's run of every case in a child process of its own (this script with ``--only``),
-    two rounds (the second in the reverse order), the faster of the two per system and case -> {case: stats
-    as run_case returns them}."""
+    at each of ``--isolate-threads`` (default: this run's thread count), two rounds (the second in the reverse
+    order), the fastest per system and case -> {case: stats as run_case returns them, with "threads"}; the
+    rate at each thread count is printed."""
     import subprocess
 
+    thread_counts = [int(t) for t in args.isolate_threads.split(",")] if args.isolate_threads else [None]
     best: dict = {case: {} for case in cases}
+    rates: dict = {}  # (case, name, threads) -> best tok/s
     for round_names in (names, names[::-1]):
         for name in round_names:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                argv = [a for a in sys.argv[1:] if a not in ("--isolate", "--profile")]
-                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", name, "--child-json", out.name]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                child = json.loads(Path(out.name).read_text())
-            for case in cases:
-                stats = child[case]
-                if name not in best[case] or stats["time"] < best[case][name]["time"]:
-                    best[case][name] = stats
+            for threads in thread_counts:
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    skip = {"--isolate", "--profile"}
+                    argv = [a for a in sys.argv[1:] if a not in skip]
+                    if threads is not None:
+                        argv = strip_option(strip_option(argv, "--isolate-threads"), "--threads")
+                        argv += ["--threads", str(threads)]
+                    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", name, "--child-json", out.name]
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                    child = json.loads(Path(out.name).read_text())
+                for case in cases:
+                    stats = {**child[case], "threads": threads or torch.get_num_threads()}
+                    key = (case, name, stats["threads"])
+                    rates[key] = max(rates.get(key, 0.0), stats["tokens"] / stats["time"])
+                    if name not in best[case] or stats["time"] < best[case][name]["time"]:
+                        best[case][name] = stats
             print(f"    (isolated: {NAMES[name]} done)", flush=True)
+    if len(thread_counts) > 1:
+        print("    tok/s by thread count (each system alone in its process, best of two rounds):")
+        for case in cases:
+            print(f"      {case}: " + "; ".join(
+                f"{NAMES[n]} " + ", ".join(f"{t} thr {rates[(case, n, t)]:.0f}" for t in thread_counts)
+                for n in names))
     return best
+
+
+def strip_option(argv: list[str], option: str) -> list[str]:
+    """argv without ``option`` and its value (given as ``option value`` or ``option=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def main() -> None:
@@ -445,6 +474,9 @@ def main() -> None:
                              "AVX-512 forms; the same outputs)")
     parser.add_argument("--isolate", action="store_true",
                         help="each system in a process of its own, two rounds, the best of the two (see the docstring)")
+    parser.add_argument("--isolate-threads", default="",
+                        help="with --isolate: run each system at each of these thread counts (e.g. 1,2) and take "
+                             "its fastest; the table's ratios are then each system at its best count")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # --isolate's child: this system only
     parser.add_argument("--child-json", default="", help=argparse.SUPPRESS)  # --isolate's child: its results
     parser.add_argument("--profile", action="store_true", help="torch.profiler over our greedy and beam search")
@@ -515,6 +547,9 @@ def main() -> None:
                   f"| {ratio('ours_int8', 'ours_int8_pyloop')} | {ratio('ours', 'ours_avx2')} "
                   f"| {ratio('ours_int8', 'ours_int8_avx2')} |",
                   flush=True)
+            if isolated and args.isolate_threads:
+                print("    threads of each system's best: " + ", ".join(f"{NAMES[n]} {s['threads']}"
+                                                                      for n, s in stats.items()))
             hyps = {n: [tok.decode_tgt(o) for o in s["outputs"]] for n, s in stats.items()}  # detokenised
             bleu = {n: sacrebleu.corpus_bleu(h, [references]).score for n, h in hyps.items()}
             print(f"    BLEU against the references ({len(references)} sentences): "
