@@ -884,17 +884,20 @@ Tensor add_layer_norm(const Tensor& x_in, const std::optional<Tensor>& residual,
 
 #ifdef TRANSFORMER_X86
 // e^x, 8 at a time (Cephes' expf: x = k ln2 + r, a degree-5 polynomial in r, then 2^k; about 1 ulp; -inf -> 0)
+// Cephes' constants, shared by exp_8 and exp_16: the clamp, log2(e), ln 2 in two parts, the polynomial
+constexpr float kExpLow = -87.33654f, kExpHigh = 88.3762626647949f, kLog2e = 1.44269504088896341f,
+                kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 __attribute__((target("avx2,fma"))) inline __m256 exp_8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.3762626647949f));
-  __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLow)), _mm256_set1_ps(kExpHigh));
+  __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+  __m256 y = _mm256_set1_ps(kExpPoly[0]);
+#pragma GCC unroll 5
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[i]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(two_k));
@@ -902,20 +905,44 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_8(__m256 x) {
 
 // exp_8's operations on 16 lanes (AVX-512): the same value per lane
 TRANSFORMER_AVX512 inline __m512 exp_16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.3762626647949f));
-  __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLow)), _mm512_set1_ps(kExpHigh));
+  __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(kExpPoly[0]);
+#pragma GCC unroll 5
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   const __m512i two_k = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(y, _mm512_castsi512_ps(two_k));
+}
+
+// sum_v e^(x_v - m) over a row, 16 at a time with exp_16, each written to out[v] where kStore; the sums added 8
+// lanes at a time in the AVX2 loops' order (row_exps, row_candidates): the same bits
+template <bool kStore>
+TRANSFORMER_AVX512 float exps512(const float* x, int64_t vocab, float m, float* out) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 16 <= vocab; v += 16) {
+    const __m512 e = exp_16(_mm512_sub_ps(_mm512_loadu_ps(x + v), mv));
+    if (kStore) _mm512_storeu_ps(out + v, e);
+    sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
+  }
+  if (v + 8 <= vocab) {
+    const __m256 e = exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), _mm256_set1_ps(m)));
+    if (kStore) _mm256_storeu_ps(out + v, e);
+    sum = _mm256_add_ps(sum, e);
+    v += 8;
+  }
+  float total = sum_8(sum);
+  for (; v < vocab; ++v) {
+    const float e = std::exp(x[v] - m);
+    if (kStore) out[v] = e;
+    total += e;
+  }
+  return total;
 }
 
 // Keeps the n largest (value, token) seen, sorted descending; `floor` is the value a newcomer must exceed.
@@ -939,25 +966,6 @@ struct Best {
     if (static_cast<int64_t>(values.size()) == n) floor = values.back();
   }
 };
-
-// sum_v e^(x_v - m) of a row with exp_16 (AVX-512), added 8 lanes at a time in row_candidates' order: the same
-// bits as its AVX2 loop
-TRANSFORMER_AVX512 float exp_sum512(const float* x, int64_t vocab, float m) {
-  const __m512 mv = _mm512_set1_ps(m);
-  __m256 sum = _mm256_setzero_ps();
-  int64_t v = 0;
-  for (; v + 16 <= vocab; v += 16) {
-    const __m512 e = exp_16(_mm512_sub_ps(_mm512_loadu_ps(x + v), mv));
-    sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
-  }
-  if (v + 8 <= vocab) {
-    sum = _mm256_add_ps(sum, exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), _mm256_set1_ps(m))));
-    v += 8;
-  }
-  float total = sum_8(sum);
-  for (; v < vocab; ++v) total += std::exp(x[v] - m);
-  return total;
-}
 
 // One row of logits: its maximum m and log(sum_v e^(x_v - m)) (log_softmax(x) = (x - m) - that), and its n
 // best non-banned tokens by logit
@@ -985,7 +993,7 @@ __attribute__((target("avx2,fma"))) std::pair<float, float> row_candidates(const
     if (!banned[w]) best.offer(x[w], w);
   }
   if (m == -std::numeric_limits<float>::infinity()) return {m, 0.f};
-  if (cpu_level() >= kAvx512) return {m, std::log(exp_sum512(x, vocab, m))};
+  if (cpu_level() >= kAvx512) return {m, std::log(exps512<false>(x, vocab, m, nullptr))};
   const __m256 mv = _mm256_set1_ps(m);
   __m256 sum = _mm256_setzero_ps();
   for (v = 0; v + 8 <= vocab; v += 8) sum = _mm256_add_ps(sum, exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), mv)));
@@ -1279,8 +1287,8 @@ TRANSFORMER_AVX2 float row_exps(float* x, int64_t vocab, float m) {
   return total;
 }
 
-// row_max_sum and row_exps with 16 floats a load and exp_16 (AVX-512): the sums still add 8 lanes at a time in
-// the same order, so the results are the same bits
+// row_max_sum with 16 floats a load (AVX-512): the sums still add 8 lanes at a time in the same order, so the
+// results are the same bits (exps512 is row_exps' AVX-512 form)
 TRANSFORMER_AVX512 std::pair<float, float> row_max_sum512(const float* x, int64_t vocab) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 sum = _mm256_setzero_ps();
@@ -1305,26 +1313,6 @@ TRANSFORMER_AVX512 std::pair<float, float> row_max_sum512(const float* x, int64_
     total += x[v];
   }
   return {m, total};
-}
-
-TRANSFORMER_AVX512 float row_exps512(float* x, int64_t vocab, float m) {
-  const __m512 mv = _mm512_set1_ps(m);
-  __m256 sum = _mm256_setzero_ps();
-  int64_t v = 0;
-  for (; v + 16 <= vocab; v += 16) {
-    const __m512 e = exp_16(_mm512_sub_ps(_mm512_loadu_ps(x + v), mv));
-    _mm512_storeu_ps(x + v, e);
-    sum = _mm256_add_ps(_mm256_add_ps(sum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
-  }
-  if (v + 8 <= vocab) {
-    const __m256 e = exp_8(_mm256_sub_ps(_mm256_loadu_ps(x + v), _mm256_set1_ps(m)));
-    _mm256_storeu_ps(x + v, e);
-    sum = _mm256_add_ps(sum, e);
-    v += 8;
-  }
-  float total = sum_8(sum);
-  for (; v < vocab; ++v) total += (x[v] = std::exp(x[v] - m));
-  return total;
 }
 
 // x <- x * scale - offset in place
@@ -1365,7 +1353,7 @@ Tensor exp_rows_(Tensor& logits) {
 #ifdef TRANSFORMER_X86
       if (wide) {
         std::tie(m, sum) = row_max_sum512(row, vocab);
-        exps = row_exps512(row, vocab, m);
+        exps = exps512<true>(row, vocab, m, row);
       } else if (avx2) {
         std::tie(m, sum) = row_max_sum(row, vocab);
         exps = row_exps(row, vocab, m);
