@@ -21,11 +21,11 @@ as it is.
 
 ``--isolate`` (since session 27) runs each system instead in a process of its own, as its users run it: one
 child process per system and round (two rounds, the second in the reverse order), the best of the two per
-system and case. In one process the systems' OpenMP runtimes meet (PyTorch's libgomp and the copy that
-CTranslate2's wheel bundles), and with two CTranslate2 translators (float32 and int8) CTranslate2's runtime
-manages more threads than there are cores, which makes its threads sleep between parallel regions: on
-session 27's 2-core Intel Xeon that made CTranslate2 alone 1.9-2.3x slower, and our greedy search at batch 1
-3-4x slower once CTranslate2's translators had run in the process (BENCHMARKS.md, session 27).
+system and case; ``--isolate-threads 1,2`` runs each at each thread count and takes its fastest. In one
+process the systems' OpenMP runtimes meet (PyTorch's libgomp and the copy that CTranslate2's wheel bundles):
+on session 27's 2-core Intel Xeon our greedy search at batch 1 ran several times slower once CTranslate2's
+translators had run in the process, and CTranslate2 itself was several times slower at 2 threads than at 1
+(BENCHMARKS.md, session 27).
 
 On ``--device cuda`` CTranslate2 runs on the GPU too, where it loads (float32, or bfloat16 with ``--bf16``;
 no int8 rows there): its wheels open CUDA 12's cuBLAS by name, so a machine with CUDA 13 only needs
@@ -270,13 +270,15 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
 
         module = native.load()
         if module is not None and module.cpu_level() > 2:
+            level = module.cpu_level()  # restored after each call (TRANSFORMER_CPU_LEVEL may have capped it)
+
             def at_avx2(system):
                 def run(batch, beam):
                     module.set_cpu_level(2)
                     try:
                         return system(batch, beam)
                     finally:
-                        module.set_cpu_level(4)
+                        module.set_cpu_level(level)
                 return run
 
             for name in ("ours", "ours_int8"):

@@ -669,7 +669,7 @@ def run_cpu_levels() -> None:
             print(f"| {kernel} | {shape} | " + " | ".join(f"{u:.1f}" for u in us) + " | " +
                   " | ".join(f"{us[0] / u:.2f}x" for u in us[1:]) + " |", flush=True)
     finally:
-        module.set_cpu_level(4)
+        module.set_cpu_level(top)  # the level before (TRANSFORMER_CPU_LEVEL may have capped it)
 
 
 # each part's runner, in the order they run; the ones without options ignore args

@@ -343,6 +343,18 @@ def _dequantized_copy(model, int8_model):
     return ref.eval()
 
 
+def _at_each_level(module, compute):
+    """``compute()`` (a list of tensors) at each instruction level this CPU has; skips with fewer than two."""
+    levels = cpu_levels(module)
+    if len(levels) < 2:
+        pytest.skip(f"this CPU runs the kernels at one level only ({levels})")
+    results = []
+    for level in levels:
+        with at_cpu_level(module, level):
+            results.append([t.clone() for t in compute()])
+    return levels, results
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("threads", [1, 2])
 def test_panel_products_are_the_same_bits_at_every_cpu_level(threads):
@@ -350,9 +362,6 @@ def test_panel_products_are_the_same_bits_at_every_cpu_level(threads):
     AVX-512 VNNI (vpdpbusd), where this CPU has them: the same operations per output in the same order, the
     int8 sums exact (u = 127 against q = -128 included), at tile sizes of both forms and their rests."""
     module = native.build()
-    levels = cpu_levels(module)
-    if len(levels) < 2:
-        pytest.skip(f"this CPU runs the kernels at one level only ({levels})")
     torch.manual_seed(threads)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -369,27 +378,13 @@ def test_panel_products_are_the_same_bits_at_every_cpu_level(threads):
             for rows in (1, 2, 3, 5, 6, 7, 8, 9, 13, 17, 41):
                 x = torch.randn(rows, in_features + 3)[:, 2 : 2 + in_features]  # not contiguous
                 x[0] = 1.0  # u = 127 everywhere
-                results = []
-                for level in levels:
-                    with at_cpu_level(module, level):
-                        results.append([dense(x), dense(x, relu=True), int8(x), int8(x, relu=True)])
+                levels, results = _at_each_level(
+                    module, lambda x=x, d=dense, q=int8: [d(x), d(x, relu=True), q(x), q(x, relu=True)])
                 for level, result in zip(levels[1:], results[1:]):
                     for name, a, b in zip(("fp32", "fp32 relu", "int8", "int8 relu"), results[0], result):
                         assert torch.equal(a, b), (level, name, out_features, in_features, rows)
     finally:
         torch.set_num_threads(old)
-
-
-def _at_each_level(module, compute):
-    """``compute()`` (a list of tensors) at each instruction level this CPU has; skips with fewer than two."""
-    levels = cpu_levels(module)
-    if len(levels) < 2:
-        pytest.skip(f"this CPU runs the kernels at one level only ({levels})")
-    results = []
-    for level in levels:
-        with at_cpu_level(module, level):
-            results.append([t.clone() for t in compute()])
-    return levels, results
 
 
 @pytest.mark.parametrize("b,h,t,s,dh", [(3, 4, 32, 32, 64), (2, 2, 7, 13, 8), (2, 3, 33, 20, 24), (1, 2, 17, 17, 40)])

@@ -65,9 +65,10 @@ namespace {
 // --- which instructions the kernels use ---------------------------------------------------------------------
 //
 // Every kernel here has an AVX2 + FMA form. Where the CPU has AVX-512 (F, BW, DQ, VL), the decoding products
-// (panel_linear) take 16-float registers, and where it also has AVX-512 VNNI the int8 products
-// (panel_linear_w8a8) take vpdpbusd; each computes the same operations per output in the same order as the
-// AVX2 form, so the results are the same bits. set_cpu_level caps the level (tests run both forms).
+// (panel_linear), training attention's products (small_gemm) and the exponentials of the loss (exp_rows_) and
+// of the candidates (step_candidates) take 16-float registers, and where it also has AVX-512 VNNI the int8
+// products (panel_linear_w8a8) take vpdpbusd; each computes the same operations per output in the same order
+// as the AVX2 form, so the results are the same bits. set_cpu_level caps the level (tests run every form).
 
 enum CpuLevel : int { kScalar = 0, kAvx2 = 2, kAvx512 = 3, kAvx512Vnni = 4 };
 
@@ -179,8 +180,8 @@ constexpr PanelTile kStreamTiles[kTileRows + 1] = {nullptr,
 
 // Whether a product of one tile of rows prefetches its panels as a stream (NTA, past the caches) rather than
 // into them (T0): on AMD's Zen CPUs, where the stream was faster (session 12, above). On the Intel Xeon
-// (Emerald Rapids, KVM) of session 27 it was 2-2.3x slower, warm and cold: 310 us against 133 us for one row
-// by the 256 x 8000 output layer (ad hoc; benchmarks/bench_micro.py --parts cpu-levels gives the result).
+// (Emerald Rapids, KVM) of session 27 it was more than twice as slow, warm and cold (ad-hoc timings,
+// BENCHMARKS.md session 27).
 bool stream_panels() {
   static const bool amd = __builtin_cpu_is("amd");
   return amd;
@@ -224,13 +225,7 @@ constexpr PanelTile kStreamTiles512[kTileRows512 + 1] = {
     panel_tile512<8, true>};
 #endif
 
-bool panels_supported() {
-#ifdef TRANSFORMER_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool panels_supported() { return cpu_level() >= kAvx2; }
 
 // What both panel products check: float32 x; `panels` (P, ...) contiguous, of `dtype`; out_features within the
 // last of the P panels; each of `vectors` (bias, scales, column sums) contiguous, one value per panel column
