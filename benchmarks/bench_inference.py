@@ -253,8 +253,8 @@ def make_systems(args, model, tok, device: torch.device, work: str) -> dict:
         if not args.no_freeze:
             int8_model = freeze(int8_model)
         systems["ours_int8"] = lambda batch, beam: ours(batch, beam, model=int8_model)
-    if args.python_loop:  # greedy search's Python loop where the compiled one (DecoderStep.greedy) runs
-        from transformer.decoding.greedy import python_loop
+    if args.python_loop:  # the searches' Python loops where the compiled ones (DecoderStep.greedy, .beam) run
+        from transformer.decoding.common import python_loop
 
         def in_python_loop(system):
             def run(batch, beam):
@@ -469,8 +469,8 @@ def main() -> None:
                         help="add our nn.Module beside its frozen copy, and the frozen copy without CUDA graphs (CUDA) "
                              "or with the Python decoder step where the compiled one is built (CPU)")
     parser.add_argument("--python-loop", action="store_true",
-                        help="add ours and ours int8 with greedy search's Python loop instead of the compiled one "
-                             "(DecoderStep.greedy, where the compiled step computes the logits)")
+                        help="add ours and ours int8 with the searches' Python loops instead of the compiled ones "
+                             "(DecoderStep.greedy and .beam, where the compiled step computes the logits)")
     parser.add_argument("--avx2", action="store_true",
                         help="add ours and ours int8 with the extension's kernels capped at AVX2 (where the CPU has "
                              "AVX-512 forms; the same outputs)")

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from transformer.data.vocab import EOS_ID, PAD_ID
 from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
 from transformer.model import native
@@ -16,7 +17,7 @@ from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
 from transformer.model.quantize import quantize, w8a8_row_rounding
 
 from native_helpers import HAVE_COMPILER, at_cpu_level, cpu_levels
-from .test_frozen import SRC, VARIANTS, _lm, _tokens, _transformer
+from .test_frozen import SRC, VARIANTS, V, _lm, _tokens, _transformer
 
 pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler to build the compiled step with")
 
@@ -540,18 +541,10 @@ def test_searches_on_the_compiled_step_give_the_same_outputs():
 def test_compiled_greedy_loop_equals_the_python_loop(variant, int8, rows):
     """DecoderStep.greedy (the whole search in C++) gives greedy_search's Python loop's tokens and float32 scores,
     bit for bit: sentences ending by EOS at different steps (the batch shrinking) and at their length limits."""
-    from transformer.data.vocab import EOS_ID, PAD_ID
-    from transformer.decoding.greedy import python_loop
+    from transformer.decoding.common import python_loop
 
-    model = _transformer(**variant)
-    weight = model.output.lm_head.weight  # the EOS row made a random direction: EOS wins at some steps only
-    weight[EOS_ID] = torch.randn(weight.size(1), generator=torch.Generator().manual_seed(1)) * (
-        2.0 * weight.norm(dim=1).mean() / weight.size(1) ** 0.5)
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(2, 12, (rows,), generator=g)
-    src = torch.randint(4, weight.size(0), (rows, 12), generator=g)
-    src[torch.arange(12)[None, :] >= lengths[:, None]] = PAD_ID
-    src[torch.arange(rows), lengths - 1] = EOS_ID
+    model = _eos_sometimes(_transformer(**variant))
+    src = _random_sources(rows, V)
     frozen = freeze(quantize(model) if int8 else model, native=True)
     limit = src.ne(PAD_ID).sum(1) + 3  # greedy_search(.., 1.0, 3)'s limits
     assert frozen.compiled_greedy(frozen.encode(src), limit, [PAD_ID]) is not None  # the compiled loop runs here
@@ -562,6 +555,74 @@ def test_compiled_greedy_loop_equals_the_python_loop(variant, int8, rows):
     if variant == VARIANTS[0].values[0] and rows > 1:  # both ways of ending a sentence are taken
         ended = [len(h.tokens) + 1 < n for h, n in zip(compiled, limit.tolist())]
         assert 5 <= sum(ended) <= rows - 5
+
+
+def _eos_sometimes(model):
+    """The EOS row of the output map made a random direction: EOS wins at some steps only."""
+    weight = model.output.lm_head.weight
+    weight[EOS_ID] = torch.randn(weight.size(1), generator=torch.Generator().manual_seed(1)) * (
+        2.0 * weight.norm(dim=1).mean() / weight.size(1) ** 0.5)
+    return model
+
+
+def _random_sources(rows, vocab, seed=0):
+    """rows sources of 1..11 real tokens (EOS last), right-padded to 12 -> (rows, 12)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (rows,), generator=g)
+    src = torch.randint(4, vocab, (rows, 12), generator=g)
+    src[torch.arange(12)[None, :] >= lengths[:, None]] = PAD_ID
+    src[torch.arange(rows), lengths - 1] = EOS_ID
+    return src
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("rows", [1, 20])  # 20 sentences: 80 rows of float32 products in panels, fewer as they end
+def test_compiled_beam_loop_equals_the_python_loop(variant, int8, rows):
+    """DecoderStep.beam (the whole search in C++) gives beam_search's Python loop's hypotheses, float32 sums and
+    ranking, bit for bit: sentences ending with K finished hypotheses at different steps (the batch shrinking)
+    and at their length limits, both length penalties, n-best lists."""
+    from transformer.decoding.common import python_loop
+
+    model = _eos_sometimes(_transformer(**variant))
+    src = _random_sources(rows, V)
+    frozen = freeze(quantize(model) if int8 else model, native=True)
+    limit = src.ne(PAD_ID).sum(1) + 3  # beam_search(.., 1.0, 3)'s limits
+    assert frozen.compiled_beam(frozen.encode(src), limit, 4, [PAD_ID]) is not None  # the compiled loop runs here
+    for alpha, form, nbest in ((0.6, "gnmt", 1), (1.0, "power", 4)):
+        compiled = beam_search(frozen, src, 4, alpha, 1.0, 3, nbest, form)
+        with python_loop():
+            python = beam_search(frozen, src, 4, alpha, 1.0, 3, nbest, form)
+        assert compiled == python
+    if variant == VARIANTS[0].values[0] and rows > 1:  # both ways of ending a sentence are taken
+        hyps = frozen.compiled_beam(frozen.encode(src), limit, 4, [PAD_ID])
+        at_limit = {s for s, tokens, _ in hyps if len(tokens) + 1 == limit[s]}
+        assert 3 <= len(at_limit) <= rows - 3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("beam", [1, 25, 30])  # 2K < V; 2K = V (one top-k over w V); 2K > V (empty slots)
+@pytest.mark.parametrize("max_len_b", [-5, 1])  # every sentence at its limit from the first step; a step later
+def test_compiled_beam_loop_at_its_edges(beam, max_len_b):
+    from transformer.decoding.common import python_loop
+
+    frozen = freeze(_eos_sometimes(_transformer(norm_first=False, positional="sinusoidal")), native=True)
+    src = _random_sources(2, V, seed=1)
+    compiled = beam_search(frozen, src, beam, 0.6, 0.5, max_len_b, beam)
+    with python_loop():
+        python = beam_search(frozen, src, beam, 0.6, 0.5, max_len_b, beam)
+    assert compiled == python and all(compiled)
+
+
+@torch.no_grad()
+def test_compiled_beam_loop_leaves_more_rows_than_its_products_take_to_python():
+    frozen = freeze(_transformer(norm_first=False, positional="sinusoidal"), native=True)
+    src = _random_sources(70, V)  # 70 x 4 = 280 rows > PANEL_ROWS: float32 products out of the compiled step
+    limit = src.ne(PAD_ID).sum(1) + 3
+    assert frozen.compiled_beam(frozen.encode(src), limit, 4, [PAD_ID]) is None
+    int8 = freeze(quantize(_transformer(norm_first=False, positional="sinusoidal")), native=True)
+    assert int8.compiled_beam(int8.encode(src), limit, 4, [PAD_ID]) is not None  # int8 panels take any number
 
 
 def test_compiled_step_is_optional(monkeypatch):

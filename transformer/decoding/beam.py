@@ -23,6 +23,12 @@ The loop follows fairseq's ``SequenceGenerator``:
   so compute shrinks as sentences finish. Python touches individual hypotheses only to record finished ones.
 * The device scores the continuations and takes each sentence's best; the host (numpy) does the rest of a
   step's bookkeeping on one copy of them, and sends the chosen rows and tokens back in one copy.
+
+Where the model is frozen with the compiled extension's step computing the logits (CPU, ``transformer
+build-native``), the whole loop runs in C++ instead (:meth:`~transformer.model.frozen.FrozenTransformer.
+compiled_beam`, since session 28): the same calls and the same bookkeeping, so the same hypotheses and float32
+scores, without the interpreter between steps; this module ranks what it returns.
+:func:`~transformer.decoding.common.python_loop` keeps the Python loop within a block.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import Tensor
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding.common import (
     BANNED,
+    COMPILED_LOOP,
     NEG_INF,
     Hypothesis,
     eos_only_where,
@@ -153,6 +160,14 @@ def beam_search(
     # candidates, bookkeeping) in numpy: a step reads its candidates back once and sends its choice once,
     # instead of launching a dozen small tensor operations on the device.
     enc = model.encode(src_tokens)
+    compiled = getattr(model, "compiled_beam", None) if COMPILED_LOOP else None
+    result = compiled(enc, max_len, beam, BANNED) if compiled is not None else None
+    if result is not None:  # the whole loop in the compiled step: the same calls, no Python between steps
+        finished = [[] for _ in range(batch_size)]
+        for sentence, tokens, logprob in result:
+            finished[sentence].append(Hypothesis(tokens, logprob / length_penalty(len(tokens) + 1, alpha,
+                                                                                  length_penalty_form), logprob))
+        return _best(finished, nbest)
     cache = model.new_cache()
     width = 1
     sent_ids = list(range(batch_size))  # per active sentence: its original index
@@ -227,4 +242,9 @@ def beam_search(
         prefixes = np.concatenate([prefix, next_tokens[:, :, None]], axis=2)  # (n',K,t+1)
         width = beam
 
+    return _best(finished, nbest)
+
+
+def _best(finished: list[list[Hypothesis]], nbest: int) -> list[list[Hypothesis]]:
+    """Each sentence's ``nbest`` best finished hypotheses, best first (the first finished first among equals)."""
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -21,7 +21,7 @@ Length conventions (shared by greedy and beam search):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor
@@ -29,8 +29,19 @@ from torch import Tensor
 from transformer.config import LENGTH_PENALTY_FORMS
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.errors import TransformerError
+from transformer.model import native
 
 NEG_INF = float("-inf")
+
+# The searches' compiled loops where the model has them (FrozenTransformer.compiled_greedy and compiled_beam);
+# off within python_loop()
+COMPILED_LOOP = native.Switch()
+
+
+def python_loop() -> ContextManager[None]:
+    """Within the block, greedy and beam search run their Python loops even where the compiled ones apply
+    (comparisons: ``benchmarks/bench_inference.py``'s ``ours_pyloop``, tests)."""
+    return COMPILED_LOOP.off()
 
 
 @dataclass(frozen=True)
@@ -119,8 +130,6 @@ def fused_candidates() -> Optional[Callable[..., list[Tensor]]]:
     the banned ids left out instead of taken at -inf. Searches look it up once per call and use it for CPU
     float32 logits at steps where no sentence is at its length limit.
     """
-    from transformer.model import native
-
     module = native.load()
     if module is None or not module.panels_supported():
         return None

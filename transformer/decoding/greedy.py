@@ -3,12 +3,13 @@
 Where the model is frozen with the compiled extension's step computing the logits (CPU, ``transformer
 build-native``), the whole loop below runs in C++ instead (:meth:`~transformer.model.frozen.FrozenTransformer.
 compiled_greedy`): the same calls, so the same tokens and the same float32 scores, without the interpreter
-between steps (BENCHMARKS.md, session 23). :func:`python_loop` keeps the Python loop within a block.
+between steps (BENCHMARKS.md, session 23). :func:`~transformer.decoding.common.python_loop` keeps the Python loop
+within a block.
 """
 
 from __future__ import annotations
 
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from transformer.decoding.common import (
     BANNED,
+    COMPILED_LOOP,
     Hypothesis,
     eos_only_where,
     fused_applies,
@@ -26,16 +28,6 @@ from transformer.decoding.common import (
     max_positions,
     next_token_logprobs,
 )
-from transformer.model import native
-
-# The compiled loop where the model has one (FrozenTransformer.compiled_greedy); off within python_loop()
-COMPILED_LOOP = native.Switch()
-
-
-def python_loop() -> ContextManager[None]:
-    """Within the block, greedy search runs its Python loop even where the compiled one applies (comparisons:
-    ``benchmarks/bench_inference.py``'s ``ours_pyloop``, tests)."""
-    return COMPILED_LOOP.off()
 
 
 @torch.no_grad()

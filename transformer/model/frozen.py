@@ -755,17 +755,43 @@ class FrozenTransformer:
         included; ``banned``: ids never generated. Returns the tokens (B, max(limit)), EOS past each end, and
         the summed log-probabilities (B,) float32, what :func:`~transformer.decoding.greedy.greedy_search`'s
         Python loop returns; else None."""
-        decoder = self.decoder
-        if (self.static is not None or decoder.native is None or not decoder.native_logits
-                or decoder.layers[0].attend is None or not isinstance(encoder_out, FrozenEncoderOut)
-                or not decoder._native_rows(limit.size(0))):
+        if not self._compiled_loop_runs(encoder_out, limit.size(0)):
             return None
         src_mask = encoder_out.src_mask if encoder_out.padded else None  # (B,S) bool
-        tokens, logprob = decoder.native.greedy(  # no autograd in it (the C++ side's NoGradGuard)
+        tokens, logprob = self.decoder.native.greedy(  # no autograd in it (the C++ side's NoGradGuard)
             limit, [kv[0] for kv in encoder_out.cross_kv], [kv[1] for kv in encoder_out.cross_kv], src_mask,
             encoder_out.kv_rows, BOS_ID, EOS_ID, PAD_ID, banned, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"],
             PANEL_ROWS["output"])
         return tokens, logprob
+
+    def compiled_beam(self, encoder_out: EncoderOut, limit: Tensor, beam: int,
+                      banned: list[int]) -> Optional[list[tuple[int, list[int], float]]]:
+        """Beam search's whole loop in the compiled step (``DecoderStep.beam``, csrc/decoder_step.cpp) where it
+        runs: as :meth:`compiled_greedy`, and with the ``B * beam`` rows of the search within the compiled
+        step's products. Returns the finished hypotheses in the order :func:`~transformer.decoding.beam.
+        beam_search`'s Python loop finishes them, each (sentence, tokens without EOS, summed log-probability
+        with EOS, float32), for it to rank; else None."""
+        if not self._compiled_loop_runs(encoder_out, limit.size(0) * beam):
+            return None
+        src_mask = encoder_out.src_mask if encoder_out.padded else None  # (B,S) bool
+        sentences, logprobs, lengths, tokens = self.decoder.native.beam(  # no autograd in it (NoGradGuard)
+            limit, beam, [kv[0] for kv in encoder_out.cross_kv], [kv[1] for kv in encoder_out.cross_kv], src_mask,
+            encoder_out.kv_rows, BOS_ID, EOS_ID, PAD_ID, banned, COLUMN_ROWS["decoder"], PANEL_ROWS["decoder"],
+            PANEL_ROWS["output"])
+        flat, start, hypotheses = tokens.tolist(), 0, []
+        for sentence, length, logprob in zip(sentences.tolist(), lengths.tolist(), logprobs.tolist()):
+            hypotheses.append((sentence, flat[start:start + length], logprob))
+            start += length
+        return hypotheses
+
+    def _compiled_loop_runs(self, encoder_out: EncoderOut, rows: int) -> bool:
+        """Whether a search's compiled loop runs: the compiled step computes the logits (float32 panels or int8)
+        with its own attention, no static cache, a :class:`FrozenEncoderOut`, and up to ``rows`` rows a step
+        within the compiled step's products."""
+        decoder = self.decoder
+        return (self.static is None and decoder.native is not None and decoder.native_logits
+                and decoder.layers[0].attend is not None and isinstance(encoder_out, FrozenEncoderOut)
+                and decoder._native_rows(rows))
 
     def decode(self, tgt_tokens: Tensor, encoder_out: EncoderOut,
                cache: Optional[Union[DecoderCache, StaticCache]] = None) -> Tensor:

@@ -2312,6 +2312,171 @@ class DecoderStep {
     return {tokens_out, logprob_out};
   }
 
+  // Beam search from BOS over B sentences with `beam` (K) hypotheses each: the loop of decoding/beam.py's
+  // beam_search with its steps and its bookkeeping in C++ (at one sentence a step, about two fifths of the Python
+  // loop's time was outside the step). The same calls in the same order, so the same hypotheses and the same
+  // float32 sums: a step's logits by step() over the n x w active rows (w = 1 at the first step, then K); where no
+  // sentence is at its length limit, step_candidates (the 2K best continuations of each sentence, `banned` left
+  // out, `pad` where none is left); from the first limit on, ATen's log_softmax, -inf at the banned ids and at
+  // every token but EOS in the sentences at their limits, and beam_search's top-k (one over (n, w V) where w = 1
+  // or 2K >= V, else each row's 2K best, then the sentence's). EOS candidates among a sentence's K best finish
+  // (at most K per sentence, in rank order); the K best others continue. A sentence stops with K finished
+  // hypotheses or at its limit and leaves the batch. limit (B,) int64 >= 1, cross_k, cross_v, src_mask,
+  // cross_rows as greedy's. Returns the finished hypotheses in the order they finished: their sentence (F,)
+  // int64, their summed log-probability (F,) float32 (EOS included), their number of tokens (F,) int64 (EOS
+  // not included) and those tokens one after another (sum of the numbers,) int64. The length penalty and the
+  // ranking are left to the caller.
+  std::vector<Tensor> beam(const Tensor& limit_in, int64_t beam, const std::vector<Tensor>& cross_k,
+                           const std::vector<Tensor>& cross_v, const std::optional<Tensor>& src_mask,
+                           const std::optional<Tensor>& cross_rows, int64_t bos, int64_t eos, int64_t pad,
+                           const std::vector<int64_t>& banned, int64_t column_rows, int64_t panel_rows,
+                           int64_t output_panel_rows) const {
+    at::NoGradGuard no_grad;
+    TORCH_CHECK(fast_attention_, "DecoderStep.beam needs the step's own attention (fast_attention)");
+    TORCH_CHECK(embed_.defined() && !layers_.empty(), "DecoderStep.beam: add_layer and set_ends first");
+    TORCH_CHECK(limit_in.dim() == 1 && limit_in.size(0) > 0 && limit_in.scalar_type() == at::kLong && beam >= 1,
+                "DecoderStep.beam: limit (B,) int64, beam >= 1");
+    const Tensor limit = limit_in.contiguous();
+    const int64_t batch = limit.size(0), h = n_heads_, d = embed_.size(1), dh = d / h, n_cand = 2 * beam;
+    const int64_t* lim = limit.data_ptr<int64_t>();
+    const int64_t longest = *std::max_element(lim, lim + batch);
+    TORCH_CHECK(*std::min_element(lim, lim + batch) >= 1 && longest <= positions_.size(0),
+                "DecoderStep.beam: limits from 1 to the model's positions");
+    const auto options = embed_.options();
+    const auto as_long = options.dtype(at::kLong);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    // each layer's key and value buffers (B K, H, C, Dh) and its history's table of rows (n w, C), C = longest
+    std::vector<Tensor> ks, vs, tables;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      ks.push_back(at::empty({batch * beam, h, longest, dh}, options));
+      vs.push_back(at::empty({batch * beam, h, longest, dh}, options));
+      tables.push_back(at::zeros({batch, longest}, as_long));
+    }
+    std::optional<Tensor> mask, rows = cross_rows;
+    if (src_mask.has_value() && src_mask->defined()) mask = src_mask->unsqueeze(1).unsqueeze(1);  // (B, 1, 1, S)
+    std::vector<int64_t> sent(batch);  // the sentence of each active sentence's rows
+    std::iota(sent.begin(), sent.end(), 0);
+    int64_t width = 1;
+    Tensor scores = at::zeros({batch, 1}, options.dtype(at::kFloat));  // (n, w)
+    Tensor newest = at::full({batch, 1}, bos, as_long);                // (n w, 1)
+    std::vector<std::vector<int64_t>> prefixes(batch);                  // per row: its tokens after BOS
+    std::vector<int64_t> n_finished(batch, 0);
+    std::vector<int64_t> fin_sent, fin_len, fin_tokens;
+    std::vector<float> fin_logprob;
+    for (int64_t position = 0; position < longest; ++position) {
+      const int64_t n = static_cast<int64_t>(sent.size());
+      Tensor logits = step(newest, ks, vs, position, tables, cross_k, cross_v, mask, rows, column_rows, panel_rows,
+                           output_panel_rows);  // (n w, V)
+      const int64_t vocab = logits.size(1);
+      std::vector<char> at_limit(n);
+      bool any_at_limit = false;
+      for (int64_t i = 0; i < n; ++i) any_at_limit |= (at_limit[i] = position + 1 >= lim[sent[i]]);
+      Tensor cand_scores, cand_flat;  // (n, 2K) float32; (n, 2K) int64: beam * V + token
+      if (!any_at_limit) {
+        std::vector<Tensor> c = step_candidates(logits, scores, n_cand, banned, pad);
+        cand_scores = c[0];
+        cand_flat = c[1] * vocab + c[2];
+      } else {  // beam_search's ATen branch: next_token_logprobs, eos_only_where, _top_continuations
+        Tensor logprobs = at::log_softmax(logits.to(at::kFloat), -1);
+        for (int64_t id : banned) logprobs.select(1, id).fill_(neg_inf);
+        logprobs = logprobs.view({n, width, vocab});
+        Tensor limited = at::empty({n}, options.dtype(at::kBool));
+        bool* lp = limited.data_ptr<bool>();
+        for (int64_t i = 0; i < n; ++i) lp[i] = at_limit[i];
+        Tensor eos_only = at::full_like(logprobs, neg_inf);
+        eos_only.select(2, eos).copy_(logprobs.select(2, eos));
+        logprobs = at::where(limited.view({-1, 1, 1}), eos_only, logprobs);
+        if (width == 1 || n_cand >= vocab) {
+          Tensor total = (scores.unsqueeze(2) + logprobs).view({n, width * vocab});
+          auto [values, flat] = total.topk(std::min(n_cand, width * vocab), 1);
+          cand_scores = values;
+          cand_flat = flat;
+        } else {
+          auto [own_best, own_tokens] = logprobs.topk(n_cand, 2);  // (n, w, 2K) each
+          Tensor total = (scores.unsqueeze(2) + own_best).view({n, width * n_cand});
+          auto [values, flat] = total.topk(n_cand, 1);
+          Tensor tokens = own_tokens.view({n, width * n_cand}).gather(1, flat);
+          cand_scores = values;
+          cand_flat = at::div(flat, n_cand, "floor") * vocab + tokens;
+        }
+        const int64_t missing = n_cand - cand_scores.size(1);
+        if (missing > 0) {  // fewer continuations than 2K (a tiny vocabulary): empty slots (-inf, beam 0, pad)
+          cand_scores = at::cat({cand_scores, at::full({n, missing}, neg_inf, cand_scores.options())}, 1);
+          cand_flat = at::cat({cand_flat, at::full({n, missing}, pad, as_long)}, 1);
+        }
+      }
+      cand_scores = cand_scores.contiguous();
+      cand_flat = cand_flat.contiguous();
+      const float* cs = cand_scores.data_ptr<float>();
+      const int64_t* cf = cand_flat.data_ptr<int64_t>();
+      auto is_eos = [&](int64_t i, int64_t j) { return cf[i * n_cand + j] % vocab == eos; };
+
+      // Finish the EOS candidates that rank among the K best
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < beam; ++j) {
+          const float score = cs[i * n_cand + j];
+          if (!is_eos(i, j) || !std::isfinite(score) || n_finished[sent[i]] >= beam) continue;
+          const std::vector<int64_t>& prefix = prefixes[i * width + cf[i * n_cand + j] / vocab];
+          fin_sent.push_back(sent[i]);
+          fin_logprob.push_back(score);
+          fin_len.push_back(static_cast<int64_t>(prefix.size()));
+          fin_tokens.insert(fin_tokens.end(), prefix.begin(), prefix.end());
+          ++n_finished[sent[i]];
+        }
+      }
+      // Sentences still searching: not at their limit and fewer than K finished hypotheses
+      std::vector<int64_t> kept;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!at_limit[i] && n_finished[sent[i]] < beam) kept.push_back(i);
+      }
+      if (kept.empty()) break;
+      const int64_t n_kept = static_cast<int64_t>(kept.size());
+      const bool pruned = n_kept < n;
+      // The K best non-EOS candidates continue (EOS candidates after all others, in rank order)
+      Tensor next = at::empty({2, n_kept * beam}, as_long);  // the rows extended, the tokens appended
+      Tensor next_scores = at::empty({n_kept, beam}, options.dtype(at::kFloat));
+      int64_t* next_rows = next.data_ptr<int64_t>();
+      int64_t* next_tokens = next_rows + n_kept * beam;
+      float* ns = next_scores.data_ptr<float>();
+      std::vector<std::vector<int64_t>> next_prefixes(n_kept * beam);
+      for (int64_t a = 0; a < n_kept; ++a) {
+        const int64_t i = kept[a];
+        int64_t k = 0;
+        for (int pass = 0; pass < 2 && k < beam; ++pass) {
+          for (int64_t j = 0; j < n_cand && k < beam; ++j) {
+            if (is_eos(i, j) != (pass == 1)) continue;
+            const int64_t r = a * beam + k++;
+            next_rows[r] = i * width + cf[i * n_cand + j] / vocab;
+            next_tokens[r] = cf[i * n_cand + j] % vocab;
+            ns[r] = cs[i * n_cand + j];
+            next_prefixes[r] = prefixes[next_rows[r]];
+            next_prefixes[r].push_back(next_tokens[r]);
+          }
+        }
+      }
+      Tensor row_index = next[0];
+      for (Tensor& t : tables) t = t.index_select(0, row_index);
+      if (pruned || width < beam) {  // the sources' rows: a sentence's beams share its source
+        Tensor source = at::empty({n_kept * beam}, as_long);
+        int64_t* sp = source.data_ptr<int64_t>();
+        for (int64_t a = 0; a < n_kept; ++a) {
+          for (int64_t k = 0; k < beam; ++k) sp[a * beam + k] = kept[a] * width;
+        }
+        if (mask.has_value()) mask = mask->index_select(0, source);
+        rows = rows.has_value() && rows->defined() ? rows->index_select(0, source) : source;
+        std::vector<int64_t> kept_sent;
+        for (int64_t i : kept) kept_sent.push_back(sent[i]);
+        sent.swap(kept_sent);
+      }
+      prefixes.swap(next_prefixes);
+      newest = next[1].view({-1, 1});
+      scores = next_scores;
+      width = beam;
+    }
+    return {at::tensor(fin_sent, as_long), at::tensor(fin_logprob, options.dtype(at::kFloat)),
+            at::tensor(fin_len, as_long), at::tensor(fin_tokens, as_long)};
+  }
+
   // x (N, D): the embedded new position of each row; the rest as step's (self_rows: the tables, (N, length + 1),
   // already written). Returns (N, D), before the final LayerNorm.
   Tensor forward(Tensor x, const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache, int64_t length,
@@ -2408,6 +2573,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_ends", &DecoderStep::set_ends)
       .def("step", &DecoderStep::step)
       .def("greedy", &DecoderStep::greedy, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("beam", &DecoderStep::beam, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("forward", &DecoderStep::forward);
   m.def("panel_linear", &panel_linear, "x (N, in) @ W^T + b with W as (P, in, 16) column panels -> (N, out)",
         pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("bias"), pybind11::arg("out_features"),
