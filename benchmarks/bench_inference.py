@@ -62,9 +62,9 @@ from transformer.data.vocab import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, UNK  #
 from transformer.model import Transformer  # noqa: E402
 
 NAMES = {"ours": "ours (decoding/)", "ours_nograph": "ours frozen, no CUDA graphs",
-         "ours_pystep": "ours frozen, Python step", "ours_pyloop": "ours, Python greedy loop",
+         "ours_pystep": "ours frozen, Python step", "ours_pyloop": "ours, Python search loops",
          "ours_eager": "ours, not frozen", "ours_int8": "ours int8",
-         "ours_int8_pyloop": "ours int8, Python greedy loop",
+         "ours_int8_pyloop": "ours int8, Python search loops",
          "ours_avx2": "ours, AVX2 kernels", "ours_int8_avx2": "ours int8, AVX2 kernels",
          "hf": "HF generate",
          "ct2_fp32": "CTranslate2 float32", "ct2_int8": "CTranslate2 int8"}
