@@ -13,7 +13,8 @@ from transformer.data.vocab import EOS_ID, PAD_ID
 from transformer.decoding import beam_search, greedy_search, sample
 from transformer.errors import TransformerError
 from transformer.model import native
-from transformer.model.frozen import PANEL_ROWS, _Dense, _Int8Panels, freeze
+from transformer.model import frozen as frozen_module
+from transformer.model.frozen import INTEL_AVX512_PANEL_ROWS, PANEL_ROWS, _Dense, _Int8Panels, freeze
 from transformer.model.quantize import quantize, w8a8_row_rounding
 
 from native_helpers import HAVE_COMPILER, at_cpu_level, cpu_levels
@@ -473,7 +474,7 @@ def test_int8_model_on_the_extension(variant, rows):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [1, PANEL_ROWS["decoder"], PANEL_ROWS["decoder"] + 1])
+@pytest.mark.parametrize("rows", [1, INTEL_AVX512_PANEL_ROWS + 1, PANEL_ROWS["decoder"], PANEL_ROWS["decoder"] + 1])
 def test_compiled_products_compute_what_the_model_computes(rows):
     """With the compiled step and panel_linear, the frozen decoder's logits are the model's (up to the sum
     order), as they are without them."""
@@ -616,13 +617,41 @@ def test_compiled_beam_loop_at_its_edges(beam, max_len_b):
 
 
 @torch.no_grad()
-def test_compiled_beam_loop_leaves_more_rows_than_its_products_take_to_python():
+def test_compiled_beam_loop_leaves_more_rows_than_its_products_take_to_python(monkeypatch):
     frozen = freeze(_transformer(norm_first=False, positional="sinusoidal"), native=True)
-    src = _random_sources(70, V)  # 70 x 4 = 280 rows > PANEL_ROWS: float32 products out of the compiled step
+    monkeypatch.setitem(frozen_module.PANEL_ROWS, "decoder", 256)  # the thresholds of a CPU other than an
+    monkeypatch.setitem(frozen_module.PACKED_FROM_ROWS, "decoder", 64)  # Intel one with AVX-512
+    src = _random_sources(70, V)  # 70 x 4 = 280 rows > PANEL_ROWS: float32 products in oneDNN, not the compiled step
     limit = src.ne(PAD_ID).sum(1) + 3
     assert frozen.compiled_beam(frozen.encode(src), limit, 4, [PAD_ID]) is None
     int8 = freeze(quantize(_transformer(norm_first=False, positional="sinusoidal")), native=True)
     assert int8.compiled_beam(int8.encode(src), limit, 4, [PAD_ID]) is not None  # int8 panels take any number
+
+
+class _FakeExtension:
+    def __init__(self, level):
+        self.level = level
+
+    def cpu_level(self):
+        return self.level
+
+
+@pytest.mark.parametrize("vendor, level, tuned", [("GenuineIntel", 3, True), ("GenuineIntel", 4, True),
+                                                  ("GenuineIntel", 2, False), ("AuthenticAMD", 4, False),
+                                                  ("", 3, False)])
+def test_product_thresholds_follow_the_cpu(monkeypatch, vendor, level, tuned):
+    """On an Intel CPU whose kernels take their AVX-512 forms the decoder's and the output's panels stop at
+    INTEL_AVX512_PANEL_ROWS rows and the decoder's products stay in MKL above; elsewhere the thresholds stay."""
+    monkeypatch.setattr(frozen_module, "PANEL_ROWS", {"output": 256, "encoder": 256, "decoder": 256})
+    monkeypatch.setattr(frozen_module, "PACKED_FROM_ROWS", {"output": 2, "encoder": 2, "decoder": 64})
+    monkeypatch.setattr(frozen_module, "_TUNED", [])
+    monkeypatch.setattr(frozen_module, "_cpu_vendor", lambda: vendor)
+    frozen_module._tune_for_cpu(_FakeExtension(level))
+    panels = frozen_module.INTEL_AVX512_PANEL_ROWS if tuned else 256
+    assert frozen_module.PANEL_ROWS == {"output": panels, "encoder": 256, "decoder": panels}
+    assert frozen_module.PACKED_FROM_ROWS["decoder"] == (1 << 30 if tuned else 64)
+    frozen_module._tune_for_cpu(_FakeExtension(2 if tuned else 4))  # once per process: a second call changes nothing
+    assert frozen_module.PANEL_ROWS["decoder"] == panels
 
 
 def test_compiled_step_is_optional(monkeypatch):

@@ -37,7 +37,9 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   each over its own sentence's: no padded layout) and ``source_heads`` (the cross-attention keys and values
   laid out per head in one pass). Since session 23 greedy search's whole loop runs there too where the
   compiled step computes the logits (:meth:`FrozenTransformer.compiled_greedy`, ``DecoderStep.greedy``: the
-  same calls as :func:`~transformer.decoding.greedy.greedy_search`'s Python loop, the same tokens and scores).
+  same calls as :func:`~transformer.decoding.greedy.greedy_search`'s Python loop, the same tokens and scores),
+  and since session 28 beam search's (:meth:`FrozenTransformer.compiled_beam`, ``DecoderStep.beam``: the same
+  hypotheses and scores as :func:`~transformer.decoding.beam.beam_search`'s Python loop).
   ``freeze(model, native=False)`` keeps the Python step and the forms above.
 * An int8 model keeps its int8 weights (per-channel scales, from :func:`transformer.model.quantize.quantize`);
   the fused q/k/v and cross k/v matrices are built by concatenating the int8 rows and their scales, which is
@@ -285,6 +287,36 @@ COLUMN_ROWS = {"output": 16, "encoder": 16, "decoder": 63}  # output, encoder: o
 # projection too since session 10: 1.1-1.9x the best other form at 4-64 rows, bench_micro.py --parts panels).
 PANEL_ROWS = {"output": 256, "encoder": 256, "decoder": 256}
 PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
+# On an Intel CPU where the kernels take their AVX-512 forms (session 28's Xeon), MKL's products beat panel_linear
+# from about 32 rows of a decoder step (bench_micro.py --parts panels), and beam search over 32 sentences (128 rows
+# a step) ran 1.14-1.23x faster with MKL's above 32 rows (median of 10 passes, 1 and 2 threads, the same outputs;
+# ad hoc): there the decoder's and the output's panels stop at 32 rows, and the decoder's products stay in MKL
+# above (no oneDNN), so that the compiled step, which has MKL's forms but not oneDNN's, takes every row count.
+# _tune_for_cpu applies it once, when the extension first loads.
+INTEL_AVX512_PANEL_ROWS = 32
+_TUNED: list[bool] = []
+
+
+def _tune_for_cpu(module: Any) -> None:
+    """The thresholds above for this CPU, once per process (see INTEL_AVX512_PANEL_ROWS)."""
+    if _TUNED:
+        return
+    _TUNED.append(True)
+    if module.cpu_level() >= 3 and _cpu_vendor() == "GenuineIntel":
+        PANEL_ROWS.update(decoder=INTEL_AVX512_PANEL_ROWS, output=INTEL_AVX512_PANEL_ROWS)
+        PACKED_FROM_ROWS["decoder"] = 1 << 30
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string from /proc/cpuinfo (Linux), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _linear(*linears: nn.Module, role: str = "decoder", native: Optional[Any] = None) -> Any:
@@ -678,7 +710,10 @@ def _native_module(model: nn.Module, native: Optional[bool]) -> Any:
         return None
     from transformer.model import native as native_module
 
-    return native_module.build() if native else native_module.load()
+    module = native_module.build() if native else native_module.load()
+    if module is not None:
+        _tune_for_cpu(module)
+    return module
 
 
 def _compiled_step(decoder: _FrozenDecoder, model: nn.Module, module: Any) -> Any:
