@@ -26,7 +26,8 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   column panels that are each one sequential stream of memory; it replaces the forms above for the
   decoder's, the encoder's and the output projection's products up to ``PANEL_ROWS`` (256) rows (1.1-2.9x
   faster products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py
-  --parts panels``, ``bench_step.py``). It also brings ``attend_one``, a step's attention of one new position
+  --parts panels``, ``bench_step.py``; on an Intel CPU with AVX-512 the decoder's and the output's stop at 32
+  rows, where MKL's products win there: :data:`INTEL_AVX512_PANEL_ROWS`). It also brings ``attend_one``, a step's attention of one new position
   (one query per row and head over a few dozen keys, AVX2), which reads keys through row indices: the beams
   of a sentence share its source's cross-attention keys (:class:`FrozenEncoderOut`), and the self-attention
   history is reordered by a table of rows instead of copies (:class:`IndexedKV`); and ``step_candidates``,
