@@ -2231,30 +2231,18 @@ class DecoderStep {
                              const std::vector<int64_t>& banned, int64_t column_rows, int64_t panel_rows,
                              int64_t output_panel_rows) const {
     at::NoGradGuard no_grad;
-    TORCH_CHECK(fast_attention_, "DecoderStep.greedy needs the step's own attention (fast_attention)");
-    TORCH_CHECK(embed_.defined() && !layers_.empty(), "DecoderStep.greedy: add_layer and set_ends first");
-    TORCH_CHECK(limit_in.dim() == 1 && limit_in.size(0) > 0 && limit_in.scalar_type() == at::kLong,
-                "DecoderStep.greedy: limit (B,) int64");
-    const Tensor limit = limit_in.contiguous();
-    const int64_t batch = limit.size(0), h = n_heads_, d = embed_.size(1), dh = d / h;
+    const Tensor limit = search_limits(limit_in, "greedy");
+    const int64_t batch = limit.size(0);
     const int64_t* lim = limit.data_ptr<int64_t>();
     const int64_t longest = *std::max_element(lim, lim + batch);
-    TORCH_CHECK(*std::min_element(lim, lim + batch) >= 1 && longest <= positions_.size(0),
-                "DecoderStep.greedy: limits from 1 to the model's positions");
     const auto options = embed_.options();
     Tensor tokens_out = at::full({batch, longest}, eos, options.dtype(at::kLong));
     Tensor logprob_out = at::zeros({batch}, options.dtype(at::kFloat));
     int64_t* out = tokens_out.data_ptr<int64_t>();
     float* sums = logprob_out.data_ptr<float>();
-    // each layer's key and value buffers (B, H, C, Dh) and its history's table of rows (B, C), C = longest
-    std::vector<Tensor> ks, vs, tables;
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      ks.push_back(at::empty({batch, h, longest, dh}, options));
-      vs.push_back(at::empty({batch, h, longest, dh}, options));
-      tables.push_back(at::zeros({batch, longest}, options.dtype(at::kLong)));
-    }
-    std::optional<Tensor> mask, rows = cross_rows;
-    if (src_mask.has_value() && src_mask->defined()) mask = src_mask->unsqueeze(1).unsqueeze(1);  // (B, 1, 1, S)
+    std::vector<Tensor> ks, vs, tables;  // each layer's (B, H, C, Dh) buffers and (B, C) table, C = longest
+    search_buffers(batch, batch, longest, ks, vs, tables);
+    std::optional<Tensor> mask = search_mask(src_mask), rows = cross_rows;  // (B, 1, 1, S) or none
     std::vector<int64_t> active(batch);  // the sentence of each row
     std::iota(active.begin(), active.end(), 0);
     auto first_limit = [&]() {
@@ -2269,21 +2257,14 @@ class DecoderStep {
       Tensor logits = step(last, ks, vs, position, tables, cross_k, cross_v, mask, rows, column_rows, panel_rows,
                            output_panel_rows);  // (N, V)
       Tensor best, best_logprob;  // (N,) int64, (N,) float32
-      std::vector<bool> at_limit(n, false);
+      std::vector<char> at_limit(n, 0);
       if (position + 1 < first) {
         std::vector<Tensor> c = step_candidates(logits, at::zeros({n, 1}, options.dtype(at::kFloat)), 1, banned, pad);
         best_logprob = c[0].select(1, 0).contiguous();
         best = c[2].select(1, 0).contiguous();
       } else {  // greedy_search's ATen branch: next_token_logprobs, eos_only_where, max
-        Tensor logprobs = at::log_softmax(logits.to(at::kFloat), -1);
-        for (int64_t id : banned) logprobs.select(1, id).fill_(-std::numeric_limits<float>::infinity());
-        Tensor limited = at::empty({n}, options.dtype(at::kBool));
-        bool* lp = limited.data_ptr<bool>();
-        for (int64_t r = 0; r < n; ++r) lp[r] = at_limit[r] = position + 1 >= lim[active[r]];
-        Tensor eos_only = at::full_like(logprobs, -std::numeric_limits<float>::infinity());
-        eos_only.select(1, eos).copy_(logprobs.select(1, eos));
-        logprobs = at::where(limited.view({-1, 1}), eos_only, logprobs);
-        auto [values, indices] = logprobs.max(-1);
+        for (int64_t r = 0; r < n; ++r) at_limit[r] = position + 1 >= lim[active[r]];
+        auto [values, indices] = limited_logprobs(logits, at_limit, 1, banned, eos).max(-1);
         best_logprob = values.contiguous();
         best = indices.contiguous();
       }
@@ -2332,28 +2313,17 @@ class DecoderStep {
                            const std::vector<int64_t>& banned, int64_t column_rows, int64_t panel_rows,
                            int64_t output_panel_rows) const {
     at::NoGradGuard no_grad;
-    TORCH_CHECK(fast_attention_, "DecoderStep.beam needs the step's own attention (fast_attention)");
-    TORCH_CHECK(embed_.defined() && !layers_.empty(), "DecoderStep.beam: add_layer and set_ends first");
-    TORCH_CHECK(limit_in.dim() == 1 && limit_in.size(0) > 0 && limit_in.scalar_type() == at::kLong && beam >= 1,
-                "DecoderStep.beam: limit (B,) int64, beam >= 1");
-    const Tensor limit = limit_in.contiguous();
-    const int64_t batch = limit.size(0), h = n_heads_, d = embed_.size(1), dh = d / h, n_cand = 2 * beam;
+    TORCH_CHECK(beam >= 1, "DecoderStep.beam: beam >= 1");
+    const Tensor limit = search_limits(limit_in, "beam");
+    const int64_t batch = limit.size(0), n_cand = 2 * beam;
     const int64_t* lim = limit.data_ptr<int64_t>();
     const int64_t longest = *std::max_element(lim, lim + batch);
-    TORCH_CHECK(*std::min_element(lim, lim + batch) >= 1 && longest <= positions_.size(0),
-                "DecoderStep.beam: limits from 1 to the model's positions");
     const auto options = embed_.options();
     const auto as_long = options.dtype(at::kLong);
     const float neg_inf = -std::numeric_limits<float>::infinity();
-    // each layer's key and value buffers (B K, H, C, Dh) and its history's table of rows (n w, C), C = longest
-    std::vector<Tensor> ks, vs, tables;
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      ks.push_back(at::empty({batch * beam, h, longest, dh}, options));
-      vs.push_back(at::empty({batch * beam, h, longest, dh}, options));
-      tables.push_back(at::zeros({batch, longest}, as_long));
-    }
-    std::optional<Tensor> mask, rows = cross_rows;
-    if (src_mask.has_value() && src_mask->defined()) mask = src_mask->unsqueeze(1).unsqueeze(1);  // (B, 1, 1, S)
+    std::vector<Tensor> ks, vs, tables;  // each layer's (B K, H, C, Dh) buffers and (n w, C) table, C = longest
+    search_buffers(batch * beam, batch, longest, ks, vs, tables);
+    std::optional<Tensor> mask = search_mask(src_mask), rows = cross_rows;  // (B, 1, 1, S) or none
     std::vector<int64_t> sent(batch);  // the sentence of each active sentence's rows
     std::iota(sent.begin(), sent.end(), 0);
     int64_t width = 1;
@@ -2377,15 +2347,7 @@ class DecoderStep {
         cand_scores = c[0];
         cand_flat = c[1] * vocab + c[2];
       } else {  // beam_search's ATen branch: next_token_logprobs, eos_only_where, _top_continuations
-        Tensor logprobs = at::log_softmax(logits.to(at::kFloat), -1);
-        for (int64_t id : banned) logprobs.select(1, id).fill_(neg_inf);
-        logprobs = logprobs.view({n, width, vocab});
-        Tensor limited = at::empty({n}, options.dtype(at::kBool));
-        bool* lp = limited.data_ptr<bool>();
-        for (int64_t i = 0; i < n; ++i) lp[i] = at_limit[i];
-        Tensor eos_only = at::full_like(logprobs, neg_inf);
-        eos_only.select(2, eos).copy_(logprobs.select(2, eos));
-        logprobs = at::where(limited.view({-1, 1, 1}), eos_only, logprobs);
+        Tensor logprobs = limited_logprobs(logits, at_limit, width, banned, eos).view({n, width, vocab});
         if (width == 1 || n_cand >= vocab) {
           Tensor total = (scores.unsqueeze(2) + logprobs).view({n, width * vocab});
           auto [values, flat] = total.topk(std::min(n_cand, width * vocab), 1);
@@ -2539,6 +2501,54 @@ class DecoderStep {
   }
 
  private:
+  // A search's limits (B,) int64, each from 1 to the model's positions -> contiguous; `name`: the search's, for errors
+  Tensor search_limits(const Tensor& limit_in, const char* name) const {
+    TORCH_CHECK(fast_attention_, "DecoderStep.", name, " needs the step's own attention (fast_attention)");
+    TORCH_CHECK(embed_.defined() && !layers_.empty(), "DecoderStep.", name, ": add_layer and set_ends first");
+    TORCH_CHECK(limit_in.dim() == 1 && limit_in.size(0) > 0 && limit_in.scalar_type() == at::kLong,
+                "DecoderStep.", name, ": limit (B,) int64");
+    Tensor limit = limit_in.contiguous();
+    const int64_t* lim = limit.data_ptr<int64_t>();
+    const int64_t batch = limit.size(0);
+    TORCH_CHECK(*std::min_element(lim, lim + batch) >= 1 && *std::max_element(lim, lim + batch) <= positions_.size(0),
+                "DecoderStep.", name, ": limits from 1 to the model's positions");
+    return limit;
+  }
+
+  // each layer's key and value buffers (rows, H, C, Dh) and its history's table of rows (table_rows, C), C = longest
+  void search_buffers(int64_t rows, int64_t table_rows, int64_t longest, std::vector<Tensor>& ks,
+                      std::vector<Tensor>& vs, std::vector<Tensor>& tables) const {
+    const int64_t h = n_heads_, dh = embed_.size(1) / h;
+    const auto options = embed_.options();
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      ks.push_back(at::empty({rows, h, longest, dh}, options));
+      vs.push_back(at::empty({rows, h, longest, dh}, options));
+      tables.push_back(at::zeros({table_rows, longest}, options.dtype(at::kLong)));
+    }
+  }
+
+  // src_mask (B, S) bool or none -> (B, 1, 1, S) or none, what step() takes
+  static std::optional<Tensor> search_mask(const std::optional<Tensor>& src_mask) {
+    if (src_mask.has_value() && src_mask->defined()) return src_mask->unsqueeze(1).unsqueeze(1);
+    return std::nullopt;
+  }
+
+  // decoding/common.py's next_token_logprobs and eos_only_where: logits (N, V) -> log_softmax in float32, -inf at
+  // the banned ids and, in rows r with at_limit[r / per] (`per` rows a sentence), at every token but EOS
+  static Tensor limited_logprobs(const Tensor& logits, const std::vector<char>& at_limit, int64_t per,
+                                 const std::vector<int64_t>& banned, int64_t eos) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    Tensor logprobs = at::log_softmax(logits.to(at::kFloat), -1);
+    for (int64_t id : banned) logprobs.select(1, id).fill_(neg_inf);
+    const int64_t n = logprobs.size(0);
+    Tensor limited = at::empty({n}, logprobs.options().dtype(at::kBool));
+    bool* lp = limited.data_ptr<bool>();
+    for (int64_t r = 0; r < n; ++r) lp[r] = at_limit[r / per];
+    Tensor eos_only = at::full_like(logprobs, neg_inf);
+    eos_only.select(1, eos).copy_(logprobs.select(1, eos));
+    return at::where(limited.view({-1, 1}), eos_only, logprobs);
+  }
+
   // this position's keys (part 1) or values (part 2) of qkv (N, 3D) -> buffer rows 0..N-1 of cache (M, H, C, Dh)
   // at position `length`
   void write_position(const Tensor& qkv, int64_t part, const Tensor& cache, int64_t length) const {
