@@ -7,7 +7,11 @@ Two parts:
    ``small`` and ``base`` presets. A full step is forward, label-smoothed loss, backward, Adam step.
    Reported: target tokens/s, model FLOP/s and MFU against the fp32 GEMM peak measured at the model's
    own shapes in the same run (formula: :func:`benchmarks.common.train_step_flops`), peak RSS of a
-   fresh process per config (CUDA: ``torch.cuda.max_memory_allocated``), and our speed as a ratio.
+   fresh process per config (CUDA: ``torch.cuda.max_memory_allocated``), and our speed as a ratio. MFU is
+   given twice: the best step over the best GEMM peak (the two may come from different moments: the peak
+   from the measurement before the models or from another round), and paired by round, each step over the
+   GEMM probe timed in the same round (median and range over the rounds), which a host whose speed drifts
+   from minute to minute moves less.
    Our step's matrix products are also replayed alone (captured from one real step with their
    shapes and strides, timed in the same rounds): the floor they set on our step, and so the highest
    MFU the step could reach if everything else in it took no time. With ``--products-by-shape``, those
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as
 from common import (  # noqa: E402
     add_allocator_arg, add_common_args, autocast, current_rss_mb, describe_allocator, describe_machine, gemm_gflops,
     gemm_peak, gemm_probe, interleaved_times, keep_host_memory, machine_info, memory_bandwidth_gbs,
-    multi30k_tokenizer, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync, time_call,
+    multi30k_tokenizer, paired_fractions, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync, time_call,
     train_step_flops,
 )
 
@@ -397,6 +401,11 @@ def gemm_shapes(cfg: ModelConfig, batch: int, length: int, vocab: int) -> list[t
     return [(m, cfg.d_model, cfg.d_ff), (m, cfg.d_ff, cfg.d_model), (m, cfg.d_model, vocab)]
 
 
+def percent_range(fractions: list[float]) -> str:
+    """``"64.1% (60.2-66.0%)"``: the median of ``fractions`` and their range, as percentages."""
+    return f"{100 * statistics.median(fractions):.1f}% ({100 * min(fractions):.1f}-{100 * max(fractions):.1f}%)"
+
+
 def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> None:
     for preset_name in args.presets:
         cfg = preset(preset_name)
@@ -435,7 +444,8 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         probe, probe_flops = gemm_probe(best, device)
         steps["gemm"] = probe
         times = interleaved_times(steps, device, warmup=args.warmup, rounds=args.rounds)
-        peak = max(best.gflops, probe_flops / min(times.pop("gemm")) / 1e9)
+        probe_times = times.pop("gemm")
+        peak = max(best.gflops, probe_flops / min(probe_times) / 1e9)
         print(f"GEMM peak {best.label()}: {peak:.1f} GFLOP/s (best of: alone before the models "
               f"{best.gflops:.1f}, and timed round-robin with them)")
         del steps
@@ -455,9 +465,11 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         # The best step of each peer is the headline: on a shared machine other processes only ever slow a
         # step down, so the fastest of the round-robin repeats is the least disturbed (median shown too).
         ours = min(times["ours"]) if "ours" in times else None
+        # MFU paired by round: each step over the GEMM probe timed in the same round (median and range over the
+        # rounds), its two figures from the same moment, unlike the best step over the best peak
         print(f"| peer | params | s/step best (median) of {args.rounds} | target tok/s | model GFLOP/s | MFU | "
-              f"peak RSS MB | ours speed-up |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              f"MFU paired by round, median (range) | peak RSS MB | ours speed-up |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = {}
         for name in peers:
             t = min(times[name])
@@ -465,6 +477,7 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
                 "params": params[name], "s_per_step": t, "s_per_step_median": statistics.median(times[name]),
                 "all_s": times[name], "tok_s": batch * length / t,
                 "gflops": flops / t / 1e9, "mfu": flops / t / 1e9 / peak,
+                "mfu_paired": paired_fractions(flops, times[name], probe_flops, probe_times),
                 "speedup_ours": (t / ours) if ours else None, **mem.get(name, {}),
             }
             rows[name] = row
@@ -473,7 +486,8 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
                 rss = f"{row['cuda_peak_mb']:.0f} (GPU)"
             ratio = f"{row['speedup_ours']:.2f}x" if ours else "-"
             print(f"| {PEER_NAMES[name]} | {row['params'] / 1e6:.1f}M | {t:.3f} ({row['s_per_step_median']:.3f}) | "
-                  f"{row['tok_s']:.0f} | {row['gflops']:.1f} | {100 * row['mfu']:.1f}% | {rss} | {ratio} |")
+                  f"{row['tok_s']:.0f} | {row['gflops']:.1f} | {100 * row['mfu']:.1f}% | "
+                  f"{percent_range(row['mfu_paired'])} | {rss} | {ratio} |")
         products = None
         if floor:
             n_products, product_flops = floor
@@ -481,23 +495,30 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
             products = {"count": n_products, "gflop": product_flops / 1e9, "s_best": t_products,
                         "s_median": statistics.median(times["ours_products"]),
                         "gflops": product_flops / t_products / 1e9,
-                        "mfu_ceiling": flops / t_products / 1e9 / peak}
+                        "mfu_ceiling": flops / t_products / 1e9 / peak,
+                        "of_peak_paired": paired_fractions(product_flops, times["ours_products"], probe_flops,
+                                                           probe_times)}
             print(f"our step's {n_products} matrix products alone (replayed with the same shapes, strides and "
                   f"dtypes, in the same rounds): {t_products:.3f} s best ({products['s_median']:.3f}), "
                   f"{product_flops / 1e9:.1f} GFLOP at {products['gflops']:.1f} GFLOP/s "
-                  f"({100 * products['gflops'] / peak:.0f}% of the peak)")
+                  f"({100 * products['gflops'] / peak:.0f}% of the peak; paired by round "
+                  f"{percent_range(products['of_peak_paired'])})")
             if ours:
+                rest = [1 - p / t for p, t in zip(times["ours_products"], times["ours"])]  # paired by round
+                products["rest_paired"] = rest
                 print(f"  so MFU could reach at most {100 * products['mfu_ceiling']:.1f}% if all the rest were free; "
                       f"the rest takes {ours - t_products:.3f} s of our {ours:.3f} s step "
-                      f"({100 * (ours - t_products) / ours:.0f}%)")
+                      f"({100 * (ours - t_products) / ours:.0f}%; paired by round {percent_range(rest)})")
         if args.products_by_shape and "ours" in params:
             model, forward = build_peer("ours", cfg, args.vocab, device)
             fn = make_train_step(model, forward, device, args.bf16)
             fn(src, tgt_in, tgt_out)  # Adam's state allocated, as in the timed steps
             print_products_by_shape(lambda: fn(src, tgt_in, tgt_out), device, peak, args.rounds)
         if ours:
+            paired = statistics.median(rows['ours']['mfu_paired'])
             print(f"goal: MFU >= 85% of the GEMM peak; ours {100 * rows['ours']['mfu']:.1f}% "
-                  f"({rows['ours']['mfu'] / 0.85:.2f}x of the goal)")
+                  f"({rows['ours']['mfu'] / 0.85:.2f}x of the goal); paired by round {100 * paired:.1f}% "
+                  f"({paired / 0.85:.2f}x)")
         if args.reference_gemm:
             ref = args.reference_gemm
             print(f"against the {ref.label()} GEMM ({ref.gflops / 1e3:.1f} TFLOP/s), MFU: "

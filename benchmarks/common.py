@@ -140,6 +140,17 @@ def interleaved_times(fns: dict[str, Callable[[], object]], device, warmup: int,
     return times
 
 
+def paired_fractions(flops: float, seconds: list[float], probe_flops: float,
+                     probe_seconds: list[float]) -> list[float]:
+    """Per round, the FLOP/s of ``flops`` done in ``seconds[r]`` over the GEMM probe's FLOP/s in the same round
+    (``probe_flops`` in ``probe_seconds[r]``), from :func:`interleaved_times`' lists. On a host whose speed
+    drifts from minute to minute, a step and the probe timed seconds apart see about the same host, so each
+    ratio cancels the drift that a best step over a best peak, taken at different moments, does not."""
+    if len(seconds) != len(probe_seconds):
+        raise ValueError(f"{len(seconds)} rounds of the step against {len(probe_seconds)} of the probe")
+    return [(flops / t) / (probe_flops / p) for t, p in zip(seconds, probe_seconds)]
+
+
 # --- the physical limits ----------------------------------------------------------------------------
 
 

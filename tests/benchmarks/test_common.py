@@ -1,0 +1,28 @@
+"""The benchmarks' shared helpers (benchmarks/common.py) that turn timings into the figures BENCHMARKS.md quotes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from common import paired_fractions  # noqa: E402
+
+
+def test_paired_fractions_are_each_round_s_flops_over_the_probe_s():
+    # round 1: 100 FLOP in 2 s against the probe's 300 FLOP in 1 s -> 50 / 300; round 2: 100 / 4 against 300 / 2
+    assert paired_fractions(100.0, [2.0, 4.0], 300.0, [1.0, 2.0]) == pytest.approx([50 / 300, 25 / 150])
+
+
+def test_a_host_whose_speed_drifts_between_rounds_leaves_the_pairs_alone():
+    # work done at 60% of the probe's FLOP/s, on a host 1.0x, 1.5x and 1.2x slower in rounds 1, 2 and 3
+    slow = [1.0, 1.5, 1.2]
+    step = [60.0 / 60.0 * k for k in slow]  # 60 FLOP at 60 FLOP/s, slowed
+    probe = [100.0 / 100.0 * k for k in slow]  # 100 FLOP at 100 FLOP/s, slowed alike
+    assert paired_fractions(60.0, step, 100.0, probe) == pytest.approx([0.6, 0.6, 0.6])
+
+
+def test_rounds_must_match():
+    with pytest.raises(ValueError, match="2 rounds of the step against 3 of the probe"):
+        paired_fractions(1.0, [1.0, 1.0], 1.0, [1.0, 1.0, 1.0])
