@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as
 from common import (  # noqa: E402
     add_allocator_arg, add_common_args, autocast, current_rss_mb, describe_allocator, describe_machine, gemm_gflops,
     gemm_peak, gemm_probe, interleaved_times, keep_host_memory, machine_info, memory_bandwidth_gbs,
-    multi30k_tokenizer, paired_fractions, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync, time_call,
-    train_step_flops,
+    multi30k_tokenizer, paired_fractions, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync,
+    time_call, train_step_flops,
 )
 
 from transformer.config import ModelConfig, preset  # noqa: E402

@@ -27,8 +27,9 @@ and by reading the weights, not by arithmetic (BENCHMARKS.md, "Where our time go
   decoder's, the encoder's and the output projection's products up to ``PANEL_ROWS`` (256) rows (1.1-2.9x
   faster products, 1.25-1.4x faster decoder steps from 1 to 64 rows on the benchmark CPU: ``bench_micro.py
   --parts panels``, ``bench_step.py``; on an Intel CPU with AVX-512 the decoder's and the output's stop at 32
-  rows, where MKL's products win there: :data:`INTEL_AVX512_PANEL_ROWS`). It also brings ``attend_one``, a step's attention of one new position
-  (one query per row and head over a few dozen keys, AVX2), which reads keys through row indices: the beams
+  rows, from where MKL's products win: :data:`INTEL_AVX512_PANEL_ROWS`). It also brings ``attend_one``, a step's
+  attention of one new position (one query per row and head over a few dozen keys, AVX2), which reads keys
+  through row indices: the beams
   of a sentence share its source's cross-attention keys (:class:`FrozenEncoderOut`), and the self-attention
   history is reordered by a table of rows instead of copies (:class:`IndexedKV`); and ``step_candidates``,
   which a search uses for a step's log-softmax and best continuations (:mod:`transformer.decoding.common`).
@@ -303,21 +304,9 @@ def _tune_for_cpu(module: Any) -> None:
     if _TUNED:
         return
     _TUNED.append(True)
-    if module.cpu_level() >= 3 and _cpu_vendor() == "GenuineIntel":
+    if module.cpu_level() >= 3 and module.cpu_is_intel():
         PANEL_ROWS.update(decoder=INTEL_AVX512_PANEL_ROWS, output=INTEL_AVX512_PANEL_ROWS)
         PACKED_FROM_ROWS["decoder"] = 1 << 30
-
-
-def _cpu_vendor() -> str:
-    """The CPU's vendor string from /proc/cpuinfo (Linux), or "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _linear(*linears: nn.Module, role: str = "decoder", native: Optional[Any] = None) -> Any:

@@ -91,6 +91,18 @@ int cpu_level() {
   return std::min(detected, g_cpu_cap);
 }
 
+// Whether the CPU is Intel's (cpuid's vendor): some thresholds suit one vendor's CPUs and not the other's (the
+// panels' prefetch, stream_panels below, on AMD's; the frozen decoder's product thresholds,
+// transformer/model/frozen.py _tune_for_cpu, on Intel's)
+bool cpu_is_intel() {
+#ifdef TRANSFORMER_X86
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // The level the kernels use from now on: min(what the CPU has, `cap`: 2 AVX2, 3 AVX-512, 4 AVX-512 VNNI);
 // returns it. Not while kernels run.
 int set_cpu_level(int64_t cap) {
@@ -2611,6 +2623,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panels_supported", &panels_supported, "whether this CPU runs panel_linear (AVX2 and FMA)");
   m.def("cpu_level", &cpu_level, "the instructions the kernels use: 0 none (no AVX2), 2 AVX2, 3 AVX-512, "
         "4 AVX-512 VNNI");
+  m.def("cpu_is_intel", &cpu_is_intel, "whether the CPU is Intel's (cpuid's vendor)");
   m.def("set_cpu_level", &set_cpu_level, "cap the kernels' instructions at 2 (AVX2), 3 (AVX-512) or 4 (AVX-512 "
         "VNNI), within what the CPU has -> the level now (the results are the same bits at every level)",
         pybind11::arg("cap"));
