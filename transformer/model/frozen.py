@@ -291,9 +291,10 @@ PANEL_ROWS = {"output": 256, "encoder": 256, "decoder": 256}
 PANEL_WIDTH = 16  # output columns per panel (csrc/decoder_step.cpp: kPanel)
 # On an Intel CPU where the kernels take their AVX-512 forms (session 28's Xeon), MKL's products beat panel_linear
 # from about 32 rows of a decoder step (bench_micro.py --parts panels), and beam search over 32 sentences (128 rows
-# a step) ran 1.14-1.23x faster with MKL's above 32 rows (median of 10 passes, 1 and 2 threads, the same outputs;
-# ad hoc): there the decoder's and the output's panels stop at 32 rows, and the decoder's products stay in MKL
-# above (no oneDNN), so that the compiled step, which has MKL's forms but not oneDNN's, takes every row count.
+# a step) ran faster with MKL's above 32 rows (median of 10 passes, 1 and 2 threads, the same outputs; ad hoc,
+# and bench_inference.py's beam 4 at batch 32 in BENCHMARKS.md session 28): there the decoder's and the output's
+# panels stop at 32 rows, and the decoder's products stay in MKL above (no oneDNN), so that the compiled step,
+# which has MKL's forms but not oneDNN's, takes every row count.
 # _tune_for_cpu applies it once, when the extension first loads.
 INTEL_AVX512_PANEL_ROWS = 32
 _TUNED: list[bool] = []
