@@ -9,9 +9,10 @@ Two parts:
    own shapes in the same run (formula: :func:`benchmarks.common.train_step_flops`), peak RSS of a
    fresh process per config (CUDA: ``torch.cuda.max_memory_allocated``), and our speed as a ratio. MFU is
    given twice: the best step over the best GEMM peak (the two may come from different moments: the peak
-   from the measurement before the models or from another round), and paired by round, each step over the
-   GEMM probe timed in the same round (median and range over the rounds), which a host whose speed drifts
-   from minute to minute moves less.
+   from the measurement before the models or from another moment), and paired by round, each step over the
+   GEMM probe timed just before and just after it (median and range over the rounds), which a host whose
+   speed drifts within seconds moves less; our speed against each peer is paired the same way, each step
+   over its own probes (:func:`benchmarks.common.sandwiched_times`).
    Our step's matrix products are also replayed alone (captured from one real step with their
    shapes and strides, timed in the same rounds): the floor they set on our step, and so the highest
    MFU the step could reach if everything else in it took no time. With ``--products-by-shape``, those
@@ -47,8 +48,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 from common import (  # noqa: E402
     add_allocator_arg, add_common_args, autocast, current_rss_mb, describe_allocator, describe_machine, gemm_gflops,
-    gemm_peak, gemm_probe, interleaved_times, keep_host_memory, machine_info, memory_bandwidth_gbs,
-    multi30k_tokenizer, paired_fractions, peak_rss_mb, print_limits, read_lines, run_child, setup_device, sync,
+    gemm_peak, gemm_probe, keep_host_memory, machine_info, memory_bandwidth_gbs,
+    multi30k_tokenizer, paired_fractions, peak_rss_mb, print_limits, read_lines, run_child, sandwiched_times,
+    setup_device, sync,
     time_call, train_step_flops,
 )
 
@@ -72,15 +74,18 @@ PEER_NAMES = {"ours": "ours (Transformer)", "hf": "HF MarianMTModel", "torch": "
               "ours_unfused_norm": "ours, bias, dropout, residual and LayerNorm apart",
               "ours_graphed": "ours, the step as one CUDA graph",
               "ours_compiled_graphed": "ours + torch.compile, the step as one CUDA graph",
-              "ours_cpu_loss_blocks": "ours, the loss in the CPU's blocks of rows"}
+              "ours_cpu_loss_blocks": "ours, the loss in the CPU's blocks of rows",
+              "ours_again": "ours again (A/A control)"}
 # Our step without one of its CPU kernels: dropout masks stored as tensors, not hashed (as before session 18);
 # attention by scaled_dot_product_attention's flash kernel (as before session 19); the shared embedding's
 # gradients summed by autograd as dense (V,D) tensors, the loss's passes over the logits in ATen's ops, the
 # feed-forward network as nn.Linear and F.relu (all three as before session 20); q, k and v projected one by
 # one, not as one product of their packed weights (as before session 22); a post-norm sub-layer ended by addmm's
 # bias, the dropout's residual pass and nn.LayerNorm, not by one pass each way (as before session 24); on a GPU,
-# the loss in the CPU's blocks of 1M logits, a few launches each (as before session 25)
-ABLATIONS = {"ours_stored_masks": stored_masks, "ours_flash": flash_attention,
+# the loss in the CPU's blocks of 1M logits, a few launches each (as before session 25). And an A/A control,
+# ``ours_again``: our step unchanged, a second model of its own, whose ratio to ours shows how far the host's
+# noise alone moves a ratio in the same run (session 30)
+ABLATIONS = {"ours_again": contextlib.nullcontext, "ours_stored_masks": stored_masks, "ours_flash": flash_attention,
              "ours_dense_tied": dense_tied_gradients, "ours_aten_loss": aten_loss,
              "ours_plain_ffn": plain_feed_forward, "ours_separate_qkv": separate_projections,
              "ours_unfused_norm": unfused_add_norm, "ours_cpu_loss_blocks": cpu_sized_blocks}
@@ -406,6 +411,11 @@ def percent_range(fractions: list[float]) -> str:
     return f"{100 * statistics.median(fractions):.1f}% ({100 * min(fractions):.1f}-{100 * max(fractions):.1f}%)"
 
 
+def times_range(ratios: list[float]) -> str:
+    """``"1.12x (0.98-1.30x)"``: the median of ``ratios`` and their range."""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)"
+
+
 def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> None:
     for preset_name in args.presets:
         cfg = preset(preset_name)
@@ -438,16 +448,14 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
             replay, n_products, product_flops = products_alone(steps["ours"], device)
             steps["ours_products"] = replay
             floor = (n_products, product_flops)
-        # The GEMM peak again, at this preset's best shape, timed in the same rounds as the models.
+        # The GEMM peak again, at this preset's best shape, timed between the models' steps in the same rounds.
         mine = [g for g in gemms if (g.m, g.k, g.n) in gemm_shapes(cfg, batch, length, args.vocab)]
         best = max(mine, key=lambda g: g.gflops)
         probe, probe_flops = gemm_probe(best, device)
-        steps["gemm"] = probe
-        times = interleaved_times(steps, device, warmup=args.warmup, rounds=args.rounds)
-        probe_times = times.pop("gemm")
+        times, around, probe_times = sandwiched_times(steps, probe, device, warmup=args.warmup, rounds=args.rounds)
         peak = max(best.gflops, probe_flops / min(probe_times) / 1e9)
         print(f"GEMM peak {best.label()}: {peak:.1f} GFLOP/s (best of: alone before the models "
-              f"{best.gflops:.1f}, and timed round-robin with them)")
+              f"{best.gflops:.1f}, and timed between their steps)")
         del steps
         mem = {}
         if not args.no_memory:
@@ -465,11 +473,13 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
         # The best step of each peer is the headline: on a shared machine other processes only ever slow a
         # step down, so the fastest of the round-robin repeats is the least disturbed (median shown too).
         ours = min(times["ours"]) if "ours" in times else None
-        # MFU paired by round: each step over the GEMM probe timed in the same round (median and range over the
-        # rounds), its two figures from the same moment, unlike the best step over the best peak
+        # MFU paired by round: each step over the GEMM probe timed on either side of it (median and range over
+        # the rounds), its two figures from the same moment, unlike the best step over the best peak; and ours
+        # against each peer from those pairs, each step measured against its own probes
         print(f"| peer | params | s/step best (median) of {args.rounds} | target tok/s | model GFLOP/s | MFU | "
-              f"MFU paired by round, median (range) | peak RSS MB | ours speed-up |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              f"MFU paired by round, median (range) | peak RSS MB | ours speed-up | ours speed-up paired by round |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        ours_paired = paired_fractions(flops, times["ours"], probe_flops, around["ours"]) if ours else None
         rows = {}
         for name in peers:
             t = min(times[name])
@@ -477,17 +487,20 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
                 "params": params[name], "s_per_step": t, "s_per_step_median": statistics.median(times[name]),
                 "all_s": times[name], "tok_s": batch * length / t,
                 "gflops": flops / t / 1e9, "mfu": flops / t / 1e9 / peak,
-                "mfu_paired": paired_fractions(flops, times[name], probe_flops, probe_times),
+                "mfu_paired": paired_fractions(flops, times[name], probe_flops, around[name]),
                 "speedup_ours": (t / ours) if ours else None, **mem.get(name, {}),
             }
+            if ours:
+                row["speedup_ours_paired"] = [a / b for a, b in zip(ours_paired, row["mfu_paired"])]
             rows[name] = row
             rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "-"
             if "cuda_peak_mb" in row:
                 rss = f"{row['cuda_peak_mb']:.0f} (GPU)"
             ratio = f"{row['speedup_ours']:.2f}x" if ours else "-"
+            ratio_paired = times_range(row["speedup_ours_paired"]) if ours else "-"
             print(f"| {PEER_NAMES[name]} | {row['params'] / 1e6:.1f}M | {t:.3f} ({row['s_per_step_median']:.3f}) | "
                   f"{row['tok_s']:.0f} | {row['gflops']:.1f} | {100 * row['mfu']:.1f}% | "
-                  f"{percent_range(row['mfu_paired'])} | {rss} | {ratio} |")
+                  f"{percent_range(row['mfu_paired'])} | {rss} | {ratio} | {ratio_paired} |")
         products = None
         if floor:
             n_products, product_flops = floor
@@ -497,14 +510,16 @@ def run_synthetic(args, device: torch.device, gemms: list, results: dict) -> Non
                         "gflops": product_flops / t_products / 1e9,
                         "mfu_ceiling": flops / t_products / 1e9 / peak,
                         "of_peak_paired": paired_fractions(product_flops, times["ours_products"], probe_flops,
-                                                           probe_times)}
+                                                           around["ours_products"])}
             print(f"our step's {n_products} matrix products alone (replayed with the same shapes, strides and "
                   f"dtypes, in the same rounds): {t_products:.3f} s best ({products['s_median']:.3f}), "
                   f"{product_flops / 1e9:.1f} GFLOP at {products['gflops']:.1f} GFLOP/s "
                   f"({100 * products['gflops'] / peak:.0f}% of the peak; paired by round "
                   f"{percent_range(products['of_peak_paired'])})")
             if ours:
-                rest = [1 - p / t for p, t in zip(times["ours_products"], times["ours"])]  # paired by round
+                # paired by round: the products' time and the step's, each over its own probes
+                rest = [1 - (p / pa) / (t / ta) for p, pa, t, ta in zip(times["ours_products"], around["ours_products"],
+                                                                         times["ours"], around["ours"])]
                 products["rest_paired"] = rest
                 print(f"  so MFU could reach at most {100 * products['mfu_ceiling']:.1f}% if all the rest were free; "
                       f"the rest takes {ours - t_products:.3f} s of our {ours:.3f} s step "

@@ -127,25 +127,43 @@ def median_time(fn: Callable[[], object], device, warmup: int = 1, repeats: int 
     return statistics.median(time_call(fn, device) for _ in range(repeats))
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], device, warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Per-call seconds of each peer, measured round-robin (A B C A B C ...) so that load from other
-    processes lands on every peer alike. Warm-up calls are interleaved the same way and discarded."""
+def sandwiched_times(fns: dict[str, Callable[[], object]], probe: Callable[[], object], device, warmup: int,
+                     rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """Per-call seconds of each peer, measured round-robin so that load from other processes lands on every peer
+    alike, each round starting one peer further on (A B C, B C A, C A B, ...) so that no peer always follows the
+    same one, with ``probe`` (the GEMM probe) timed before the first peer of a round and after each peer:
+    P A P B P C P, P B P C P A P, ... Warm-up calls are interleaved the same way and discarded.
+
+    Returns (times, around, probes): ``times[name][r]``, the peer's seconds in round r; ``around[name][r]``, the
+    mean of the probe's seconds just before and just after that call, for :func:`paired_fractions`; and every
+    probe's seconds. On a host whose speed changes within seconds (BENCHMARKS.md, sessions 29-30), a step is
+    paired with the probe timed on either side of it, not with one timed a whole round away."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+            probe()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_call(fn, device))
-    return times
+    around: dict[str, list[float]] = {name: [] for name in fns}
+    probes: list[float] = []
+    names = list(fns)
+    for r in range(rounds):
+        before = time_call(probe, device)
+        probes.append(before)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_call(fns[name], device))
+            after = time_call(probe, device)
+            probes.append(after)
+            around[name].append((before + after) / 2)
+            before = after
+    return times, around, probes
 
 
 def paired_fractions(flops: float, seconds: list[float], probe_flops: float,
                      probe_seconds: list[float]) -> list[float]:
     """Per round, the FLOP/s of ``flops`` done in ``seconds[r]`` over the GEMM probe's FLOP/s in the same round
-    (``probe_flops`` in ``probe_seconds[r]``), from :func:`interleaved_times`' lists. On a host whose speed
-    drifts from minute to minute, a step and the probe timed seconds apart see about the same host, so each
-    ratio cancels the drift that a best step over a best peak, taken at different moments, does not."""
+    (``probe_flops`` in ``probe_seconds[r]``), from :func:`sandwiched_times`' lists (``around``). On a host
+    whose speed drifts, a step and the probe timed on either side of it see about the same host, so each ratio
+    cancels the drift that a best step over a best peak, taken at different moments, does not."""
     if len(seconds) != len(probe_seconds):
         raise ValueError(f"{len(seconds)} rounds of the step against {len(probe_seconds)} of the probe")
     return [(flops / t) / (probe_flops / p) for t, p in zip(seconds, probe_seconds)]

@@ -26,3 +26,33 @@ def test_a_host_whose_speed_drifts_between_rounds_leaves_the_pairs_alone():
 def test_rounds_must_match():
     with pytest.raises(ValueError, match="2 rounds of the step against 3 of the probe"):
         paired_fractions(1.0, [1.0, 1.0], 1.0, [1.0, 1.0, 1.0])
+
+
+def test_each_call_is_paired_with_the_probes_on_either_side_of_it():
+    # the probe's k-th call takes k s, a 10 s and b 20 s: warm-up a P b P, then P3 a P4 b P5, P6 b P7 a P8
+    import common
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    probe_calls = []
+
+    def probe():
+        probe_calls.append(len(probe_calls) + 1)
+
+    durations = {"a": 10.0, "b": 20.0}
+
+    def fake_time_call(fn, device):
+        fn()
+        return float(probe_calls[-1]) if fn is probe else durations[calls[-1]]
+
+    original = common.time_call
+    common.time_call = fake_time_call
+    try:
+        times, around, probes = common.sandwiched_times(fns, probe, "cpu", warmup=1, rounds=2)
+    finally:
+        common.time_call = original
+    # the second round starts one peer further on
+    assert calls == ["a", "b", "a", "b", "b", "a"]
+    assert times == {"a": [10.0, 10.0], "b": [20.0, 20.0]}
+    assert probes == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert around == {"a": [3.5, 7.5], "b": [4.5, 6.5]}
