@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import common  # noqa: E402
 from common import paired_fractions  # noqa: E402
 
 
@@ -28,10 +29,8 @@ def test_rounds_must_match():
         paired_fractions(1.0, [1.0, 1.0], 1.0, [1.0, 1.0, 1.0])
 
 
-def test_each_call_is_paired_with_the_probes_on_either_side_of_it():
+def test_each_call_is_paired_with_the_probes_on_either_side_of_it(monkeypatch):
     # the probe's k-th call takes k s, a 10 s and b 20 s: warm-up a P b P, then P3 a P4 b P5, P6 b P7 a P8
-    import common
-
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     probe_calls = []
@@ -45,12 +44,8 @@ def test_each_call_is_paired_with_the_probes_on_either_side_of_it():
         fn()
         return float(probe_calls[-1]) if fn is probe else durations[calls[-1]]
 
-    original = common.time_call
-    common.time_call = fake_time_call
-    try:
-        times, around, probes = common.sandwiched_times(fns, probe, "cpu", warmup=1, rounds=2)
-    finally:
-        common.time_call = original
+    monkeypatch.setattr(common, "time_call", fake_time_call)
+    times, around, probes = common.sandwiched_times(fns, probe, "cpu", warmup=1, rounds=2)
     # the second round starts one peer further on
     assert calls == ["a", "b", "a", "b", "b", "a"]
     assert times == {"a": [10.0, 10.0], "b": [20.0, 20.0]}
