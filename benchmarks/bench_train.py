@@ -48,10 +48,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 from common import (  # noqa: E402
     add_allocator_arg, add_common_args, autocast, current_rss_mb, describe_allocator, describe_machine, gemm_gflops,
-    gemm_peak, gemm_probe, keep_host_memory, machine_info, memory_bandwidth_gbs,
-    multi30k_tokenizer, paired_fractions, peak_rss_mb, print_limits, read_lines, run_child, sandwiched_times,
-    setup_device, sync,
-    time_call, train_step_flops,
+    gemm_peak, gemm_probe, keep_host_memory, machine_info, memory_bandwidth_gbs, multi30k_tokenizer, paired_fractions,
+    peak_rss_mb, print_limits, read_lines, run_child, sandwiched_times, setup_device, sync, time_call, train_step_flops,
 )
 
 from transformer.config import ModelConfig, preset  # noqa: E402
